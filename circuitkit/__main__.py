@@ -1,0 +1,5 @@
+import sys
+
+from circuitkit.cli import main
+
+sys.exit(main())

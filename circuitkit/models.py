@@ -1,0 +1,232 @@
+"""The one module that constructs or loads a model.
+
+Every ``HookedTransformer`` in circuitkit comes from here: toy models built from a named
+configuration, checkpoints saved by circuitkit (safetensors weights + ``card.json``, and
+``sparsity.json`` for a sparse model), the zoo shipped inside the package, and
+TransformerLens pretrained names such as ``gpt2``. A move to ``TransformerBridge`` touches
+this file only.
+
+Only pre-LayerNorm transformers with MLPs are supported (GPT-2, Pythia, the toy models):
+the circuit graph assumes each block reads the residual stream through its own LayerNorm.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from circuitkit import CircuitkitError
+from circuitkit.io import atomic_path, read_json, write_json
+from circuitkit.tasks.vocab import VOCAB, VOCAB_VERSION
+
+ZOO_DIR = Path(__file__).parent / "zoo"
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "card.json"
+SPARSITY_FILE = "sparsity.json"
+TOY_VOCAB = f"toy-v{VOCAB_VERSION}"
+
+# Named toy architectures. All are pre-LN GPT-style with learned positions.
+TOY_CONFIGS: dict[str, dict[str, Any]] = {
+    "toy-4l": dict(n_layers=4, d_model=64, n_heads=4, d_head=16, d_mlp=256, n_ctx=32),
+    "toy-4l-wide": dict(n_layers=4, d_model=128, n_heads=8, d_head=16, d_mlp=512, n_ctx=32),
+    "toy-2l": dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=128, n_ctx=32),
+}
+_TOY_DEFAULTS = dict(act_fn="gelu", normalization_type="LN", d_vocab=VOCAB.d_vocab,
+                     positional_embedding_type="standard")
+
+# Architectures whose blocks normalise after the residual add; circuitkit rejects them.
+POST_LN_ARCHITECTURES = {"BertForMaskedLM", "BertModel", "HookedEncoder"}
+
+
+def toy_config(arch: str | dict[str, Any] = "toy-4l", seed: int = 0, **overrides) -> HookedTransformerConfig:
+    """A toy ``HookedTransformerConfig`` from a name in ``TOY_CONFIGS`` or a dict of fields."""
+    if isinstance(arch, str):
+        if arch not in TOY_CONFIGS:
+            raise CircuitkitError(f"unknown toy architecture {arch!r}; choose one of {sorted(TOY_CONFIGS)} "
+                                  "or pass a dict of HookedTransformerConfig fields")
+        fields = dict(TOY_CONFIGS[arch])
+    else:
+        fields = dict(arch)
+    fields = {**_TOY_DEFAULTS, **fields, **overrides, "seed": seed}
+    try:
+        return HookedTransformerConfig(**fields)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise CircuitkitError(f"invalid model configuration {fields}: {e}") from None
+
+
+def build_model(cfg: HookedTransformerConfig, device: str | torch.device = "cpu") -> HookedTransformer:
+    """A freshly initialised model; ``cfg.seed`` fixes its weights."""
+    torch.manual_seed(cfg.seed if cfg.seed is not None else 0)
+    model = HookedTransformer(cfg, move_to_device=False).to(device)
+    model.circuitkit_vocab = TOY_VOCAB if cfg.d_vocab == VOCAB.d_vocab else None
+    check_supported(model)
+    return model
+
+
+def check_supported(model: HookedTransformer) -> None:
+    """Raise a clear error for architectures the circuit graph does not describe."""
+    cfg = model.cfg
+    arch = cfg.original_architecture or ""
+    if arch in POST_LN_ARCHITECTURES:
+        raise CircuitkitError(f"{cfg.model_name} ({arch}) is a post-LayerNorm model; circuitkit supports "
+                              "pre-LayerNorm decoder models only (GPT-2, Pythia, the toy zoo)")
+    if cfg.attn_only:
+        raise CircuitkitError(f"{cfg.model_name} is attention-only; circuitkit's graph needs an MLP in every "
+                              "block (build the toy config with d_mlp > 0 and attn_only=False)")
+    if cfg.normalization_type not in ("LN", "LNPre", "RMS", "RMSPre", None):
+        raise CircuitkitError(f"unsupported normalization_type {cfg.normalization_type!r}: circuitkit supports "
+                              "pre-LayerNorm models (LN, LNPre, RMS, RMSPre)")
+
+
+# ---------------------------------------------------------------- saving and loading
+
+def config_to_dict(cfg: HookedTransformerConfig) -> dict[str, Any]:
+    d = dict(cfg.to_dict())  # to_dict() returns the live __dict__: never write into it
+    d["dtype"] = str(d["dtype"]).replace("torch.", "")
+    return {k: v for k, v in d.items() if _jsonable(v)}
+
+
+def config_from_dict(d: dict[str, Any]) -> HookedTransformerConfig:
+    d = dict(d)
+    d["dtype"] = getattr(torch, d.get("dtype", "float32"))
+    for computed in ("n_params", "d_vocab_out"):
+        d.pop(computed, None)
+    return HookedTransformerConfig.from_dict(d)
+
+
+def _jsonable(v: Any) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except TypeError:
+        return False
+
+
+def save_model(model: HookedTransformer, directory: str | os.PathLike, card: dict[str, Any] | None = None) -> Path:
+    """Write ``model.safetensors`` and ``card.json`` into ``directory``, each atomically.
+
+    The card always records the config and the vocabulary; ``card`` adds the rest (tasks,
+    seed, steps, wall time, held-out metrics, the command that made it).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp))
+    full_card = {"config": config_to_dict(model.cfg),
+                 "vocab": getattr(model, "circuitkit_vocab", TOY_VOCAB if model.tokenizer is None else None),
+                 "tokenizer": getattr(model.tokenizer, "name_or_path", None) if model.tokenizer else None,
+                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                 **(card or {})}
+    write_json(directory / CARD_FILE, full_card)
+    return directory
+
+
+def zoo_names() -> list[str]:
+    if not ZOO_DIR.exists():
+        return []
+    return sorted(p.name for p in ZOO_DIR.iterdir() if (p / CARD_FILE).exists())
+
+
+def resolve_path(name_or_path: str | os.PathLike) -> Path | None:
+    """The checkpoint folder for a zoo name or a local path; ``None`` for other names."""
+    p = Path(name_or_path)
+    if (ZOO_DIR / str(name_or_path) / CARD_FILE).exists():
+        return ZOO_DIR / str(name_or_path)
+    if p.is_dir():
+        if not (p / CARD_FILE).exists():
+            raise CircuitkitError(f"{p} is a folder but holds no {CARD_FILE}; a circuitkit checkpoint folder "
+                                  f"has {WEIGHTS_FILE} and {CARD_FILE} (written by save_model / circuitkit train)")
+        return p
+    if p.suffix or os.sep in str(name_or_path):
+        raise CircuitkitError(f"no checkpoint folder at {p}; give a zoo name ({', '.join(zoo_names()) or 'none'}), "
+                              "a folder written by circuitkit, or a TransformerLens pretrained name like 'gpt2'")
+    return None
+
+
+def load_card(name_or_path: str | os.PathLike) -> dict[str, Any]:
+    path = resolve_path(name_or_path)
+    if path is None:
+        return {"pretrained": str(name_or_path)}
+    return read_json(path / CARD_FILE)
+
+
+def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
+               gates: bool = True) -> HookedTransformer:
+    """Load (a) a zoo name, (b) a circuitkit checkpoint folder, (c) a pretrained name (``gpt2``).
+
+    A checkpoint with ``sparsity.json`` comes back with its gates attached in evaluation
+    mode (pass ``gates=False`` for the bare base weights).
+    """
+    path = resolve_path(name_or_path)
+    if path is None:
+        model = _load_pretrained(str(name_or_path), device)
+    else:
+        card = read_json(path / CARD_FILE)
+        if "config" not in card:
+            raise CircuitkitError(f"{path / CARD_FILE} has no 'config' entry; it was not written by circuitkit")
+        weights = path / WEIGHTS_FILE
+        if card.get("base_model") and not weights.exists():
+            model = load_model(card["base_model"], device, gates=False)
+        else:
+            if not weights.exists():
+                raise CircuitkitError(f"{path} has a card but no {WEIGHTS_FILE}")
+            model = HookedTransformer(config_from_dict(card["config"]), move_to_device=False)
+            missing = model.load_state_dict(load_file(str(weights)), strict=False)
+            if missing.missing_keys:
+                # buffers such as the causal mask are rebuilt by the constructor; real weights must exist
+                real = [k for k in missing.missing_keys if not k.endswith(("mask", "IGNORE"))]
+                if real:
+                    raise CircuitkitError(f"{weights} lacks weights {real[:5]}...; the file does not match its card")
+            model = model.to(device)
+            if card.get("tokenizer"):
+                model.set_tokenizer(_load_tokenizer(card["tokenizer"]))
+        model.circuitkit_vocab = card.get("vocab")
+        model.circuitkit_card = card
+        check_supported(model)
+        if gates and (path / SPARSITY_FILE).exists():
+            from circuitkit.sparsity import attach_from_file  # sparsity builds on models, not the reverse
+
+            attach_from_file(model, path / SPARSITY_FILE)
+    model.eval()
+    return model
+
+
+def _load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except OSError as e:
+        raise CircuitkitError(f"could not load tokenizer {name!r} ({e}); put it in the Hugging Face cache "
+                              "(HF_HOME) or set HF_HUB_OFFLINE=1 with a cache that holds it") from None
+
+
+def _load_pretrained(name: str, device: str | torch.device) -> HookedTransformer:
+    try:
+        model = HookedTransformer.from_pretrained(name, device=device)
+    except (OSError, ValueError, EnvironmentError) as e:
+        msg = str(e).splitlines()[0][:300]
+        hub = os.environ.get("HF_HOME", "~/.cache/huggingface")
+        raise CircuitkitError(
+            f"could not load pretrained model {name!r}: {msg}\n"
+            f"If this machine has no access to the Hugging Face hub, put the model in a local cache "
+            f"(HF_HOME={hub}) and set HF_HUB_OFFLINE=1, or use a zoo model ({', '.join(zoo_names()) or 'none shipped'}) "
+            "or a checkpoint folder written by circuitkit.") from None
+    model.circuitkit_vocab = None
+    model.circuitkit_card = {"pretrained": name}
+    check_supported(model)
+    return model
+
+
+def is_toy(model: HookedTransformer) -> bool:
+    """True for models on circuitkit's toy vocabulary (toy tasks apply)."""
+    return getattr(model, "circuitkit_vocab", None) == TOY_VOCAB or (
+        model.tokenizer is None and model.cfg.d_vocab == VOCAB.d_vocab)
