@@ -64,7 +64,7 @@ def toy_config(arch: str | dict[str, Any] = "toy-4l", seed: int = 0, **overrides
 def build_model(cfg: HookedTransformerConfig, device: str | torch.device = "cpu") -> HookedTransformer:
     """A freshly initialised model; ``cfg.seed`` fixes its weights."""
     torch.manual_seed(cfg.seed if cfg.seed is not None else 0)
-    model = HookedTransformer(cfg, move_to_device=False).to(device)
+    model = HookedTransformer(cfg, move_to_device=False).to(device, print_details=False)
     model.circuitkit_vocab = TOY_VOCAB if cfg.d_vocab == VOCAB.d_vocab else None
     check_supported(model)
     return model
@@ -185,7 +185,7 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
                 real = [k for k in missing.missing_keys if not k.endswith(("mask", "IGNORE"))]
                 if real:
                     raise CircuitkitError(f"{weights} lacks weights {real[:5]}...; the file does not match its card")
-            model = model.to(device)
+            model = model.to(device, print_details=False)
             if card.get("tokenizer"):
                 model.set_tokenizer(_load_tokenizer(card["tokenizer"]))
         model.circuitkit_vocab = card.get("vocab")
