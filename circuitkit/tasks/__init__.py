@@ -2,10 +2,57 @@
 
 Toy tasks (one shared word-level vocabulary, :mod:`circuitkit.tasks.vocab`): ``addition``,
 ``induction``, ``ioi``, ``greater-than``, ``docstring``. Natural-language variants for
-pretrained models take the model's tokenizer: ``ioi-nl``, ``greater-than-nl``, ``docstring-nl``.
+pretrained models take the model's tokenizer (:mod:`circuitkit.tasks.nl`): ``ioi-nl``,
+``greater-than-nl``, ``docstring-nl``, ``induction-nl``. :func:`task_for_model` picks the
+right one for a model.
 """
 
-from circuitkit.tasks.base import Metric, Task, TaskDataset, get_task, register_task, task_names
-from circuitkit.tasks import addition  # noqa: F401  (registers)
+from __future__ import annotations
 
-__all__ = ["Metric", "Task", "TaskDataset", "get_task", "register_task", "task_names"]
+from typing import Any
+
+from circuitkit import CircuitkitError
+from circuitkit.tasks.base import Metric, Task, TaskDataset, check_n, get_task, register_task, task_names
+from circuitkit.tasks import addition, docstring, greater_than, induction, ioi, nl  # noqa: F401  (registers)
+
+NL_SUFFIX = "-nl"
+
+
+def toy_task_names() -> list[str]:
+    return [n for n in task_names() if not n.endswith(NL_SUFFIX)]
+
+
+def task_for_model(name: str, model: Any, **options) -> Task:
+    """The variant of task ``name`` that fits ``model``.
+
+    Toy-vocabulary models get the toy task (``ioi``); any other model gets the
+    natural-language variant (``ioi-nl``) built with ``tokenizer=model.tokenizer`` and
+    ``d_vocab=model.cfg.d_vocab``. ``name`` may be given with or without the ``-nl`` suffix.
+    """
+    from circuitkit.models import is_toy  # models imports tasks.vocab: import lazily
+
+    base = name[: -len(NL_SUFFIX)] if name.endswith(NL_SUFFIX) else name
+    known = task_names()
+    if base not in known and base + NL_SUFFIX not in known:
+        raise CircuitkitError(f"unknown task {name!r}; known tasks: {', '.join(toy_task_names())} "
+                              f"(natural-language variants: {', '.join(n for n in known if n.endswith(NL_SUFFIX))})")
+    if is_toy(model):
+        if base not in known:
+            raise CircuitkitError(f"task {name!r} has no toy-vocabulary variant; toy models support "
+                                  f"{', '.join(toy_task_names())}")
+        return get_task(base, **options)
+    nl_name = base + NL_SUFFIX
+    if nl_name not in known:
+        nl_tasks = [n[: -len(NL_SUFFIX)] for n in known if n.endswith(NL_SUFFIX)]
+        raise CircuitkitError(f"task {base!r} exists only for toy-vocabulary models, and "
+                              f"{getattr(model.cfg, 'model_name', 'this model')} is a pretrained model with its own "
+                              f"tokenizer; tasks with a natural-language variant: {', '.join(nl_tasks)}")
+    if getattr(model, "tokenizer", None) is None:
+        raise CircuitkitError(f"task {nl_name!r} needs the model's tokenizer, but this model has none and is not on "
+                              "circuitkit's toy vocabulary; set one with model.set_tokenizer(...)")
+    options.setdefault("d_vocab", model.cfg.d_vocab)
+    return get_task(nl_name, tokenizer=model.tokenizer, **options)
+
+
+__all__ = ["Metric", "Task", "TaskDataset", "check_n", "get_task", "register_task", "task_for_model",
+           "task_names", "toy_task_names"]
