@@ -1,0 +1,621 @@
+"""``circuitkit sparsify``: sparse post-training of a model under a CE constraint.
+
+Loads a base model (zoo name, checkpoint folder or pretrained name), attaches gates
+(:mod:`~circuitkit.sparsity.gates`) in training mode, and finetunes all weights on the
+GECO Lagrangian (:mod:`~circuitkit.sparsity.objective`): minimise the expected density of
+kept attention edges (and/or active MLP neurons) while the CE stays at
+``target = base held-out CE × (1 + tolerance)`` (or an absolute ``target_ce``). Data is a
+task mixture (toy models, or NL tasks on pretrained models) or a text corpus
+(:mod:`~circuitkit.sparsity.corpus`).
+
+Reuses :mod:`circuitkit.training`: the frozen TOML config, ``sample_mixture``,
+``masked_ce``, ``evaluate``/``heldout_ce``, atomic checkpoints with every RNG state,
+``StepLog``, ``make_optimizer``. The GECO state (ρ, EMA), the target and the base metrics
+travel in the checkpoint's ``extra``; gate noise is drawn from a generator re-seeded from
+(seed, step) every step, so ``--resume`` continues exactly.
+
+Data parallel: run the same command under ``torchrun --nproc_per_node=N`` (gloo on CPU,
+nccl on GPU). Every rank draws the same global batch and takes its slice (and the same
+slice of the gate noise), DDP averages the gradients, the constraint's CE is reduced over
+all ranks so λ is identical everywhere, and only rank 0 writes.
+
+A final phase (``final_hard_steps``) can run with deterministic straight-through gates
+(forward exactly as in evaluation), so the weights adapt to the gates that will be kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import shlex
+import sys
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from circuitkit import CircuitkitError
+from circuitkit.io import write_json, write_text
+from circuitkit.models import is_toy, load_model
+from circuitkit.sparsity.corpus import TextCorpus
+from circuitkit.sparsity.gates import GateConfig, GateMode, attach, gate_mode
+from circuitkit.sparsity.measure import measure_sparsity
+from circuitkit.sparsity.objective import Geco, GecoState, sparsity_objective
+from circuitkit.sparsity.storage import save_sparse_model
+from circuitkit.tasks.vocab import VOCAB
+from circuitkit.training import (StepLog, build_tasks, evaluate, load_checkpoint, make_optimizer, masked_ce,
+                                 sample_mixture, save_checkpoint)
+
+CSV_FILE = "log.csv"
+DEFAULT_TOLERANCE = 0.05
+
+
+# ---------------------------------------------------------------- config
+
+@dataclass(frozen=True)
+class SparsifyConfig:
+    """What ``circuitkit sparsify`` reads from TOML (and its flags). Unknown keys are an error."""
+
+    name: str
+    model: str  # base model: zoo name, checkpoint folder, or pretrained name (gpt2)
+    out: str  # the sparse model folder (weights + card + sparsity.json)
+    run_dir: str  # checkpoint, log.jsonl, log.csv
+    tasks: dict[str, float] = field(default_factory=dict)  # task -> mixture weight (or use corpus)
+    task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    corpus: str | None = None  # .txt/.jsonl file or folder, or hf:NAME[:CONFIG]
+    corpus_seq_len: int = 128
+    corpus_heldout_fraction: float = 0.05
+    corpus_text_field: str = "text"
+    corpus_max_tokens: int | None = None
+    # gates
+    attn: bool = True
+    mlp: bool = False
+    bias_gate: float = 3.0
+    bias_gate_mlp: float = 3.0
+    # objective
+    w_attn: float = 1.0
+    w_mlp: float = 1.0
+    tolerance: float | None = None  # target = base CE × (1 + tolerance); default 0.05
+    target_ce: float | None = None  # or an absolute target
+    eta: float = 0.01
+    ema_decay: float = 0.9
+    rho_init: float = 0.0
+    rho_min: float = -10.0
+    rho_max: float = 10.0
+    # optimisation
+    seed: int = 0
+    steps: int = 2000
+    final_hard_steps: int = 0  # the last steps use deterministic straight-through gates
+    batch_size: int = 128  # global batch (split across data-parallel ranks)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup: int = 100
+    min_lr_fraction: float = 0.1
+    grad_clip: float = 1.0
+    # bookkeeping
+    checkpoint_every: int = 500
+    eval_every: int = 1000
+    eval_n: int = 1000  # held-out examples (per task) for the final metrics
+    target_n: int = 2000  # held-out examples (per task) for the base CE that sets the target
+    measure_n: int = 2000  # held-out sequences (per task) for the kept-edge fractions
+    log_heads: bool = True
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides: Any) -> "SparsifyConfig":
+        path = Path(path)
+        if not path.exists():
+            raise CircuitkitError(f"config file {path} does not exist")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise CircuitkitError(f"{path} is not valid TOML: {e}") from None
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "SparsifyConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = set(raw) - known
+        if unknown:
+            raise CircuitkitError(f"{source}: unknown keys {sorted(unknown)}; known keys: {sorted(known)}")
+        missing = {"name", "model", "out", "run_dir"} - set(raw)
+        if missing:
+            raise CircuitkitError(f"{source}: missing required keys {sorted(missing)}")
+        try:
+            cfg = cls(**raw)
+        except TypeError as e:
+            raise CircuitkitError(f"{source}: {e}") from None
+        cfg.validate(source)
+        return cfg
+
+    def validate(self, source: str = "config") -> None:
+        if not self.tasks and not self.corpus:
+            raise CircuitkitError(f"{source}: give the data: tasks (--task addition / --tasks ioi=1,addition=1) "
+                                  "or a text corpus (--corpus FILE)")
+        if self.tasks and self.corpus:
+            raise CircuitkitError(f"{source}: give either tasks or a corpus, not both")
+        if self.tasks and any(not isinstance(w, (int, float)) or w <= 0 for w in self.tasks.values()):
+            raise CircuitkitError(f"{source}: task weights must be positive numbers, got {self.tasks}")
+        if self.tolerance is not None and self.target_ce is not None:
+            raise CircuitkitError(f"{source}: give tolerance or target_ce, not both")
+        if self.tolerance is not None and (self.tolerance < 0 or not math.isfinite(self.tolerance)):
+            raise CircuitkitError(f"{source}: tolerance must be >= 0 (a relative slack on the base CE), "
+                                  f"got {self.tolerance}")
+        if self.target_ce is not None and not (self.target_ce > 0 and math.isfinite(self.target_ce)):
+            raise CircuitkitError(f"{source}: target_ce must be a positive number, got {self.target_ce}")
+        for k in ("steps", "batch_size", "checkpoint_every", "eval_every", "eval_n", "target_n", "measure_n",
+                  "corpus_seq_len"):
+            if not isinstance(getattr(self, k), int) or getattr(self, k) <= 0:
+                raise CircuitkitError(f"{source}: {k} must be a positive integer, got {getattr(self, k)!r}")
+        if not 0 <= self.final_hard_steps <= self.steps:
+            raise CircuitkitError(f"{source}: final_hard_steps must be in [0, steps], got {self.final_hard_steps}")
+        if self.w_attn < 0 or self.w_mlp < 0:
+            raise CircuitkitError(f"{source}: w_attn and w_mlp must be >= 0")
+        GateConfig(attn=self.attn, mlp=self.mlp, bias_gate=self.bias_gate, bias_gate_mlp=self.bias_gate_mlp)
+        Geco(target=1.0, eta=self.eta, ema_decay=self.ema_decay, rho_min=self.rho_min, rho_max=self.rho_max)
+
+    @property
+    def gate_config(self) -> GateConfig:
+        return GateConfig(attn=self.attn, mlp=self.mlp, bias_gate=self.bias_gate, bias_gate_mlp=self.bias_gate_mlp)
+
+
+# ---------------------------------------------------------------- distributed
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    owns_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def on(self) -> bool:
+        return self.world > 1
+
+
+def _setup_dist(device: str) -> _Dist:
+    if dist.is_available() and dist.is_initialized():
+        return _Dist(dist.get_rank(), dist.get_world_size())
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun
+        backend = "nccl" if str(device).startswith("cuda") else "gloo"
+        dist.init_process_group(backend)
+        return _Dist(dist.get_rank(), dist.get_world_size(), owns_group=True)
+    return _Dist()
+
+
+def _default_device() -> str:
+    if torch.cuda.is_available() and os.environ.get("CIRCUITKIT_DEVICE", "") != "cpu":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return f"cuda:{local}"
+    return "cpu"
+
+
+# ---------------------------------------------------------------- data source
+
+class _Data:
+    """Training batches and held-out evaluation for tasks or a corpus."""
+
+    def __init__(self, cfg: SparsifyConfig, model) -> None:
+        self.cfg = cfg
+        self.corpus: TextCorpus | None = None
+        self.tasks = {}
+        if cfg.corpus:
+            self.corpus = TextCorpus.from_source(cfg.corpus, model.tokenizer, seq_len=cfg.corpus_seq_len,
+                                                 heldout_fraction=cfg.corpus_heldout_fraction,
+                                                 text_field=cfg.corpus_text_field, max_tokens=cfg.corpus_max_tokens,
+                                                 prepend_bos=bool(getattr(model.cfg, "default_prepend_bos", True)))
+            if self.corpus.seq_len > model.cfg.n_ctx:
+                raise CircuitkitError(f"corpus_seq_len {self.corpus.seq_len} exceeds the model's context "
+                                      f"{model.cfg.n_ctx}")
+        else:
+            self.tasks = build_tasks(cfg.tasks, cfg.task_options)
+        tok = model.tokenizer
+        self.pad_id = VOCAB.pad_id if is_toy(model) or tok is None else (
+            tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0))
+
+    def sample(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.corpus is not None:
+            return self.corpus.sample(n, gen)
+        return sample_mixture(self.tasks, self.cfg.tasks, n, gen, pad_id=self.pad_id)
+
+    def heldout(self, model, n: int) -> dict[str, Any]:
+        """Held-out metrics per task (or the corpus CE) and the mixture-weighted CE."""
+        if self.corpus is not None:
+            ce = self.corpus.heldout_ce(model, n=n)
+            return {"ce": ce, "per_task": {"corpus": {"ce": ce, "n": min(n, self.corpus.heldout.shape[0])}}}
+        res = evaluate(model, self.tasks, n=n, seed=12345)
+        total = sum(self.cfg.tasks.values())
+        ce = sum(res[k]["ce"] * self.cfg.tasks[k] for k in self.tasks) / total
+        return {"ce": ce, "per_task": res}
+
+    def measure_data(self, n: int):
+        if self.corpus is not None:
+            return self.corpus.heldout[:n]
+        return [t.dataset(n, seed=12345) for t in self.tasks.values()]
+
+
+# ---------------------------------------------------------------- the loop
+
+def _noise_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + 17) % (2 ** 63)
+
+
+def _csv_from_records(records: list[dict[str, Any]]) -> str:
+    rows = []
+    for r in records:
+        row = {k: v for k, v in r.items() if isinstance(v, (int, float, str)) or v is None}
+        for k in ("attn_soft", "attn_hard", "mlp_soft", "mlp_hard"):
+            for l, v in enumerate(r.get(k) or []):
+                row[f"{k}_l{l}"] = v
+        for k in ("attn_soft_head", "attn_hard_head"):
+            for l, hs in enumerate(r.get(k) or []):
+                for h, v in enumerate(hs):
+                    row[f"{k}_l{l}h{h}"] = v
+        rows.append(row)
+    cols: list[str] = []
+    for row in rows:
+        cols += [c for c in row if c not in cols]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def _params_finite(model: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def finetune(cfg: SparsifyConfig, resume: bool = False, max_steps: int | None = None, progress: bool = True,
+             command: str | None = None, device: str | None = None,
+             on_batch: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+             ) -> dict[str, Any]:
+    """Sparsify ``cfg.model``; write the sparse model to ``cfg.out`` and return its card.
+
+    ``max_steps`` stops after that many total steps, leaving a checkpoint (how tests
+    interrupt a run); the return value is then the partial state. ``on_batch(step, tokens,
+    loss_mask)`` may replace a batch (tests poison one). Under ``torchrun`` (or inside an
+    initialised process group) the run is data parallel; only rank 0 writes.
+    """
+    device = device or _default_device()
+    dd = _setup_dist(device)
+    if cfg.batch_size % dd.world:
+        raise CircuitkitError(f"batch_size {cfg.batch_size} must divide evenly over {dd.world} processes")
+    try:
+        return _finetune(cfg, dd, resume, max_steps, progress, command, device, on_batch)
+    finally:
+        if dd.owns_group:
+            dist.destroy_process_group()
+
+
+def _finetune(cfg, dd: _Dist, resume, max_steps, progress, command, device, on_batch) -> dict[str, Any]:
+    run_dir = Path(cfg.run_dir)
+    if dd.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    model = load_model(cfg.model, device=device, gates=False)
+    data = _Data(cfg, model)
+    step, base = 0, None
+    if not resume:  # the base model's held-out metrics (dense, before the gates) fix the target
+        if dd.main:
+            base = {"target_set": data.heldout(model, cfg.target_n), "eval_set": data.heldout(model, cfg.eval_n)}
+        if dd.on:
+            box = [base]
+            dist.broadcast_object_list(box, src=0)
+            base = box[0]
+    gates = attach(model, cfg.gate_config, GateMode.EVAL)
+    opt, sched = make_optimizer(model, cfg, cfg.steps)
+    data_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    torch.manual_seed(cfg.seed + 2)
+    noise_gen = torch.Generator(device=device)
+    gates.noise_generator = noise_gen
+    local_b = cfg.batch_size // dd.world
+    gates.noise_rows = (cfg.batch_size, dd.rank * local_b) if dd.on else None
+    if resume:
+        step, extra = load_checkpoint(run_dir, model, opt, sched, data_gen)
+        if "geco" not in extra or "target" not in extra:
+            raise CircuitkitError(f"{run_dir} holds a checkpoint that was not written by circuitkit sparsify")
+        state = GecoState.from_dict(extra["geco"])
+    else:
+        base_ce = float(base["target_set"]["ce"])
+        target = cfg.target_ce if cfg.target_ce is not None else base_ce * (
+            1 + (cfg.tolerance if cfg.tolerance is not None else DEFAULT_TOLERANCE))
+        extra = {"wall_time_s": 0.0, "target": target, "base_ce": base_ce, "base_heldout": base["eval_set"]}
+        state = GecoState(rho=cfg.rho_init)
+    target = float(extra["target"])
+    geco = Geco(target=target, eta=cfg.eta, ema_decay=cfg.ema_decay, rho_min=cfg.rho_min, rho_max=cfg.rho_max)
+
+    ddp_model = model
+    if dd.on:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [torch.device(device).index] if str(device).startswith("cuda") else None
+        try:  # the buffers (causal masks) are identical on every rank: never sync them per forward
+            ddp_model = DDP(model, device_ids=ids, forward_sync_buffers=False)
+        except TypeError:  # older torch
+            ddp_model = DDP(model, device_ids=ids, broadcast_buffers=False)
+
+    log = StepLog(run_dir, resume_step=step if resume else None) if dd.main else None
+    if dd.main:
+        write_json(run_dir / "config.json", asdict(cfg))
+    stop = min(cfg.steps, max_steps) if max_steps is not None else cfg.steps
+    t0, wall0 = time.time(), float(extra.get("wall_time_s", 0.0))
+    model.train()
+    gates.collect = True
+    bar = tqdm(total=cfg.steps, initial=step, desc=cfg.name, disable=not (progress and dd.main), dynamic_ncols=True)
+    hard_from = cfg.steps - cfg.final_hard_steps
+    try:
+        while step < stop:
+            gates.mode = GateMode.HARD_ST if step >= hard_from else GateMode.TRAIN
+            noise_gen.manual_seed(_noise_seed(cfg.seed, step))
+            gates.clear_stats()
+            tokens, mask = data.sample(cfg.batch_size, data_gen)
+            if on_batch is not None:
+                tokens, mask = on_batch(step, tokens, mask)
+            if dd.on:
+                tokens = tokens[dd.rank * local_b:(dd.rank + 1) * local_b]
+                mask = mask[dd.rank * local_b:(dd.rank + 1) * local_b]
+            tokens, mask = tokens.to(device), mask.to(device)
+            logits = ddp_model(tokens)
+            ce = masked_ce(logits, tokens, mask)
+            count = mask[:, :-1].sum().to(torch.float64)
+            sp = gates.sparsity()
+            s_total = sparsity_objective(sp["attn"], sp["mlp"], cfg.w_attn, cfg.w_mlp)
+            dens = gates.density_report(heads=cfg.log_heads)
+            # one reduction for everything the constraint and the log need
+            flat_keys = sorted(k for k in dens if isinstance(dens[k], list))
+            stats = [ce.detach().double() * count, count, s_total.detach().double()]
+            stats += [torch.tensor(_flatten(dens[k]), dtype=torch.float64) for k in flat_keys]
+            packed = torch.cat([s.reshape(-1).to("cpu", torch.float64) for s in stats])
+            if dd.on:
+                packed = packed.to(device)
+                dist.all_reduce(packed)
+                packed = packed.cpu()
+                count_g = float(packed[1])
+                packed[2:] /= dd.world
+            else:
+                count_g = float(packed[1])
+            ce_g = float(packed[0]) / max(count_g, 1.0)
+            s_g = float(packed[2])
+            if not (math.isfinite(ce_g) and math.isfinite(s_g)):
+                raise CircuitkitError(
+                    f"loss became non-finite (CE {ce_g}, sparsity {s_g}) at step {step}; nothing from this step "
+                    f"was applied and the last good checkpoint in {run_dir} is intact. Lower lr (now {cfg.lr}) or "
+                    "eta and rerun with --resume")
+            # the CE term: this rank's share of the global masked mean (exactly masked_ce on one process)
+            ce_term = ce if not dd.on else ce * (float(count) * dd.world / max(count_g, 1.0))
+            loss = geco.lagrangian(s_total, ce_term, state)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if not torch.isfinite(gnorm):
+                raise CircuitkitError(
+                    f"the gradient became non-finite at step {step} (CE {ce_g}); the weights were not updated and "
+                    f"the last good checkpoint in {run_dir} is intact. Lower lr (now {cfg.lr}) and rerun with --resume")
+            opt.step()
+            sched.step()
+            lam = state.lam
+            state = geco.update(state, ce_g)
+            step += 1
+            rec: dict[str, Any] = {"step": step, "ce": ce_g, "target": target, "lam": lam, "rho": state.rho,
+                                   "ema_ce": state.ema, "sparsity": s_g, "loss": s_g + lam * (ce_g - target),
+                                   "lr": sched.get_last_lr()[0], "mode": gates.mode.value}
+            off = 3
+            for k in flat_keys:
+                n = len(_flatten(dens[k]))
+                vals = packed[off:off + n].tolist()
+                off += n
+                rec[k] = _unflatten(vals, dens[k])
+            for fam in ("attn", "mlp"):
+                if f"{fam}_soft" in rec:
+                    rec[f"{fam}_soft_mean"] = sum(rec[f"{fam}_soft"]) / len(rec[f"{fam}_soft"])
+                    rec[f"{fam}_hard_mean"] = sum(rec[f"{fam}_hard"]) / len(rec[f"{fam}_hard"])
+            if step % cfg.eval_every == 0 and step < cfg.steps:
+                if dd.main:
+                    rec["eval"] = _quick_eval(model, data, min(cfg.eval_n, 500), min(cfg.measure_n, 500))
+                    model.train()
+                if dd.on:
+                    dist.barrier()
+            if dd.main:
+                log.write(rec)
+            bar.update(1)
+            post = {"ce": f"{ce_g:.4g}", "tgt": f"{target:.4g}", "lam": f"{lam:.3g}"}
+            if "attn_hard_mean" in rec:
+                post["edges"] = f"{rec['attn_hard_mean']:.4f}"
+            if "mlp_hard_mean" in rec:
+                post["mlp"] = f"{rec['mlp_hard_mean']:.3f}"
+            bar.set_postfix(post)
+            if step % cfg.checkpoint_every == 0 or step == stop:
+                if not _params_finite(model):
+                    raise CircuitkitError(f"the weights became non-finite by step {step}; the checkpoint was not "
+                                          f"overwritten and the last good one in {run_dir} is intact. Lower lr "
+                                          f"(now {cfg.lr}) and rerun with --resume")
+                if dd.main:
+                    extra = {**extra, "wall_time_s": wall0 + time.time() - t0, "geco": state.to_dict()}
+                    save_checkpoint(run_dir, step, model, opt, sched, data_gen, extra)
+                    write_text(run_dir / CSV_FILE, _csv_from_records(log.records()))
+                if dd.on:
+                    dist.barrier()
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+        gates.collect = False
+        gates.mode = GateMode.EVAL
+        gates.clear_stats()
+    wall = wall0 + time.time() - t0
+    if step < cfg.steps:
+        return {"step": step, "wall_time_s": wall, "finished": False, "geco": state.to_dict(), "target": target}
+    card: dict[str, Any] = {}
+    if dd.main:
+        card = _final_card(cfg, model, data, extra, state, step, wall, command)
+        save_sparse_model(model, cfg.out, card)
+    if dd.on:
+        dist.barrier()
+    return card
+
+
+def _flatten(x) -> list[float]:
+    if isinstance(x, list):
+        out: list[float] = []
+        for v in x:
+            out += _flatten(v)
+        return out
+    return [float(x)]
+
+
+def _unflatten(vals: list[float], like):
+    it = iter(vals)
+
+    def build(shape):
+        if isinstance(shape, list):
+            return [build(s) for s in shape]
+        return next(it)
+
+    return build(like)
+
+
+@torch.no_grad()
+def _quick_eval(model, data: _Data, n: int, n_measure: int) -> dict[str, Any]:
+    model.eval()
+    with gate_mode(model, GateMode.EVAL, collect=False):
+        h = data.heldout(model, n)
+    rep = measure_sparsity(model, data.measure_data(n_measure))
+    out = {"ce": h["ce"], "kept_edges": rep.kept_edges}
+    if rep.mlp_active is not None:
+        out["mlp_active"] = rep.mlp_active
+    if data.corpus is None:
+        out["accuracy"] = {k: v["accuracy"] for k, v in h["per_task"].items()}
+    return out
+
+
+def _final_card(cfg, model, data: _Data, extra, state: GecoState, step: int, wall: float, command) -> dict[str, Any]:
+    model.eval()
+    with gate_mode(model, GateMode.EVAL, collect=False):
+        h = data.heldout(model, cfg.eval_n)
+    rep = measure_sparsity(model, data.measure_data(cfg.measure_n))
+    base = extra["base_heldout"]
+    card = {
+        "name": cfg.name, "base_model": cfg.model, "command": command, "wall_time_s": round(wall, 1),
+        "steps": step, "seed": cfg.seed, "tasks": cfg.tasks, "task_options": cfg.task_options, "corpus": cfg.corpus,
+        "target_ce": extra["target"], "base_heldout_ce": extra["base_ce"],
+        "heldout_ce": h["ce"], "meets_target": bool(h["ce"] <= extra["target"]),
+        "heldout": h["per_task"], "heldout_base": base["per_task"],
+        "kept_edges": rep.kept_edges if cfg.attn else None,
+        "kept_edges_layer": [round(x, 6) for x in rep.kept_edges_layer] if cfg.attn else None,
+        "kept_edges_head": [[round(x, 6) for x in r] for r in rep.kept_edges_head] if cfg.attn else None,
+        "mlp_active": rep.mlp_active, "mlp_active_layer": rep.mlp_active_layer, "mlp_ever_active": rep.mlp_ever_active,
+        "measured_on": {"sequences": rep.n_sequences, "split": "heldout", "seed": 12345},
+        "geco": {**state.to_dict(), "lam": state.lam},
+        "finetune_config": asdict(cfg),
+    }
+    if data.corpus is None:
+        card["accuracy_delta"] = {k: h["per_task"][k]["accuracy"] - base["per_task"][k]["accuracy"]
+                                  for k in h["per_task"]}
+    return card
+
+
+# ---------------------------------------------------------------- CLI
+
+def _parse_tasks(spec: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        name, _, w = part.partition("=")
+        try:
+            out[name.strip()] = float(w) if w else 1.0
+        except ValueError:
+            raise CircuitkitError(f"--tasks: bad weight in {part!r}; write NAME=WEIGHT,NAME=WEIGHT") from None
+    if not out:
+        raise CircuitkitError("--tasks is empty; write e.g. --tasks ioi=1,addition=1")
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML config (see analyses/zoo/*-sparse*.toml); flags override it")
+    p.add_argument("--model", help="base model: zoo name, checkpoint folder, or pretrained name (gpt2)")
+    p.add_argument("--task", help="one task to train on (e.g. addition)")
+    p.add_argument("--tasks", help="a task mixture, e.g. ioi=1,addition=1")
+    p.add_argument("--corpus", help="text corpus: .txt/.jsonl file or folder, or hf:NAME[:CONFIG]")
+    p.add_argument("--seq-len", type=int, dest="corpus_seq_len", help="corpus sequence length (default 128)")
+    p.add_argument("--attn", action=argparse.BooleanOptionalAction, default=None, help="attention-edge gates (on)")
+    p.add_argument("--mlp", action=argparse.BooleanOptionalAction, default=None, help="MLP-neuron gates (off)")
+    p.add_argument("--bias-gate", type=float)
+    p.add_argument("--bias-gate-mlp", type=float)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--tolerance", type=float, help="target = base held-out CE × (1 + tolerance) (default 0.05)")
+    g.add_argument("--target-ce", type=float, help="absolute CE target")
+    p.add_argument("--w-attn", type=float)
+    p.add_argument("--w-mlp", type=float)
+    p.add_argument("--eta", type=float, help="GECO step size for log λ")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--final-hard-steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", help="output folder of the sparse model")
+    p.add_argument("--run-dir", help="checkpoint/log folder")
+    p.add_argument("--name")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in run_dir")
+    p.add_argument("--no-progress", action="store_true")
+
+
+_FLAG_KEYS = ("model", "corpus", "corpus_seq_len", "attn", "mlp", "bias_gate", "bias_gate_mlp", "tolerance",
+              "target_ce", "w_attn", "w_mlp", "eta", "steps", "final_hard_steps", "batch_size", "lr", "seed", "out",
+              "run_dir", "name")
+
+
+def config_from_args(args: argparse.Namespace) -> SparsifyConfig:
+    over = {k: getattr(args, k, None) for k in _FLAG_KEYS}
+    if args.task and args.tasks:
+        raise CircuitkitError("give --task or --tasks, not both")
+    if args.task:
+        over["tasks"] = {args.task: 1.0}
+    elif args.tasks:
+        over["tasks"] = _parse_tasks(args.tasks)
+    if args.config:
+        path = Path(args.config)
+        if not path.exists():
+            raise CircuitkitError(f"config file {path} does not exist")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise CircuitkitError(f"{path} is not valid TOML: {e}") from None
+        if over.get("tasks") or over.get("corpus"):  # the flags choose the data
+            raw.pop("tasks", None), raw.pop("corpus", None)
+        if over.get("tolerance") is not None or over.get("target_ce") is not None:
+            raw.pop("tolerance", None), raw.pop("target_ce", None)  # the flag's kind of target wins
+        raw.update({k: v for k, v in over.items() if v is not None})
+        return SparsifyConfig.from_dict(raw, source=str(path))
+    if not over.get("model") or not over.get("out"):
+        raise CircuitkitError("sparsify needs --model and --out (or --config FILE)")
+    raw = {k: v for k, v in over.items() if v is not None}
+    raw.setdefault("name", Path(raw["out"]).name)
+    raw.setdefault("run_dir", str(Path("runs") / "sparsify" / raw["name"]))
+    return SparsifyConfig.from_dict(raw, source="command line")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    torch.set_num_threads(int(os.environ.get("CIRCUITKIT_THREADS", torch.get_num_threads())))
+    command = "circuitkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    card = finetune(cfg, resume=args.resume, progress=not args.no_progress, command=command)
+    if card:
+        keys = ("name", "steps", "wall_time_s", "target_ce", "heldout_ce", "meets_target", "kept_edges",
+                "mlp_active", "accuracy_delta")
+        print(json.dumps({k: card[k] for k in keys if k in card}, indent=2))
+    return 0

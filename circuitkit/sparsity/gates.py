@@ -1,0 +1,392 @@
+"""Attention-edge and MLP-neuron gates, as TransformerLens permanent hooks (design.md §2).
+
+Attention edges. At ``blocks.{l}.attn.hook_attn_scores`` the hook reads the causally
+masked, pre-softmax scores ``s`` [batch, head, query, key] and forms the gate logit
+``z = s + bias_gate``; at ``blocks.{l}.attn.hook_pattern`` it returns
+``pattern' = softmax(s) ⊙ m``, with **no renormalisation**, where
+
+- ``GateMode.TRAIN`` (stochastic, straight-through binary concrete):
+  ``u ~ U(0,1)``, ``g = sigmoid(z + log u − log(1−u))``, ``m = 1[g > 0.5] + g − g.detach()``;
+- ``GateMode.EVAL`` (deterministic, the default): ``m = 1[z > 0]``, a constant, so
+  gradients through a gated model are those of the evaluated function (what circuit
+  discovery needs);
+- ``GateMode.HARD_ST`` (deterministic straight-through, for a final finetuning phase):
+  forward ``1[z > 0]`` exactly as in evaluation, gradient through ``sigmoid(z)``.
+
+MLP neurons. Gate logit = ``hook_pre`` (the pre-activation) + ``bias_gate_mlp``; the same
+estimator, applied multiplicatively at ``hook_post``.
+
+Masked (non-causal) scores are ``-inf``, so their gates are 0 and they never count.
+
+Sparsity terms, collected during a forward when ``Gates.collect`` is on: per layer the
+soft density ``Σ_{j≤i} sigmoid(z_ij) / (T(T+1)/2)`` per head (mean over the batch, with
+gradient), and the hard density ``Σ 1[z_ij > 0] / (T(T+1)/2)`` (no gradient); for MLPs the
+mean ``sigmoid(pre + b)`` and mean ``1[pre + b > 0]`` over batch, positions and neurons.
+:meth:`Gates.sparsity` returns ``S_attn`` (mean over layers and heads) and ``S_mlp``.
+
+The hooks are added with ``is_permanent=True``: ``model.reset_hooks()``, ``model.hooks(...)``
+and ``run_with_hooks`` (which circuit discovery uses for its own temporary hooks) leave them
+in place; :func:`detach` removes them. Because permanent hooks are registered first, a
+temporary hook on ``hook_pattern`` sees the gated pattern; a temporary hook that *edits*
+``hook_attn_scores`` changes the softmax but not the gate, which was computed from the
+scores as they reached the hook point (interventions upstream — q, k, hook_q_input — do
+change the gate, as they should).
+"""
+
+from __future__ import annotations
+
+import enum
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from functools import partial
+from typing import Any, Iterator
+
+import torch
+from transformer_lens import HookedTransformer
+
+from circuitkit import CircuitkitError
+
+ATTR = "circuitkit_gates"
+
+
+class GateMode(enum.Enum):
+    """How gates are formed: stochastic straight-through (training) or deterministic."""
+
+    TRAIN = "train"  # stochastic binary concrete, straight-through gradient
+    EVAL = "eval"  # deterministic 1[z > 0], no gradient through the gate
+    HARD_ST = "hard_st"  # deterministic forward, straight-through sigmoid(z) gradient
+
+    @classmethod
+    def parse(cls, value: "GateMode | str") -> "GateMode":
+        if isinstance(value, GateMode):
+            return value
+        try:
+            return cls(str(value).lower())
+        except ValueError:
+            raise CircuitkitError(f"unknown gate mode {value!r}; choose one of "
+                                  f"{[m.value for m in cls]}") from None
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """Which gate families are on and their bias (gate logit = activation + bias)."""
+
+    attn: bool = True
+    mlp: bool = False
+    bias_gate: float = 3.0
+    bias_gate_mlp: float = 3.0
+
+    def __post_init__(self) -> None:
+        if not (self.attn or self.mlp):
+            raise CircuitkitError("GateConfig needs at least one gate family: attn=True and/or mlp=True")
+        for k in ("bias_gate", "bias_gate_mlp"):
+            v = getattr(self, k)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not torch.isfinite(torch.tensor(float(v))):
+                raise CircuitkitError(f"GateConfig.{k} must be a finite number, got {v!r}")
+
+    @property
+    def families(self) -> list[str]:
+        return [f for f in ("attn", "mlp") if getattr(self, f)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "gate config") -> "GateConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise CircuitkitError(f"{source}: unknown gate settings {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+def _edge_count(tq: int, tk: int) -> int:
+    """Causal (query, key) pairs with key ≤ query when the queries are the last tq of tk positions."""
+    off = tk - tq
+    return tq * off + tq * (tq + 1) // 2
+
+
+_BITS = 21
+_MASK = (1 << _BITS) - 1
+
+
+def uniform_noise(shape: tuple[int, ...], generator: torch.Generator | None = None,
+                  device: torch.device | str | None = None) -> torch.Tensor:
+    """U(0, 1) samples (21-bit resolution, never exactly 0 or 1), float32.
+
+    Three samples are cut from every random 63-bit integer, which on CPU is about twice as
+    fast as ``torch.rand``; the gate noise is the largest cost of a gated step.
+    """
+    n = 1
+    for d in shape:
+        n *= int(d)
+    if device is None:
+        device = generator.device if generator is not None else "cpu"
+    if torch.device(device).type != "cpu":  # GPU generators are fast: use them directly
+        return torch.rand(shape, generator=generator, device=device)
+    k = (n + 2) // 3
+    r = torch.empty(k, dtype=torch.int64, device=device).random_(generator=generator)
+    parts = torch.cat([r & _MASK, (r >> _BITS) & _MASK, (r >> (2 * _BITS)) & _MASK])[:n]
+    return parts.to(torch.float32).add_(0.5).mul_(1.0 / (1 << _BITS)).view(shape)
+
+
+class _ConcreteST(torch.autograd.Function):
+    """Straight-through binary-concrete gate, fused with the soft density's sigmoid.
+
+    Forward: ``s = sigmoid(z)``; with uniform ``u``, ``g = sigmoid(z + log u − log(1−u))``,
+    computed as ``s·u / (s·u + (1−s)(1−u))``; returns ``m = 1[g > 0.5]`` and ``s``.
+    Backward: ``dm/dz := dg/dz = g(1−g)`` (straight-through) and ``ds/dz = s(1−s)``.
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, u: torch.Tensor):  # noqa: D401
+        s = torch.sigmoid(z)
+        a = s * u
+        b = (1 - s) * (1 - u)
+        g = a / (a + b + 1e-30)
+        ctx.save_for_backward(g, s)
+        return torch.relu(a - b).sign_(), s
+
+    @staticmethod
+    def backward(ctx, grad_m: torch.Tensor | None, grad_s: torch.Tensor | None):
+        g, s = ctx.saved_tensors
+        out = None
+        if grad_m is not None:
+            out = grad_m * (g - g * g)
+        if grad_s is not None:
+            t = grad_s * (s - s * s)
+            out = t if out is None else out.add_(t)
+        return out, None
+
+
+class _HardST(torch.autograd.Function):
+    """Deterministic straight-through gate: forward ``1[z > 0]``, gradient ``sigmoid'(z)``."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor):
+        s = torch.sigmoid(z)
+        ctx.save_for_backward(s)
+        return torch.relu(z).sign_(), s
+
+    @staticmethod
+    def backward(ctx, grad_m, grad_s):
+        (s,) = ctx.saved_tensors
+        d = s - s * s
+        out = None
+        if grad_m is not None:
+            out = grad_m * d
+        if grad_s is not None:
+            out = grad_s * d if out is None else out.add_(grad_s * d)
+        return out
+
+
+def gate(z: torch.Tensor, mode: GateMode, u: torch.Tensor | None = None,
+         generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The gate ``m`` for logits ``z`` under ``mode``, and ``sigmoid(z)`` when it was computed.
+
+    TRAIN draws ``u`` from ``generator`` (or the global RNG) unless given.
+    """
+    if mode is GateMode.EVAL:
+        return torch.relu(z.detach()).sign(), None  # 1[z > 0]; -inf and 0 give 0
+    if mode is GateMode.HARD_ST:
+        return _HardST.apply(z)
+    if u is None:
+        u = uniform_noise(tuple(z.shape), generator, z.device)
+    m, s = _ConcreteST.apply(z, u.to(z.dtype))
+    return m, s
+
+
+class Gates:
+    """The gate hooks on one model, their mode, and what the last forward collected.
+
+    Attach with :func:`attach`; the object lives at ``model.circuitkit_gates``.
+
+    Training-mode noise comes from ``noise_generator`` (``None``: torch's global RNG). With
+    ``noise_rows = (global_batch, start)`` the noise is drawn for the whole global batch and
+    this process takes rows ``start:start+batch``, so data-parallel ranks see exactly the
+    noise a single process would (see :mod:`circuitkit.sparsity.finetune`).
+    """
+
+    def __init__(self, model: HookedTransformer, config: GateConfig, mode: GateMode = GateMode.EVAL) -> None:
+        self.model = model
+        self.config = config
+        self.mode = GateMode.parse(mode)
+        self.collect = False
+        self.noise_generator: torch.Generator | None = None
+        self.noise_rows: tuple[int, int] | None = None
+        self._pending: dict[tuple[str, int], torch.Tensor] = {}
+        self.stats: dict[str, dict[int, torch.Tensor]] = {}
+        self.clear_stats()
+        self._hooked: list[Any] = []
+
+    # ------------------------------------------------------------ hooks
+
+    def _uniform_for(self, z: torch.Tensor) -> torch.Tensor:
+        """U(0,1) for z's gates; with ``noise_rows`` drawn for the global batch and sliced."""
+        gen = self.noise_generator
+        if self.noise_rows is None:
+            return uniform_noise(tuple(z.shape), gen, gen.device if gen is not None else z.device).to(z.device)
+        total, start = self.noise_rows
+        u = uniform_noise((total, *z.shape[1:]), gen, gen.device if gen is not None else z.device)
+        return u[start:start + z.shape[0]].to(z.device)
+
+    def _gate(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        u = self._uniform_for(z) if self.mode is GateMode.TRAIN else None
+        m, s = gate(z, self.mode, u=u)
+        if s is None and self.collect and torch.is_grad_enabled() and z.requires_grad:
+            s = torch.sigmoid(z)
+        return m, s
+
+    def _attn_scores_hook(self, scores: torch.Tensor, hook: Any, layer: int) -> None:
+        z = scores + self.config.bias_gate  # [batch, head, q, k]; -inf where masked
+        m, s = self._gate(z)
+        self._pending[("attn", layer)] = m
+        if self.collect:
+            n_edges = _edge_count(z.shape[-2], z.shape[-1])
+            if s is None:
+                s = torch.sigmoid(z)
+            self.stats["attn_soft"][layer] = s.sum((-2, -1)).mean(0) / n_edges  # [head], with gradient
+            with torch.no_grad():
+                hard = m if self.mode is not GateMode.TRAIN else torch.relu(z).sign()
+                self.stats["attn_hard"][layer] = hard.sum((-2, -1)).mean(0) / n_edges
+        return None
+
+    def _attn_pattern_hook(self, pattern: torch.Tensor, hook: Any, layer: int) -> torch.Tensor:
+        m = self._pending.pop(("attn", layer), None)
+        if m is None:
+            raise CircuitkitError(f"{hook.name}: no gate from hook_attn_scores for this forward; the gate hooks "
+                                  "are out of step (was hook_attn_scores skipped?)")
+        return pattern * m.to(pattern.dtype)
+
+    def _mlp_pre_hook(self, pre: torch.Tensor, hook: Any, layer: int) -> None:
+        z = pre + self.config.bias_gate_mlp  # [batch, pos, d_mlp]
+        m, s = self._gate(z)
+        self._pending[("mlp", layer)] = m
+        if self.collect:
+            if s is None:
+                s = torch.sigmoid(z)
+            self.stats["mlp_soft"][layer] = s.mean()
+            with torch.no_grad():
+                on = (m if self.mode is not GateMode.TRAIN else torch.relu(z).sign()).flatten(0, -2).mean(0)
+                self.stats["mlp_hard_neuron"][layer] = on  # [d_mlp]
+                self.stats["mlp_hard"][layer] = on.mean()
+        return None
+
+    def _mlp_post_hook(self, post: torch.Tensor, hook: Any, layer: int) -> torch.Tensor:
+        m = self._pending.pop(("mlp", layer), None)
+        if m is None:
+            raise CircuitkitError(f"{hook.name}: no gate from hook_pre for this forward")
+        return post * m.to(post.dtype)
+
+    def hook_specs(self) -> list[tuple[str, Any]]:
+        specs = []
+        for l in range(self.model.cfg.n_layers):
+            if self.config.attn:
+                specs += [(f"blocks.{l}.attn.hook_attn_scores", partial(self._attn_scores_hook, layer=l)),
+                          (f"blocks.{l}.attn.hook_pattern", partial(self._attn_pattern_hook, layer=l))]
+            if self.config.mlp:
+                specs += [(f"blocks.{l}.mlp.hook_pre", partial(self._mlp_pre_hook, layer=l)),
+                          (f"blocks.{l}.mlp.hook_post", partial(self._mlp_post_hook, layer=l))]
+        return specs
+
+    # ------------------------------------------------------------ statistics
+
+    def clear_stats(self) -> None:
+        self.stats = {"attn_soft": {}, "attn_hard": {}, "mlp_soft": {}, "mlp_hard": {}, "mlp_hard_neuron": {}}
+        self._pending.clear()
+
+    def sparsity(self) -> dict[str, torch.Tensor | None]:
+        """``S_attn`` and ``S_mlp`` (scalars with gradient) from the last collecting forward."""
+        out: dict[str, torch.Tensor | None] = {"attn": None, "mlp": None}
+        if self.stats["attn_soft"]:
+            out["attn"] = torch.stack([self.stats["attn_soft"][l] for l in sorted(self.stats["attn_soft"])]).mean()
+        if self.stats["mlp_soft"]:
+            out["mlp"] = torch.stack([self.stats["mlp_soft"][l] for l in sorted(self.stats["mlp_soft"])]).mean()
+        return out
+
+    def density_report(self, heads: bool = True) -> dict[str, Any]:
+        """Soft/hard density per layer (and per head) from the last collecting forward, as floats."""
+        rep: dict[str, Any] = {}
+        for fam in ("attn", "mlp"):
+            for kind in ("soft", "hard"):
+                d = self.stats[f"{fam}_{kind}"]
+                if not d:
+                    continue
+                x = torch.stack([d[l].detach().float().reshape(-1) for l in sorted(d)])  # [layers, heads or 1]
+                rep[f"{fam}_{kind}"] = x.mean(1).tolist()
+                if fam == "attn" and heads:
+                    rep[f"{fam}_{kind}_head"] = x.tolist()
+        return rep
+
+
+# ---------------------------------------------------------------- attach / detach
+
+def get_gates(model: HookedTransformer) -> Gates | None:
+    """The model's :class:`Gates`, or ``None`` when it has none attached."""
+    return getattr(model, ATTR, None)
+
+
+def attach(model: HookedTransformer, config: GateConfig | None = None,
+           mode: GateMode | str = GateMode.EVAL) -> Gates:
+    """Add the gate hooks (permanent TransformerLens hooks) to ``model``; default mode EVAL."""
+    if not isinstance(model, HookedTransformer):
+        raise CircuitkitError(f"gates attach to a HookedTransformer, got {type(model).__name__}")
+    if get_gates(model) is not None:
+        raise CircuitkitError("this model already has gates attached; call circuitkit.sparsity.detach(model) first")
+    config = config or GateConfig()
+    if config.mlp and model.cfg.attn_only:
+        raise CircuitkitError("MLP gates need a model with MLPs (attn_only=False)")
+    if config.attn and getattr(model.cfg, "use_attention_sinks", False):
+        raise CircuitkitError("attention gates do not support models with attention sinks")
+    gates = Gates(model, config, mode)
+    hook_dict = model.hook_dict
+    for name, fn in gates.hook_specs():
+        if name not in hook_dict:
+            raise CircuitkitError(f"the model has no hook point {name}; gates need a standard HookedTransformer block")
+        hook_dict[name].add_hook(fn, is_permanent=True)
+        gates._hooked.append((hook_dict[name], fn))
+    setattr(model, ATTR, gates)
+    return gates
+
+
+def detach(model: HookedTransformer) -> GateConfig | None:
+    """Remove the gate hooks (and only them); returns the config that was attached."""
+    gates = get_gates(model)
+    if gates is None:
+        return None
+    for hp, fn in gates._hooked:
+        keep = []
+        for handle in hp.fwd_hooks:
+            if handle.user_hook is fn:
+                handle.hook.remove()
+            else:
+                keep.append(handle)
+        hp.fwd_hooks = keep
+    gates._hooked.clear()
+    gates.clear_stats()
+    delattr(model, ATTR)
+    return gates.config
+
+
+def set_mode(model: HookedTransformer, mode: GateMode | str) -> None:
+    gates = get_gates(model)
+    if gates is None:
+        raise CircuitkitError("the model has no gates attached (circuitkit.sparsity.attach)")
+    gates.mode = GateMode.parse(mode)
+
+
+@contextmanager
+def gate_mode(model: HookedTransformer, mode: GateMode | str, collect: bool | None = None) -> Iterator[Gates]:
+    """Temporarily switch the gates' mode (and optionally statistics collection)."""
+    gates = get_gates(model)
+    if gates is None:
+        raise CircuitkitError("the model has no gates attached (circuitkit.sparsity.attach)")
+    old_mode, old_collect = gates.mode, gates.collect
+    gates.mode = GateMode.parse(mode)
+    if collect is not None:
+        gates.collect = collect
+    try:
+        yield gates
+    finally:
+        gates.mode, gates.collect = old_mode, old_collect
+        gates._pending.clear()

@@ -1,0 +1,72 @@
+"""A sparse model on disk: the base checkpoint (finetuned weights) plus ``sparsity.json``.
+
+``sparsity.json`` records the :class:`~circuitkit.sparsity.gates.GateConfig`, the gate
+mode to restore (``eval``) and which families are on. :func:`circuitkit.models.load_model`
+calls :func:`attach_from_file` when a checkpoint folder holds it, so a loaded sparse model
+comes back with its gates attached in evaluation mode.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from transformer_lens import HookedTransformer
+
+from circuitkit import CircuitkitError
+from circuitkit.io import read_json, write_json
+from circuitkit.sparsity.gates import GateConfig, GateMode, Gates, attach, get_gates
+
+SPARSITY_FORMAT = 1
+_KEYS = {"format", "gates", "mode", "families"}
+
+
+def sparsity_dict(config: GateConfig, mode: GateMode = GateMode.EVAL) -> dict[str, Any]:
+    return {"format": SPARSITY_FORMAT, "gates": config.to_dict(), "mode": GateMode.parse(mode).value,
+            "families": config.families}
+
+
+def read_sparsity_file(path: str | os.PathLike) -> tuple[GateConfig, GateMode]:
+    path = Path(path)
+    if not path.exists():
+        raise CircuitkitError(f"no sparsity file at {path}")
+    try:
+        d = read_json(path)
+    except ValueError as e:
+        raise CircuitkitError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict) or "gates" not in d:
+        raise CircuitkitError(f"{path} has no 'gates' entry; it was not written by circuitkit.sparsity")
+    unknown = set(d) - _KEYS
+    if unknown:
+        raise CircuitkitError(f"{path}: unknown keys {sorted(unknown)}; known keys: {sorted(_KEYS)}")
+    if d.get("format", SPARSITY_FORMAT) > SPARSITY_FORMAT:
+        raise CircuitkitError(f"{path} has format {d['format']}, newer than this circuitkit understands "
+                              f"({SPARSITY_FORMAT}); upgrade circuitkit")
+    config = GateConfig.from_dict(d["gates"], source=str(path))
+    if "families" in d and sorted(d["families"]) != sorted(config.families):
+        raise CircuitkitError(f"{path}: 'families' {d['families']} disagrees with the gate settings "
+                              f"{config.families}")
+    return config, GateMode.parse(d.get("mode", "eval"))
+
+
+def attach_from_file(model: HookedTransformer, path: str | os.PathLike) -> Gates:
+    """Attach the gates described by ``sparsity.json`` at ``path`` (evaluation mode by default)."""
+    config, mode = read_sparsity_file(path)
+    return attach(model, config, mode)
+
+
+def save_sparse_model(model: HookedTransformer, directory: str | os.PathLike,
+                      card: dict[str, Any] | None = None, mode: GateMode | str = GateMode.EVAL) -> Path:
+    """Write the (finetuned) weights and card via :func:`circuitkit.models.save_model`, plus
+    ``sparsity.json`` (atomically). ``mode`` is the mode the loader restores (default eval)."""
+    from circuitkit.models import SPARSITY_FILE, save_model
+
+    gates = get_gates(model)
+    if gates is None:
+        raise CircuitkitError("save_sparse_model: the model has no gates attached; use circuitkit.models.save_model "
+                              "for a dense model, or attach gates first")
+    full_card = {"sparse": True, "sparsity": sparsity_dict(gates.config, mode), **(card or {})}
+    directory = save_model(model, directory, full_card)
+    write_json(Path(directory) / SPARSITY_FILE, sparsity_dict(gates.config, mode))
+    return Path(directory)

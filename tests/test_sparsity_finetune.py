@@ -1,0 +1,239 @@
+"""Constrained sparse finetuning: exact resume, NaN handling, data parallel, corpora, CLI errors."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+
+from circuitkit import CircuitkitError
+from circuitkit.cli import main as cli_main
+from circuitkit.models import build_model, load_model, save_model, toy_config
+from circuitkit.sparsity import GateMode, get_gates
+from circuitkit.sparsity import finetune as ft
+from circuitkit.sparsity.corpus import TextCorpus, chunk_tokens
+from circuitkit.sparsity.finetune import SparsifyConfig, finetune
+from circuitkit.tasks import get_task
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is faster than two on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("base") / "toy"
+    save_model(build_model(toy_config("toy-2l", seed=0)), d, {"name": "toy"})
+    return d
+
+
+def cfg_for(tmp, base, **kw):
+    raw = dict(name="t", model=str(base), out=str(tmp / "out"), run_dir=str(tmp / "run"), tasks={"addition": 1.0},
+               steps=6, batch_size=8, lr=3e-3, warmup=2, eta=0.5, bias_gate=1.0, checkpoint_every=3,
+               eval_every=100, eval_n=40, target_n=40, measure_n=20, seed=3)
+    raw.update(kw)
+    return SparsifyConfig.from_dict(raw)
+
+
+def log_records(run_dir):
+    return [json.loads(l) for l in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_finetune_writes_a_loadable_sparse_model_and_logs(tmp_path, base_dir):
+    cfg = cfg_for(tmp_path, base_dir, mlp=True, final_hard_steps=2)
+    card = finetune(cfg, progress=False, command="circuitkit sparsify ...")
+    recs = log_records(tmp_path / "run")
+    assert [r["step"] for r in recs] == list(range(1, 7))
+    r = recs[0]
+    for k in ("ce", "target", "lam", "rho", "attn_soft", "attn_hard", "attn_soft_head", "mlp_soft", "mlp_hard"):
+        assert k in r
+    assert len(r["attn_hard"]) == 2 and len(r["attn_hard_head"][0]) == 4
+    assert [x["mode"] for x in recs] == ["train"] * 4 + ["hard_st"] * 2
+    assert (tmp_path / "run" / "log.csv").read_text().startswith("step,")
+    assert card["target_ce"] == pytest.approx(card["base_heldout_ce"] * 1.05)
+    assert 0 <= card["kept_edges"] <= 1 and 0 <= card["mlp_active"] <= 1
+    assert card["command"] == "circuitkit sparsify ..." and card["base_model"] == str(base_dir)
+    model = load_model(tmp_path / "out")
+    assert get_gates(model).mode is GateMode.EVAL and get_gates(model).config.mlp
+
+
+def test_resume_continues_exactly(tmp_path, base_dir):
+    full = cfg_for(tmp_path / "a", base_dir)
+    finetune(full, progress=False)
+    ref = log_records(tmp_path / "a" / "run")
+
+    part = cfg_for(tmp_path / "b", base_dir)
+    state = finetune(part, max_steps=3, progress=False)
+    assert state["finished"] is False and not (tmp_path / "b" / "out").exists()
+    finetune(part, resume=True, progress=False)
+    got = log_records(tmp_path / "b" / "run")
+    assert [(r["ce"], r["lam"], r["sparsity"]) for r in got] == [(r["ce"], r["lam"], r["sparsity"]) for r in ref]
+    x = get_task("addition").dataset(8, seed=5).clean
+    assert torch.equal(load_model(tmp_path / "a" / "out")(x), load_model(tmp_path / "b" / "out")(x))
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, base_dir, monkeypatch):
+    cfg = cfg_for(tmp_path, base_dir, checkpoint_every=2)
+    real = ft.masked_ce
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        out = real(*a, **k)
+        return out * float("nan") if calls["n"] == 4 else out  # the 4th step's batch is poisoned
+
+    monkeypatch.setattr(ft, "masked_ce", poisoned)
+    ck = tmp_path / "run" / "checkpoint.pt"
+    snapshot = {}
+
+    def spy(step, tokens, mask):
+        if step == 3:
+            snapshot["bytes"] = ck.read_bytes()  # the step-2 checkpoint, before step 3 is taken
+        return tokens, mask
+
+    with pytest.raises(CircuitkitError, match="non-finite.*checkpoint.*intact"):
+        finetune(cfg, progress=False, on_batch=spy)
+    assert ck.read_bytes() == snapshot["bytes"]
+    assert torch.load(ck, weights_only=False)["step"] == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_infinite_lr_never_checkpoints_bad_weights(tmp_path, base_dir):
+    cfg = cfg_for(tmp_path, base_dir, lr=float("inf"), checkpoint_every=1)
+    with pytest.raises(CircuitkitError, match="non-finite"):
+        finetune(cfg, progress=False)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, cfg_dict):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        finetune(SparsifyConfig.from_dict(cfg_dict), progress=False, device="cpu")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_ddp_matches_single_process(tmp_path, base_dir):
+    import torch.multiprocessing as mp
+
+    kw = dict(steps=4, batch_size=8, checkpoint_every=4, mlp=True)
+    single = cfg_for(tmp_path / "single", base_dir, **kw)
+    finetune(single, progress=False, device="cpu")
+    ddp = cfg_for(tmp_path / "ddp", base_dir, **kw)
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), ddp.__dict__), nprocs=2, join=True, start_method="fork")
+    a, b = log_records(tmp_path / "single" / "run"), log_records(tmp_path / "ddp" / "run")
+    assert len(a) == len(b) == 4
+    for ra, rb in zip(a, b):
+        assert rb["ce"] == pytest.approx(ra["ce"], rel=1e-4, abs=1e-6)
+        assert rb["lam"] == pytest.approx(ra["lam"], rel=1e-5)
+        assert rb["sparsity"] == pytest.approx(ra["sparsity"], rel=1e-4)
+        assert rb["attn_hard"] == pytest.approx(ra["attn_hard"], abs=1e-6)
+    x = get_task("addition").dataset(8, seed=5).clean
+    la, lb = load_model(tmp_path / "single" / "out")(x), load_model(tmp_path / "ddp" / "out")(x)
+    assert torch.allclose(la, lb, atol=1e-4)
+
+
+def test_chunking():
+    rows = chunk_tokens(list(range(10)), 4)
+    assert rows.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    rows = chunk_tokens(list(range(10)), 4, bos_id=99)
+    assert rows.tolist() == [[99, 0, 1, 2], [99, 3, 4, 5], [99, 6, 7, 8]]
+    with pytest.raises(CircuitkitError, match="fewer than one sequence"):
+        chunk_tokens([1, 2], 4)
+
+
+def test_text_corpus_from_files(tmp_path, offline_gpt2, offline_gpt2_corpus):
+    tok = offline_gpt2.tokenizer
+    txt = tmp_path / "c.txt"
+    txt.write_text("\n".join(offline_gpt2_corpus[:60]))
+    c = TextCorpus.from_source(str(txt), tok, seq_len=16, heldout_fraction=0.1)
+    stream = tok(txt.read_text(), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    body = 16 - 1 if tok.bos_token_id is not None else 16
+    n = len(stream) // body
+    assert c.train.shape[0] + c.heldout.shape[0] == n and c.train.shape[1] == 16
+    flat = torch.cat([c.train, c.heldout])[:, 1:].reshape(-1) if tok.bos_token_id is not None else None
+    assert flat.tolist() == stream[: n * body]
+    jl = tmp_path / "c.jsonl"
+    jl.write_text("\n".join(json.dumps({"text": t}) for t in offline_gpt2_corpus[:30]) + "\n")
+    cj = TextCorpus.from_source(str(jl), tok, seq_len=16)
+    assert cj.train.shape[1] == 16 and cj.heldout.shape[0] >= 1
+    tokens, mask = cj.sample(5, torch.Generator().manual_seed(0))
+    assert tokens.shape == (5, 16) and mask.all()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"txt": "x"}\n')
+    with pytest.raises(CircuitkitError, match="string 'text' field"):
+        TextCorpus.from_source(str(bad), tok)
+    with pytest.raises(CircuitkitError, match="does not exist"):
+        TextCorpus.from_source(str(tmp_path / "missing.txt"), tok)
+    with pytest.raises(CircuitkitError, match="could not load Hugging Face dataset"):
+        TextCorpus.from_source("hf:surely-not-a-dataset-circuitkit", tok)
+
+
+def test_sparsify_gpt2_on_a_text_corpus(tmp_path, offline_gpt2_cache, offline_gpt2_corpus):
+    txt = tmp_path / "corpus.txt"
+    txt.write_text("\n".join(offline_gpt2_corpus[:200]))
+    cfg = SparsifyConfig.from_dict(dict(name="g", model="gpt2", out=str(tmp_path / "out"),
+                                        run_dir=str(tmp_path / "run"), corpus=str(txt), corpus_seq_len=32,
+                                        steps=3, batch_size=4, warmup=1, checkpoint_every=3, eval_n=4,
+                                        target_n=4, measure_n=4))
+    card = finetune(cfg, progress=False)
+    assert card["corpus"] == str(txt) and 0 < card["kept_edges"] <= 1 and card["base_heldout_ce"] > 0
+    model = load_model(tmp_path / "out")
+    assert get_gates(model) is not None and model.tokenizer is not None
+
+
+def run_cli(args, capsys):
+    code = cli_main(["sparsify", *args])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--task", "nonsense"], "unknown task"),
+    (["--task", "addition", "--tolerance", "-0.1"], "tolerance must be >= 0"),
+    (["--corpus", "/nonexistent/corpus.txt"], "does not exist"),
+    (["--task", "addition", "--steps", "0"], "steps must be a positive"),
+    (["--tasks", "addition=x"], "bad weight"),
+])
+def test_cli_bad_input(tmp_path, base_dir, capsys, extra, message):
+    code, err = run_cli(["--model", str(base_dir), "--out", str(tmp_path / "o"), "--run-dir",
+                         str(tmp_path / "r"), "--no-progress", *extra], capsys)
+    assert code == 2 and message in err
+
+
+def test_cli_config_unknown_keys_and_corpus_needs_tokenizer(tmp_path, base_dir, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'name = "x"\nmodel = "{base_dir}"\nout = "o"\nrun_dir = "r"\nstepz = 3\n[tasks]\naddition = 1\n')
+    code, err = run_cli(["--config", str(cfg)], capsys)
+    assert code == 2 and "unknown keys ['stepz']" in err
+    txt = tmp_path / "t.txt"
+    txt.write_text("some text " * 50)
+    code, err = run_cli(["--model", str(base_dir), "--out", str(tmp_path / "o"), "--corpus", str(txt)], capsys)
+    assert code == 2 and "needs a model with a tokenizer" in err
+
+
+def test_cli_runs_with_config_and_flag_overrides(tmp_path, base_dir, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'name = "x"\nmodel = "{base_dir}"\nout = "{tmp_path / "o"}"\nrun_dir = "{tmp_path / "r"}"\n'
+                   f'steps = 50\nbatch_size = 8\neval_n = 20\ntarget_n = 20\nmeasure_n = 10\ntolerance = 0.1\n'
+                   f'[tasks]\naddition = 1\n')
+    code = cli_main(["sparsify", "--config", str(cfg), "--steps", "2", "--target-ce", "3.5", "--no-progress"])
+    assert code == 0
+    card = json.loads((tmp_path / "o" / "card.json").read_text())
+    assert card["steps"] == 2 and card["target_ce"] == 3.5 and card["finetune_config"]["tolerance"] is None
+    assert card["command"].startswith("circuitkit ")
