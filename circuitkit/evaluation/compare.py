@@ -1,0 +1,117 @@
+"""Comparison tables: base vs sparse per task, and tasks against each other within a model.
+
+Owns the columns of the paper's headline table (minimal-circuit edges and heads and their
+ratios, CPR/CMD, completeness, minimality, base/sparse overlap) and the ``circuitkit
+compare`` command. Tables are pandas DataFrames, written as CSV and markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from pathlib import Path
+
+import pandas as pd
+
+from circuitkit import CircuitkitError
+from circuitkit.evaluation.study import StudyConfig, TaskResult, analyse, jaccard
+from circuitkit.io import write_json, write_text
+
+PAIR_COLUMNS = ["task", "base_edges", "sparse_edges", "edge_ratio", "base_heads", "sparse_heads", "head_ratio",
+                "base_f", "sparse_f", "base_cpr", "sparse_cpr", "base_cmd", "sparse_cmd",
+                "base_completeness", "sparse_completeness", "base_minimality", "sparse_minimality",
+                "edge_jaccard", "head_jaccard"]
+OVERLAP_COLUMNS = ["model", "task_a", "task_b", "edges_a", "edges_b", "shared_edges", "edge_jaccard",
+                   "heads_a", "heads_b", "shared_heads", "head_jaccard"]
+
+
+def _ratio(a: float | None, b: float | None) -> float:
+    if a is None or b is None:
+        return float("nan")
+    return float("inf") if b == 0 else a / b
+
+
+def pair_row(base: TaskResult, sparse: TaskResult) -> dict:
+    """One row of the base-vs-sparse table. Heads: heads in the minimal edge circuit."""
+    if base.task != sparse.task:
+        raise CircuitkitError(f"cannot compare task {base.task!r} with {sparse.task!r}")
+    return {"task": base.task, "base_edges": base.n_edges, "sparse_edges": sparse.n_edges,
+            "edge_ratio": _ratio(base.n_edges, sparse.n_edges),
+            "base_heads": base.minimal.n_heads, "sparse_heads": sparse.minimal.n_heads,
+            "head_ratio": _ratio(base.minimal.n_heads, sparse.minimal.n_heads),
+            "base_f": base.f_minimal, "sparse_f": sparse.f_minimal,
+            "base_cpr": base.cpr, "sparse_cpr": sparse.cpr, "base_cmd": base.cmd, "sparse_cmd": sparse.cmd,
+            "base_completeness": base.completeness, "sparse_completeness": sparse.completeness,
+            "base_minimality": base.minimality, "sparse_minimality": sparse.minimality,
+            "edge_jaccard": jaccard(base.minimal.in_graph, sparse.minimal.in_graph),
+            "head_jaccard": jaccard(_heads(base), _heads(sparse))}
+
+
+def _heads(r: TaskResult):
+    return r.minimal.head_mask.flatten()  # [n_layers * n_heads] bool
+
+
+def pair_table(base: list[TaskResult], sparse: list[TaskResult]) -> pd.DataFrame:
+    by_task = {r.task: r for r in sparse}
+    rows = [pair_row(b, by_task[b.task]) for b in base if b.task in by_task]
+    return pd.DataFrame(rows, columns=PAIR_COLUMNS)
+
+
+def overlap_table(results: list[TaskResult]) -> pd.DataFrame:
+    """Which edges and heads the tasks of one model share (every pair of tasks)."""
+    rows = []
+    for a, b in itertools.combinations(results, 2):
+        ha, hb = _heads(a), _heads(b)
+        rows.append({"model": a.model, "task_a": a.task, "task_b": b.task, "edges_a": a.n_edges,
+                     "edges_b": b.n_edges, "shared_edges": int((a.minimal.in_graph & b.minimal.in_graph).sum()),
+                     "edge_jaccard": jaccard(a.minimal.in_graph, b.minimal.in_graph),
+                     "heads_a": int(ha.sum()), "heads_b": int(hb.sum()), "shared_heads": int((ha & hb).sum()),
+                     "head_jaccard": jaccard(ha, hb)})
+    return pd.DataFrame(rows, columns=OVERLAP_COLUMNS)
+
+
+def write_table(df: pd.DataFrame, path_stem: Path) -> None:
+    """``stem.csv`` and ``stem.md``, both written atomically."""
+    write_text(path_stem.with_suffix(".csv"), df.to_csv(index=False))
+    write_text(path_stem.with_suffix(".md"), df.to_markdown(index=False, floatfmt=".3g") + "\n")
+
+
+def save_result(r: TaskResult, folder: Path) -> None:
+    stem = f"{r.model}__{r.task}"
+    r.minimal.save(folder / "circuits" / f"{stem}.json")
+    write_json(folder / "summaries" / f"{stem}.json", r.summary())
+
+
+# ---------------------------------------------------------------- CLI
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", required=True, help="base model (zoo name, folder, or pretrained name)")
+    p.add_argument("--sparse", required=True, help="sparse model")
+    p.add_argument("--tasks", required=True, help="comma-separated task names")
+    p.add_argument("--method", default="eap-ig")
+    p.add_argument("--ablation", default="patching", choices=["patching", "mean", "zero"])
+    p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--n", type=int, default=200, help="examples per task")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results/compare")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from circuitkit.models import load_model
+    from circuitkit.tasks import task_for_model
+
+    cfg = StudyConfig(method=args.method, ablation=args.ablation, threshold=args.threshold, n=args.n, seed=args.seed)
+    out = Path(args.out)
+    results = {}
+    for role, name in (("base", args.base), ("sparse", args.sparse)):
+        model = load_model(name)
+        results[role] = []
+        for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
+            ds = task_for_model(task, model).dataset(cfg.n, seed=cfg.seed)
+            r = analyse(model, Path(name).name, ds, cfg)
+            save_result(r, out)
+            results[role].append(r)
+    table = pair_table(results["base"], results["sparse"])
+    write_table(table, out / "base_vs_sparse")
+    print(table.to_markdown(index=False, floatfmt=".3g"))
+    return 0

@@ -1,0 +1,190 @@
+"""Verification of circuits: explained effect, faithfulness curves, minimal circuits, CPR/CMD,
+completeness and minimality (design.md §5).
+
+Why a module of its own: attribution says which edges *might* matter; this module measures
+what a circuit actually does under ablation, with the intervention machinery of
+:mod:`circuitkit.circuits.interventions`. Everything is expressed through the explained
+effect ``f(C) = (m(C) − m(∅)) / (m(N) − m(∅))`` of the task metric ``m``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from circuitkit import CircuitkitError
+from circuitkit.circuits.graph import Graph
+from circuitkit.circuits.interventions import DEFAULT_BATCH_SIZE, Ablation, explained_effect, metric_with_graphs
+from circuitkit.circuits.selection import top_heads, top_n
+from circuitkit.tasks.base import TaskDataset
+
+# MIB's edge fractions for CPR / CMD, as fractions of the real edges.
+MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+@dataclass(frozen=True)
+class Curve:
+    """Explained effect against circuit size. ``sizes`` are what was asked (top-n edges or
+    heads), ``kept`` what the circuit holds after dangling edges were removed."""
+
+    unit: str  # "edges" | "heads"
+    sizes: tuple[int, ...]
+    kept: tuple[int, ...]
+    f: tuple[float, ...]
+    m_full: float
+    m_empty: float
+
+    def to_dict(self) -> dict:
+        return {"unit": self.unit, "sizes": list(self.sizes), "kept": list(self.kept), "f": list(self.f),
+                "m_full": self.m_full, "m_empty": self.m_empty}
+
+
+def log_sizes(n_max: int, n_points: int = 24) -> list[int]:
+    """Integer sizes 1..n_max, log-spaced, always including 1..8 and n_max."""
+    if n_max < 1:
+        raise CircuitkitError(f"need at least one edge to build a curve, got {n_max}")
+    grid = {int(round(x)) for x in torch.logspace(0, math.log10(n_max), n_points).tolist()}
+    return sorted(grid | set(range(1, min(8, n_max) + 1)) | {n_max})
+
+
+def _evaluate(model, graphs: Sequence[Graph], ds: TaskDataset, ablation, batch_size) -> tuple[float, float, list[float]]:
+    spec = graphs[0].spec
+    m = metric_with_graphs(model, [Graph.full(spec), Graph.empty(spec), *graphs], ds, ablation,
+                           batch_size).mean(1)  # [2 + n_graphs]
+    m_full, m_empty = float(m[0]), float(m[1])
+    if abs(m_full - m_empty) < 1e-9:
+        raise CircuitkitError(
+            f"task {ds.task!r}: the full model and the fully ablated model score the same ({m_full:.4g}), "
+            "so no effect can be explained; check that the corrupted prompts change the answer")
+    return m_full, m_empty, explained_effect(m[2:], m_full, m_empty).tolist()
+
+
+def edge_curve(model, scored: Graph, ds: TaskDataset, sizes: Sequence[int] | None = None,
+               ablation: Ablation | str = Ablation.PATCHING, batch_size: int = DEFAULT_BATCH_SIZE) -> Curve:
+    """f of the top-n edges of ``scored`` for each n in ``sizes`` (default: log-spaced)."""
+    sizes = list(sizes) if sizes is not None else log_sizes(scored.spec.n_real_edges)
+    graphs = [top_n(scored, int(n)) for n in sizes]
+    m_full, m_empty, f = _evaluate(model, graphs, ds, ablation, batch_size)
+    return Curve("edges", tuple(int(n) for n in sizes), tuple(g.n_edges for g in graphs), tuple(f), m_full, m_empty)
+
+
+def head_curve(model, scored: Graph, ds: TaskDataset, node_scores: torch.Tensor | None = None,  # [n_src]
+               ablation: Ablation | str = Ablation.PATCHING, batch_size: int = DEFAULT_BATCH_SIZE) -> Curve:
+    """f of the circuit of the top-n heads (all MLPs kept) for n = 0..L·H."""
+    n_heads = scored.spec.n_layers * scored.spec.n_heads
+    sizes = list(range(0, n_heads + 1))
+    graphs = [top_heads(scored, n, node_scores) for n in sizes]
+    m_full, m_empty, f = _evaluate(model, graphs, ds, ablation, batch_size)
+    return Curve("heads", tuple(sizes), tuple(g.n_heads for g in graphs), tuple(f), m_full, m_empty)
+
+
+def smallest_reaching(sizes: Sequence[int], f: Sequence[float], threshold: float = 0.9) -> int | None:
+    """The smallest size on a curve whose explained effect is at least ``threshold`` (None if none)."""
+    if len(sizes) != len(f):
+        raise CircuitkitError(f"sizes ({len(sizes)}) and f ({len(f)}) must have the same length")
+    ok = [s for s, v in zip(sizes, f) if v >= threshold]
+    return min(ok) if ok else None
+
+
+@dataclass(frozen=True)
+class Minimal:
+    """The minimal circuit: the fewest top-scoring edges with f ≥ threshold."""
+
+    graph: Graph
+    requested: int
+    f: float
+    reached: bool
+    threshold: float
+    n_evaluated: int = field(default=0)
+
+    @property
+    def n_edges(self) -> int:
+        return self.graph.n_edges
+
+    @property
+    def n_heads(self) -> int:
+        return self.graph.n_heads
+
+
+def minimal_circuit(model, scored: Graph, ds: TaskDataset, threshold: float = 0.9, curve: Curve | None = None,
+                    ablation: Ablation | str = Ablation.PATCHING, batch_size: int = DEFAULT_BATCH_SIZE) -> Minimal:
+    """Smallest top-n circuit with f ≥ ``threshold``: the first grid point of the edge curve that
+    reaches it, refined by bisection against the grid point before it."""
+    if not 0.0 < threshold <= 1.0:
+        raise CircuitkitError(f"threshold must be in (0, 1], got {threshold}")
+    curve = curve or edge_curve(model, scored, ds, ablation=ablation, batch_size=batch_size)
+    hit = smallest_reaching(curve.sizes, curve.f, threshold)
+    evaluated = len(curve.sizes)
+    if hit is None:
+        n = scored.spec.n_real_edges
+        return Minimal(top_n(scored, n), n, curve.f[-1], False, threshold, evaluated)
+    i = curve.sizes.index(hit)
+    lo = curve.sizes[i - 1] if i > 0 else 0
+    hi, f_hi = hit, curve.f[i]
+    while hi - lo > 1:  # invariant: hi reaches the threshold, lo does not
+        mid = (lo + hi) // 2
+        f_mid = _evaluate(model, [top_n(scored, mid)], ds, ablation, batch_size)[2][0]
+        evaluated += 1
+        if f_mid >= threshold:
+            hi, f_hi = mid, f_mid
+        else:
+            lo = mid
+    return Minimal(top_n(scored, hi), hi, f_hi, True, threshold, evaluated)
+
+
+def area(x: Sequence[float], y: Sequence[float]) -> float:
+    """Trapezoidal area under y(x)."""
+    return float(torch.trapezoid(torch.tensor(y, dtype=torch.float64), torch.tensor(x, dtype=torch.float64)))
+
+
+@dataclass(frozen=True)
+class CprCmd:
+    fractions: tuple[float, ...]
+    f: tuple[float, ...]
+
+    @property
+    def cpr(self) -> float:
+        """Area under f over the edge fractions (x in [0, 1]); higher is better."""
+        return area(self.fractions, self.f)
+
+    @property
+    def cmd(self) -> float:
+        """Area under |1 − f| over the edge fractions; lower is better."""
+        return area(self.fractions, [abs(1 - v) for v in self.f])
+
+
+def cpr_cmd(model, scored: Graph, ds: TaskDataset, fractions: Sequence[float] = MIB_FRACTIONS,
+            ablation: Ablation | str = Ablation.PATCHING, batch_size: int = DEFAULT_BATCH_SIZE) -> CprCmd:
+    """f at the MIB edge fractions (top ``round(fraction · n_real)`` edges)."""
+    n_real = scored.spec.n_real_edges
+    graphs = [top_n(scored, int(round(p * n_real))) for p in fractions]
+    _, _, f = _evaluate(model, graphs, ds, ablation, batch_size)
+    return CprCmd(tuple(fractions), tuple(f))
+
+
+def completeness(model, circuit: Graph, ds: TaskDataset, ablation: Ablation | str = Ablation.PATCHING,
+                 batch_size: int = DEFAULT_BATCH_SIZE) -> float:
+    """The fraction of the effect removed when the circuit is knocked out of the full model:
+    ``1 − f(N ∖ C)``, where ``N ∖ C`` keeps every real edge except the circuit's."""
+    spec = circuit.spec
+    knocked = circuit.with_in_graph(spec.real & ~circuit.in_graph)
+    return 1.0 - _evaluate(model, [knocked], ds, ablation, batch_size)[2][0]
+
+
+def minimality(model, circuit: Graph, ds: TaskDataset, eps: float = 0.01,
+               ablation: Ablation | str = Ablation.PATCHING, batch_size: int = DEFAULT_BATCH_SIZE) -> float:
+    """The fraction of circuit edges whose single removal lowers f by more than ``eps``."""
+    edges = circuit.in_graph.nonzero()  # [n_edges, 2]
+    if len(edges) == 0:
+        return float("nan")
+    graphs = [circuit]
+    for s, d in edges.tolist():
+        member = circuit.in_graph.clone()
+        member[s, d] = False
+        graphs.append(circuit.with_in_graph(member))
+    _, _, f = _evaluate(model, graphs, ds, ablation, batch_size)
+    base = f[0]
+    return sum(1 for v in f[1:] if base - v > eps) / len(edges)

@@ -1,0 +1,127 @@
+"""Paper figures from circuitkit results (matplotlib, PNG and SVG side by side).
+
+Owns the drawing only: every function takes results computed elsewhere
+(:class:`circuitkit.evaluation.study.TaskResult`, graphs) and writes ``<stem>.png`` and
+``<stem>.svg``. Uses the non-interactive Agg backend, so it runs on machines without a screen.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from circuitkit.circuits.graph import Graph  # noqa: E402
+from circuitkit.io import atomic_path  # noqa: E402
+
+BASE_COLOR, SPARSE_COLOR = "#4c72b0", "#dd8452"
+
+
+def save(fig, stem: Path) -> list[Path]:
+    """Write ``stem.png`` and ``stem.svg`` atomically; return both paths."""
+    out = []
+    for ext in ("png", "svg"):
+        path = Path(stem).with_suffix(f".{ext}")
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=ext, dpi=130, bbox_inches="tight")
+        out.append(path)
+    plt.close(fig)
+    return out
+
+
+def _ratio_text(a, b) -> str:
+    if a is None or b is None:
+        return "n/a"
+    return "∞" if b == 0 else f"{a / b:.1f}×"
+
+
+def faithfulness_figure(pairs: Sequence[tuple], stem: Path, threshold: float = 0.9) -> list[Path]:
+    """Explained effect vs edges kept (top row, log axis) and vs heads kept (bottom row),
+    base vs sparse, one column per task; the size ratio at f = threshold on each panel.
+
+    ``pairs``: (title, base TaskResult, sparse TaskResult).
+    """
+    n = len(pairs)
+    fig, axes = plt.subplots(2, n, figsize=(3.4 * n, 6.2), squeeze=False)
+    for col, (title, base, sparse) in enumerate(pairs):
+        ax = axes[0, col]
+        for r, color, label in ((base, BASE_COLOR, "base"), (sparse, SPARSE_COLOR, "sparse")):
+            c = r.edge_curve
+            xs = [max(k, 0.8) for k in c.kept]
+            ax.plot(xs, c.f, "-o", ms=2.5, color=color, label=f"{label} ({r.n_edges} edges)")
+            ax.axvline(max(r.n_edges, 0.8), color=color, ls=":", lw=1)
+        ax.set_xscale("log")
+        ax.axhline(threshold, color="gray", lw=0.8, ls="--")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("edges kept")
+        ax.set_ylim(-0.2, 1.15)
+        ax.text(0.03, 0.95, f"edges base/sparse = {_ratio_text(base.n_edges, sparse.n_edges)}",
+                transform=ax.transAxes, fontsize=8, va="top")
+        ax.legend(fontsize=7, loc="lower right")
+        ax = axes[1, col]
+        for r, color, label in ((base, BASE_COLOR, "base"), (sparse, SPARSE_COLOR, "sparse")):
+            c = r.head_curve
+            ax.plot(c.sizes, c.f, "-o", ms=2.5, color=color, label=f"{label} ({r.heads_minimal} heads)")
+        ax.axhline(threshold, color="gray", lw=0.8, ls="--")
+        ax.set_xlabel("heads kept (all MLPs kept)")
+        ax.set_ylim(-0.2, 1.15)
+        ax.text(0.03, 0.95, f"heads base/sparse = {_ratio_text(base.heads_minimal, sparse.heads_minimal)}",
+                transform=ax.transAxes, fontsize=8, va="top")
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0, 0].set_ylabel("explained effect f")
+    axes[1, 0].set_ylabel("explained effect f")
+    fig.tight_layout()
+    return save(fig, stem)
+
+
+def _node_xy(graph: Graph) -> dict[int, tuple[float, float]]:
+    """Grid position of each node: column = head index (MLP after the heads), row = layer."""
+    spec = graph.spec
+    H, L = spec.n_heads, spec.n_layers
+    pos = {0: (H / 2, -1.0), spec.logits_node: (H / 2, float(L))}
+    for l in range(L):
+        for h in range(H):
+            pos[spec.head_src(l, h)] = (float(h), l - 0.25)
+        pos[spec.mlp_src(l)] = (H + 0.6, l + 0.2)
+    return pos
+
+
+def draw_circuit(ax, graph: Graph, title: str) -> None:
+    """One circuit on a layer × component grid; edge width and opacity follow |score|."""
+    spec = graph.spec
+    pos = _node_xy(graph)
+    node_in = graph.node_mask
+    dst_node = spec.dst_node
+    edges = graph.in_graph.nonzero().tolist()
+    smax = max((abs(float(graph.scores[s, d])) for s, d in edges), default=1.0) or 1.0
+    for s, d in edges:
+        (x0, y0), (x1, y1) = pos[s], pos[int(dst_node[d])]
+        w = abs(float(graph.scores[s, d])) / smax
+        ax.plot([x0, x1], [y0, y1], color="#333333", lw=0.4 + 2.0 * w, alpha=0.25 + 0.6 * w, zorder=1)
+    for i, (x, y) in pos.items():
+        name = spec.node_names[i]
+        on = bool(node_in[i])
+        ax.scatter([x], [y], s=170 if on else 90, marker="s" if "h" in name and name.startswith("a") else "o",
+                   color=(SPARSE_COLOR if on else "#dddddd"), edgecolor="black" if on else "#bbbbbb", zorder=2)
+        if on or name in ("input", "logits"):
+            ax.annotate(name, (x, y), fontsize=6, ha="center", va="center", zorder=3)
+    ax.set_title(f"{title}\n{graph.n_edges} edges, {graph.n_heads} heads", fontsize=9)
+    ax.set_yticks(range(spec.n_layers), [f"layer {l}" for l in range(spec.n_layers)], fontsize=7)
+    ax.set_xticks([])
+    ax.set_xlim(-0.8, spec.n_heads + 1.4)
+    ax.set_ylim(-1.6, spec.n_layers + 0.6)
+    for side in ("top", "right", "bottom"):
+        ax.spines[side].set_visible(False)
+
+
+def circuit_figure(base: Graph, sparse: Graph, stem: Path, title: str = "") -> list[Path]:
+    """Base and sparse minimal circuits side by side."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.6))
+    draw_circuit(axes[0], base, f"base {title}")
+    draw_circuit(axes[1], sparse, f"sparse {title}")
+    fig.tight_layout()
+    return save(fig, stem)
