@@ -106,16 +106,18 @@ def _edge_count(tq: int, tk: int) -> int:
     return tq * off + tq * (tq + 1) // 2
 
 
-_BITS = 21
-_MASK = (1 << _BITS) - 1
+_BITS = 15
+_SCALE = 2.0 ** -_BITS
 
 
 def uniform_noise(shape: tuple[int, ...], generator: torch.Generator | None = None,
                   device: torch.device | str | None = None) -> torch.Tensor:
-    """U(0, 1) samples (21-bit resolution, never exactly 0 or 1), float32.
+    """U(0, 1) samples on a grid of 2**15 levels, never exactly 0 or 1 (float32).
 
-    Three samples are cut from every random 63-bit integer, which on CPU is about twice as
-    fast as ``torch.rand``; the gate noise is the largest cost of a gated step.
+    On CPU two samples are cut from every random 31-bit integer, which is two to three
+    times as fast as ``torch.rand``; the gate noise is the largest cost of a gated step.
+    (The resolution only limits the logistic noise to |log u − log(1−u)| < 11.1, where a
+    gate flips with probability below 1.5e-5.)
     """
     n = 1
     for d in shape:
@@ -123,77 +125,97 @@ def uniform_noise(shape: tuple[int, ...], generator: torch.Generator | None = No
     if device is None:
         device = generator.device if generator is not None else "cpu"
     if torch.device(device).type != "cpu":  # GPU generators are fast: use them directly
-        return torch.rand(shape, generator=generator, device=device)
-    k = (n + 2) // 3
-    r = torch.empty(k, dtype=torch.int64, device=device).random_(generator=generator)
-    parts = torch.cat([r & _MASK, (r >> _BITS) & _MASK, (r >> (2 * _BITS)) & _MASK])[:n]
-    return parts.to(torch.float32).add_(0.5).mul_(1.0 / (1 << _BITS)).view(shape)
+        return torch.rand(shape, generator=generator, device=device).clamp_(_SCALE / 2, 1 - _SCALE / 2)
+    r = torch.empty((n + 1) // 2, dtype=torch.int32).random_(generator=generator)  # [0, 2**31)
+    x = r.view(torch.int16)[:n].bitwise_and_(0x7FFF)  # two 15-bit uniforms per draw
+    return x.to(torch.float32).mul_(_SCALE).add_(_SCALE / 2).view(shape)
+
+
+def _soft_reduce(s: torch.Tensor, kind: str, scale: float) -> torch.Tensor:
+    # attention: [batch, head, q, k] -> [head]; mlp: [..., d_mlp] -> scalar
+    return (s.sum((0, 2, 3)) if kind == "attn" else s.sum()) * scale
 
 
 class _ConcreteST(torch.autograd.Function):
-    """Straight-through binary-concrete gate, fused with the soft density's sigmoid.
+    """Straight-through binary-concrete gate, fused with the soft density.
 
-    Forward: ``s = sigmoid(z)``; with uniform ``u``, ``g = sigmoid(z + log u − log(1−u))``,
-    computed as ``s·u / (s·u + (1−s)(1−u))``; returns ``m = 1[g > 0.5]`` and ``s``.
-    Backward: ``dm/dz := dg/dz = g(1−g)`` (straight-through) and ``ds/dz = s(1−s)``.
+    With ``s = sigmoid(z)`` and uniform ``u``: ``g = sigmoid(z + log u − log(1−u))
+    = s·u / (s·u + (1−s)(1−u))``, and ``g > 0.5 ⇔ s + u > 1``, so the forward is
+    ``m = floor(s + u)`` (s, u in (0, 1)); the backward uses ``dm/dz := dg/dz = g(1−g)
+    = s·u·(1−s)(1−u) / (s·u + (1−s)(1−u))²``. The second output is the soft density
+    ``scale · Σ s`` (per head for attention), with ``ds/dz = s(1−s)``. Few full-size
+    passes over memory: that is what a gated step costs on CPU.
     """
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, u: torch.Tensor):  # noqa: D401
+    def forward(ctx, z: torch.Tensor, u: torch.Tensor, kind: str, scale: float):  # noqa: D401
         s = torch.sigmoid(z)
-        a = s * u
-        b = (1 - s) * (1 - u)
-        g = a / (a + b + 1e-30)
-        ctx.save_for_backward(g, s)
-        return torch.relu(a - b).sign_(), s
+        t = s + u
+        m = torch.floor(t)
+        ctx.save_for_backward(s, u, t)
+        ctx.kind, ctx.scale = kind, scale
+        return m, _soft_reduce(s, kind, scale)
 
     @staticmethod
-    def backward(ctx, grad_m: torch.Tensor | None, grad_s: torch.Tensor | None):
-        g, s = ctx.saved_tensors
+    def backward(ctx, grad_m: torch.Tensor | None, grad_soft: torch.Tensor | None):
+        s, u, t = ctx.saved_tensors
         out = None
         if grad_m is not None:
-            out = grad_m * (g - g * g)
-        if grad_s is not None:
-            t = grad_s * (s - s * s)
-            out = t if out is None else out.add_(t)
-        return out, None
+            a = s * u
+            b = a - t
+            b += 1  # (1 − s)(1 − u)
+            den = a + b
+            a *= b
+            out = a.div_(den.square_()).mul_(grad_m)  # g(1 − g) · grad
+        if grad_soft is not None:
+            c = grad_soft * ctx.scale
+            c = c.view(1, -1, 1, 1) if ctx.kind == "attn" else c
+            ds = s * (1 - s)
+            out = ds.mul_(c) if out is None else out.addcmul_(ds, c.expand_as(ds) if c.dim() else c)
+        return out, None, None, None
 
 
 class _HardST(torch.autograd.Function):
-    """Deterministic straight-through gate: forward ``1[z > 0]``, gradient ``sigmoid'(z)``."""
+    """Deterministic straight-through gate: forward ``1[z > 0]``, gradient ``sigmoid'(z)``;
+    second output the soft density as in :class:`_ConcreteST`."""
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor):
+    def forward(ctx, z: torch.Tensor, kind: str, scale: float):
         s = torch.sigmoid(z)
         ctx.save_for_backward(s)
-        return torch.relu(z).sign_(), s
+        ctx.kind, ctx.scale = kind, scale
+        return torch.relu(z).sign_(), _soft_reduce(s, kind, scale)
 
     @staticmethod
-    def backward(ctx, grad_m, grad_s):
+    def backward(ctx, grad_m, grad_soft):
         (s,) = ctx.saved_tensors
-        d = s - s * s
-        out = None
-        if grad_m is not None:
-            out = grad_m * d
-        if grad_s is not None:
-            out = grad_s * d if out is None else out.add_(grad_s * d)
-        return out
+        d = s * (1 - s)
+        g = torch.zeros_like(s) if grad_m is None else grad_m
+        if grad_soft is not None:
+            c = grad_soft * ctx.scale
+            g = g + (c.view(1, -1, 1, 1) if ctx.kind == "attn" else c)
+        return d.mul_(g), None, None
 
 
 def gate(z: torch.Tensor, mode: GateMode, u: torch.Tensor | None = None,
-         generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The gate ``m`` for logits ``z`` under ``mode``, and ``sigmoid(z)`` when it was computed.
+         generator: torch.Generator | None = None, kind: str = "mlp",
+         scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The gate ``m`` for logits ``z`` under ``mode``, and the soft density.
 
-    TRAIN draws ``u`` from ``generator`` (or the global RNG) unless given.
+    The soft density is ``scale · Σ sigmoid(z)`` — per head (summed over batch, query,
+    key) for ``kind="attn"`` ([batch, head, q, k] input), over everything for
+    ``kind="mlp"``; ``scale`` defaults to 1/numel (the mean). In EVAL mode it is ``None``
+    (not computed). TRAIN draws ``u`` from ``generator`` (or the global RNG) unless given.
     """
     if mode is GateMode.EVAL:
         return torch.relu(z.detach()).sign(), None  # 1[z > 0]; -inf and 0 give 0
+    if scale is None:
+        scale = 1.0 / (z.numel() / z.shape[1] if kind == "attn" else z.numel())
     if mode is GateMode.HARD_ST:
-        return _HardST.apply(z)
+        return _HardST.apply(z, kind, scale)
     if u is None:
         u = uniform_noise(tuple(z.shape), generator, z.device)
-    m, s = _ConcreteST.apply(z, u.to(z.dtype))
-    return m, s
+    return _ConcreteST.apply(z, u.to(z.dtype), kind, scale)
 
 
 class Gates:
@@ -230,25 +252,24 @@ class Gates:
         u = uniform_noise((total, *z.shape[1:]), gen, gen.device if gen is not None else z.device)
         return u[start:start + z.shape[0]].to(z.device)
 
-    def _gate(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        u = self._uniform_for(z) if self.mode is GateMode.TRAIN else None
-        m, s = gate(z, self.mode, u=u)
-        if s is None and self.collect and torch.is_grad_enabled() and z.requires_grad:
-            s = torch.sigmoid(z)
-        return m, s
-
     def _attn_scores_hook(self, scores: torch.Tensor, hook: Any, layer: int) -> None:
         z = scores + self.config.bias_gate  # [batch, head, q, k]; -inf where masked
-        m, s = self._gate(z)
+        bsz, _, tq, tk = z.shape
+        n_edges = _edge_count(tq, tk)
+        scale = 1.0 / (bsz * n_edges)  # soft density per head: mean over the batch of Σ_{j≤i} σ / n_edges
+        u = self._uniform_for(z) if self.mode is GateMode.TRAIN else None
+        m, soft = gate(z, self.mode, u=u, kind="attn", scale=scale)
         self._pending[("attn", layer)] = m
         if self.collect:
-            n_edges = _edge_count(z.shape[-2], z.shape[-1])
-            if s is None:
-                s = torch.sigmoid(z)
-            self.stats["attn_soft"][layer] = s.sum((-2, -1)).mean(0) / n_edges  # [head], with gradient
             with torch.no_grad():
-                hard = m if self.mode is not GateMode.TRAIN else torch.relu(z).sign()
-                self.stats["attn_hard"][layer] = hard.sum((-2, -1)).mean(0) / n_edges
+                if soft is None:
+                    soft = torch.sigmoid(z).sum((0, 2, 3)) * scale
+                if self.mode is GateMode.TRAIN:  # deterministic density 1[z > 0]: masked -inf count as −1
+                    hard = (torch.sign(z).sum((0, 2, 3)) + bsz * tq * tk) * (0.5 * scale)
+                else:
+                    hard = m.sum((0, 2, 3)) * scale
+            self.stats["attn_soft"][layer] = soft  # [head], with gradient in training
+            self.stats["attn_hard"][layer] = hard
         return None
 
     def _attn_pattern_hook(self, pattern: torch.Tensor, hook: Any, layer: int) -> torch.Tensor:
@@ -260,16 +281,21 @@ class Gates:
 
     def _mlp_pre_hook(self, pre: torch.Tensor, hook: Any, layer: int) -> None:
         z = pre + self.config.bias_gate_mlp  # [batch, pos, d_mlp]
-        m, s = self._gate(z)
+        u = self._uniform_for(z) if self.mode is GateMode.TRAIN else None
+        m, soft = gate(z, self.mode, u=u, kind="mlp")
         self._pending[("mlp", layer)] = m
         if self.collect:
-            if s is None:
-                s = torch.sigmoid(z)
-            self.stats["mlp_soft"][layer] = s.mean()
             with torch.no_grad():
-                on = (m if self.mode is not GateMode.TRAIN else torch.relu(z).sign()).flatten(0, -2).mean(0)
-                self.stats["mlp_hard_neuron"][layer] = on  # [d_mlp]
-                self.stats["mlp_hard"][layer] = on.mean()
+                if soft is None:
+                    soft = torch.sigmoid(z).mean()
+                if self.mode is GateMode.TRAIN:
+                    hard = (torch.sign(z).mean() + 1) * 0.5
+                else:
+                    hard = m.mean()
+                if self.mode is GateMode.EVAL:  # per-neuron activity, for measurement
+                    self.stats["mlp_hard_neuron"][layer] = m.flatten(0, -2).amax(0)  # [d_mlp]
+            self.stats["mlp_soft"][layer] = soft
+            self.stats["mlp_hard"][layer] = hard
         return None
 
     def _mlp_post_hook(self, post: torch.Tensor, hook: Any, layer: int) -> torch.Tensor:
