@@ -1,0 +1,70 @@
+"""How well two attribution methods agree on one model and task.
+
+Why: the project's acceptance criterion for a fast method is agreement with exact
+patching — of the k edges with the largest |patching| score, at least 80% among the fast
+method's top k, and a Pearson correlation of at least 0.9 over all real edges. This module
+computes both numbers for any pair of methods so every report uses the same definition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
+
+import torch
+
+from circuitkit import CircuitkitError
+from circuitkit.circuits.attribution import attribute
+from circuitkit.circuits.graph import Graph
+from circuitkit.circuits.interventions import DEFAULT_BATCH_SIZE, Ablation
+from circuitkit.circuits.selection import edge_order
+from circuitkit.tasks.base import TaskDataset
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """``top_k_overlap``: fraction of A's top-k edges (by |score|) that are in B's top k.
+    ``pearson``: correlation of the signed scores over all real edges."""
+
+    method_a: str
+    method_b: str
+    k: int
+    top_k_overlap: float
+    pearson: float
+    n_edges: int
+
+    def passes(self, min_overlap: float = 0.8, min_pearson: float = 0.9) -> bool:
+        return self.top_k_overlap >= min_overlap and self.pearson >= min_pearson
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def compare_scores(a: Graph, b: Graph, k: int = 50) -> Agreement:
+    """Agreement of two scored graphs of the same model."""
+    if a.spec != b.spec:
+        raise CircuitkitError("the two graphs belong to differently shaped models; compare graphs of one model")
+    n_real = a.spec.n_real_edges
+    if not isinstance(k, int) or not 0 < k <= n_real:
+        raise CircuitkitError(f"k must be an integer in [1, {n_real}] (the model's real edges), got {k!r}")
+    top_a = {tuple(e) for e in edge_order(a)[:k].tolist()}
+    top_b = {tuple(e) for e in edge_order(b)[:k].tolist()}
+    real = a.spec.real
+    sa, sb = a.scores[real].double(), b.scores[real].double()
+    sa, sb = sa - sa.mean(), sb - sb.mean()
+    denom = (sa.norm() * sb.norm()).item()
+    pearson = float("nan") if denom == 0 else float((sa @ sb).item() / denom)
+    return Agreement(str(a.metadata.get("method", "a")), str(b.metadata.get("method", "b")), k,
+                     len(top_a & top_b) / k, pearson, n_real)
+
+
+def agreement(model, ds: TaskDataset, method_a: str = "patching", method_b: str = "eap-ig", *, k: int = 50,
+              ablation: Ablation | str = Ablation.PATCHING, batch_size: int = DEFAULT_BATCH_SIZE,
+              options_a: Mapping[str, Any] | None = None, options_b: Mapping[str, Any] | None = None,
+              progress: bool = False) -> Agreement:
+    """Attribute ``ds`` with both methods and compare (``method_a`` is the reference, e.g. patching)."""
+    ga = attribute(model, ds, method_a, ablation=ablation, batch_size=batch_size, progress=progress,
+                   **dict(options_a or {}))
+    gb = attribute(model, ds, method_b, ablation=ablation, batch_size=batch_size, progress=progress,
+                   **dict(options_b or {}))
+    return compare_scores(ga, gb, k=min(k, ga.spec.n_real_edges))

@@ -1,0 +1,156 @@
+"""Choosing a circuit from scored edges, as operations on the dense graph tensors.
+
+Why: attribution gives every edge a score; a circuit is a membership mask. This module
+owns the rules that turn one into the other (top-n, threshold, greedy to a target
+explained effect, node-level top heads) and the clean-up every rule ends with: removing
+dangling edges, those not on any path from ``input`` to ``logits``. Every function
+returns a new :class:`Graph` and leaves its argument as it was.
+
+Pruning never changes what a circuit computes under PATCHING: a node cut off from
+``input`` sees only ablated inputs, so its outputs already equal their ablated values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from circuitkit import CircuitkitError
+from circuitkit.circuits.graph import Graph, GraphSpec
+from circuitkit.circuits.interventions import DEFAULT_BATCH_SIZE, Ablation, explained_effect, metric_with_graphs
+from circuitkit.tasks.base import TaskDataset
+
+
+def remove_dangling(graph: Graph) -> Graph:
+    """Keep only in-graph edges ``u -> v`` with a path ``input -> u`` and a path ``v -> logits``."""
+    spec, edges = graph.spec, graph.in_graph  # [n_src, n_dst]
+    dst_node = spec.dst_node  # [n_dst]
+    from_input = torch.zeros(spec.n_nodes, dtype=torch.bool)
+    from_input[0] = True
+    while True:  # forward reachability, one layer of depth per round
+        hit = (edges & from_input[: spec.n_src, None]).any(0).to(torch.long)  # [n_dst]
+        new = from_input | (torch.zeros(spec.n_nodes, dtype=torch.long).index_add_(0, dst_node, hit) > 0)
+        if torch.equal(new, from_input):
+            break
+        from_input = new
+    to_logits = torch.zeros(spec.n_nodes, dtype=torch.bool)
+    to_logits[spec.logits_node] = True
+    while True:  # backward reachability
+        ok = (edges & to_logits[dst_node][None, :]).any(1)  # [n_src]
+        new = to_logits.clone()
+        new[: spec.n_src] |= ok
+        if torch.equal(new, to_logits):
+            break
+        to_logits = new
+    keep = edges & from_input[: spec.n_src, None] & to_logits[dst_node][None, :]
+    return graph.with_in_graph(keep)
+
+
+def edge_order(graph: Graph, absolute: bool = True) -> torch.Tensor:  # [n_real, 2] (src, dst), best first
+    """Real edges sorted by score (by |score| when ``absolute``), ties in sender-major order."""
+    edges = graph.spec.real.nonzero()  # [n_real, 2]
+    s = graph.scores[edges[:, 0], edges[:, 1]]
+    s = torch.nan_to_num(s.abs() if absolute else s, nan=-math.inf)
+    return edges[torch.argsort(s, descending=True, stable=True)]
+
+
+def top_n(graph: Graph, n: int, *, absolute: bool = True, prune: bool = True) -> Graph:
+    """The ``n`` best-scoring real edges (then without dangling edges, so possibly fewer)."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise CircuitkitError(f"the number of edges must be a non-negative integer, got {n!r}")
+    chosen = edge_order(graph, absolute)[:n]
+    member = torch.zeros_like(graph.in_graph)
+    member[chosen[:, 0], chosen[:, 1]] = True
+    out = graph.with_in_graph(member, selection="top_n", requested_edges=n)
+    return remove_dangling(out) if prune else out
+
+
+def threshold(graph: Graph, value: float, *, absolute: bool = True, prune: bool = True) -> Graph:
+    """Real edges with ``|score| >= value`` (``score >= value`` when ``absolute=False``)."""
+    if not isinstance(value, (int, float)) or math.isnan(value):
+        raise CircuitkitError(f"the threshold must be a number, got {value!r}")
+    s = graph.scores.abs() if absolute else graph.scores
+    out = graph.with_in_graph(graph.spec.real & (s >= value), selection="threshold", threshold=float(value),
+                              absolute=absolute)
+    return remove_dangling(out) if prune else out
+
+
+def greedy(model, graph: Graph, ds: TaskDataset, target: float = 0.9, *, absolute: bool = True,
+           ablation: Ablation | str = Ablation.PATCHING, batch_size: int = DEFAULT_BATCH_SIZE,
+           prune: bool = True, progress: bool = False) -> Graph:
+    """The fewest top-scoring edges whose circuit recovers ``target`` of the full model's effect.
+
+    Edges are added in score order. Sizes on a geometric grid are evaluated together, then
+    the first size that reaches ``target`` is refined by bisection against the grid point
+    before it. If no size reaches it, every real edge is kept.
+    """
+    if not 0.0 < target <= 1.0:
+        raise CircuitkitError(f"target must be a fraction in (0, 1], got {target}")
+    n_real = graph.spec.n_real_edges
+    sizes = sorted({int(round(x)) for x in torch.logspace(0, math.log10(n_real), 24).tolist()} | {n_real})
+
+    def candidate(n: int) -> Graph:
+        return top_n(graph, n, absolute=absolute, prune=prune)
+
+    def effects(ns: list[int]) -> list[float]:
+        graphs = [Graph.full(graph.spec), Graph.empty(graph.spec)] + [candidate(n) for n in ns]
+        m = metric_with_graphs(model, graphs, ds, ablation, batch_size, progress).mean(1)
+        return explained_effect(m[2:], float(m[0]), float(m[1])).tolist()
+
+    f_grid = effects(sizes)
+    first = next((i for i, f in enumerate(f_grid) if f >= target), None)
+    if first is None:
+        return candidate(n_real).with_metadata(selection="greedy", target=target, reached=False,
+                                               explained_effect=f_grid[-1])
+    lo, hi, f_hi = (sizes[first - 1] if first else 0), sizes[first], f_grid[first]
+    while hi - lo > 1:  # invariant: hi reaches the target, lo did not
+        mid = (lo + hi) // 2
+        f_mid = effects([mid])[0]
+        if f_mid >= target:
+            hi, f_hi = mid, f_mid
+        else:
+            lo = mid
+    return candidate(hi).with_metadata(selection="greedy", target=target, reached=True, explained_effect=f_hi,
+                                       requested_edges=hi)
+
+
+def from_nodes(spec_or_graph: GraphSpec | Graph, heads: torch.Tensor,  # [n_layers, n_heads] bool
+               mlps: torch.Tensor | None = None) -> Graph:  # [n_layers] bool; None keeps every MLP
+    """The circuit of all real edges between kept nodes (``input`` and ``logits`` always kept)."""
+    graph = spec_or_graph if isinstance(spec_or_graph, Graph) else Graph.full(spec_or_graph)
+    spec = graph.spec
+    if tuple(heads.shape) != (spec.n_layers, spec.n_heads) or heads.dtype != torch.bool:
+        raise CircuitkitError(f"heads must be a bool tensor [n_layers={spec.n_layers}, n_heads={spec.n_heads}], "
+                              f"got {heads.dtype} {tuple(heads.shape)}")
+    if mlps is None:
+        mlps = torch.ones(spec.n_layers, dtype=torch.bool)
+    if tuple(mlps.shape) != (spec.n_layers,) or mlps.dtype != torch.bool:
+        raise CircuitkitError(f"mlps must be a bool tensor [n_layers={spec.n_layers}], got {tuple(mlps.shape)}")
+    keep = torch.ones(spec.n_nodes, dtype=torch.bool)  # [n_nodes]
+    keep[spec.head_rows.flatten()] = heads.flatten()
+    keep[spec.mlp_rows] = mlps
+    member = spec.real & keep[: spec.n_src, None] & keep[spec.dst_node][None, :]
+    return graph.with_in_graph(member, selection="nodes", n_heads_kept=int(heads.sum()))
+
+
+def top_heads(graph: Graph, n: int, node_scores: torch.Tensor | None = None,  # [n_src]
+              *, keep_mlps: bool = True, absolute: bool = True) -> Graph:
+    """The circuit of the ``n`` heads with the largest node scores (and every MLP when ``keep_mlps``).
+
+    ``node_scores`` default to the graph's own (sum of outgoing edge scores); pass
+    :func:`circuitkit.circuits.attribute_nodes` output for node-level patching scores.
+    """
+    spec = graph.spec
+    scores = graph.node_scores if node_scores is None else node_scores
+    if tuple(scores.shape) != (spec.n_src,):
+        raise CircuitkitError(f"node scores must be [n_src={spec.n_src}], got {tuple(scores.shape)}")
+    total = spec.n_layers * spec.n_heads
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= total:
+        raise CircuitkitError(f"the number of heads must be an integer in [0, {total}], got {n!r}")
+    hs = scores[spec.head_rows].flatten()  # [n_layers * n_heads]
+    hs = torch.nan_to_num(hs.abs() if absolute else hs, nan=-math.inf)
+    heads = torch.zeros(total, dtype=torch.bool)
+    heads[torch.argsort(hs, descending=True, stable=True)[:n]] = True
+    mlps = torch.ones(spec.n_layers, dtype=torch.bool) if keep_mlps else torch.zeros(spec.n_layers, dtype=torch.bool)
+    return from_nodes(graph, heads.reshape(spec.n_layers, spec.n_heads), mlps)

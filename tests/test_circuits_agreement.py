@@ -1,0 +1,53 @@
+"""The project's agreement criterion on the trained toy zoo: eap-ig must track exact patching.
+
+Of the 50 edges with the largest |patching| score, at least 80% must be among eap-ig's top
+50, and the Pearson correlation over all real edges must be at least 0.9, for
+``toy-addition`` on addition and ``toy-multitask`` on each task it was trained on.
+Skipped (only) while a zoo model has not been trained yet.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from circuitkit.circuits import agreement
+from circuitkit.models import CARD_FILE, ZOO_DIR, load_model
+from circuitkit.tasks import get_task
+
+N_EXAMPLES = 32
+TOY_TASKS = ("addition", "induction", "ioi", "greater-than", "docstring")
+
+
+def zoo_cases() -> list:
+    cases = []
+    for name, default in (("toy-addition", ("addition",)), ("toy-multitask", TOY_TASKS)):
+        card_path = ZOO_DIR / name / CARD_FILE
+        card = json.loads(card_path.read_text()) if card_path.exists() else {}
+        tasks = card.get("tasks") or default
+        options = card.get("task_options", {})
+        for task in tasks:
+            cases.append(pytest.param(name, task, options.get(task, {}), id=f"{name}-{task}"))
+    return cases
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name,task,options", zoo_cases())
+def test_eap_ig_agrees_with_patching(model_name, task, options):
+    if not (ZOO_DIR / model_name / CARD_FILE).exists():
+        pytest.skip(f"zoo model {model_name} not trained yet")
+    model = load_model(model_name)
+    ds = get_task(task, **options).dataset(N_EXAMPLES, seed=0)
+    a = agreement(model, ds, "patching", "eap-ig", k=50, batch_size=N_EXAMPLES)
+    assert a.top_k_overlap >= 0.8, a
+    assert a.pearson >= 0.9, a

@@ -1,0 +1,389 @@
+"""Interventions, attribution methods, selection with a model, the discover CLI, and errors.
+
+Everything runs on a random 2-layer toy model and the addition task; the references are
+computed independently with TransformerLens's own hooks, caches and plain autograd.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer
+
+from circuitkit import CircuitkitError
+from circuitkit.circuits import (
+    Ablation, Graph, GraphSpec, agreement, attribute, attribute_nodes, compare_scores, faithfulness, get_method,
+    greedy, metric_with_graphs, patched, run_with_graph, top_n,
+)
+from circuitkit.models import build_model, save_model, toy_config
+from circuitkit.tasks import get_task
+
+FLAGS = ("use_attn_result", "use_split_qkv_input", "use_hook_mlp_in")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and kinder to a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model(toy_config("toy-2l", seed=0))
+
+
+@pytest.fixture(scope="module")
+def ds():
+    return get_task("addition").dataset(24, seed=0)
+
+
+@pytest.fixture(scope="module")
+def spec(model):
+    return GraphSpec.from_model(model)
+
+
+def sender_cache(model, tokens):
+    """Sender outputs [batch, pos, n_src, d_model] via run_with_cache (independent of circuitkit)."""
+    model.set_use_attn_result(True)
+    try:
+        _, cache = model.run_with_cache(tokens)
+    finally:
+        model.set_use_attn_result(False)
+    parts = [cache["blocks.0.hook_resid_pre"][:, :, None]]
+    for layer in range(model.cfg.n_layers):
+        parts += [cache[f"blocks.{layer}.attn.hook_result"], cache[f"blocks.{layer}.hook_mlp_out"][:, :, None]]
+    return torch.cat(parts, 2)
+
+
+def replaced_run(model, tokens, value_of):
+    """Logits with every sender output replaced by ``value_of(hook_name, act)``."""
+    names = ["blocks.0.hook_resid_pre"] + [f"blocks.{l}.{h}" for l in range(model.cfg.n_layers)
+                                           for h in ("attn.hook_result", "hook_mlp_out")]
+    model.set_use_attn_result(True)
+    try:
+        with torch.no_grad():
+            return model.run_with_hooks(tokens, fwd_hooks=[(n, lambda act, hook: value_of(hook.name, act))
+                                                           for n in names])
+    finally:
+        model.set_use_attn_result(False)
+
+
+# ---------------------------------------------------------------- interventions
+
+def test_full_graph_reproduces_the_model(model, ds):
+    with torch.no_grad():
+        expected = model(ds.clean)
+    for ablation in Ablation:
+        got = run_with_graph(model, Graph.full(model), ds, ablation, batch_size=10)
+        assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_empty_graph_patching_is_the_corrupted_run(model, ds):
+    with torch.no_grad():
+        expected = model(ds.corrupt)
+    got = run_with_graph(model, Graph.empty(model), ds, "patching", batch_size=10)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_empty_graph_zero_and_mean(model, ds):
+    zero = replaced_run(model, ds.clean, lambda name, act: torch.zeros_like(act))
+    assert torch.allclose(run_with_graph(model, Graph.empty(model), ds, Ablation.ZERO), zero, atol=1e-5)
+    model.set_use_attn_result(True)
+    try:
+        _, cache = model.run_with_cache(ds.clean)
+    finally:
+        model.set_use_attn_result(False)
+    mean = replaced_run(model, ds.clean, lambda name, act: cache[name].mean(0, keepdim=True).expand_as(act))
+    got = run_with_graph(model, Graph.empty(model), ds, Ablation.MEAN, batch_size=7)  # mean over all batches
+    assert torch.allclose(got, mean, atol=1e-5)
+
+
+def test_parallel_attention_mlp_model():
+    m = build_model(toy_config("toy-2l", seed=1, parallel_attn_mlp=True))
+    spec = GraphSpec.from_model(m)
+    assert spec.parallel_attn_mlp and spec.n_real_edges == GraphSpec(2, 4, True).n_real_edges
+    d = get_task("addition").dataset(8, seed=1)
+    with torch.no_grad():
+        clean, corrupt = m(d.clean), m(d.corrupt)
+    assert torch.allclose(run_with_graph(m, Graph.full(m), d), clean, atol=1e-5)
+    assert torch.allclose(run_with_graph(m, Graph.empty(m), d), corrupt, atol=1e-5)
+
+
+def test_single_edge_ablation_matches_hand_patch(model, ds, spec):
+    """Ablating u -> v alone adds (a_u^corrupt - a_u^clean) to v's input, nothing else."""
+    clean, corrupt = sender_cache(model, ds.clean), sender_cache(model, ds.corrupt)
+    for name, hook_name, head in [("a0.h2->a1.h1<k>", "blocks.1.hook_k_input", 1), ("input->m0", "blocks.0.hook_mlp_in", None),
+                                  ("a1.h3->logits", "blocks.1.hook_resid_post", None)]:
+        s, d = spec.parse_edge(name)
+        delta = corrupt[:, :, s] - clean[:, :, s]
+
+        def hook(act, hook, delta=delta, head=head):
+            act = act.clone()
+            if head is None:
+                act += delta
+            else:
+                act[:, :, head] += delta
+            return act
+
+        model.set_use_split_qkv_input(True)
+        model.set_use_hook_mlp_in(True)
+        try:
+            with torch.no_grad():
+                expected = model.run_with_hooks(ds.clean, fwd_hooks=[(hook_name, hook)])
+        finally:
+            model.set_use_split_qkv_input(False)
+            model.set_use_hook_mlp_in(False)
+        g = Graph.full(model)
+        member = g.in_graph.clone()
+        member[s, d] = False
+        with patched(model, g.with_in_graph(member), corrupt):
+            with torch.no_grad():
+                got = model(ds.clean)
+        assert torch.allclose(got, expected, atol=1e-5), name
+
+
+def test_model_is_restored_and_permanent_hooks_survive(model, ds):
+    calls = []
+    hp = model.hook_dict["blocks.1.attn.hook_pattern"]
+    hp.add_hook(lambda act, hook: calls.append(1), dir="fwd", is_permanent=True)
+    try:
+        model.set_use_split_qkv_input(False)
+        flags = {f: getattr(model.cfg, f) for f in FLAGS}
+        counts = {n: (len(h.fwd_hooks), len(h.bwd_hooks)) for n, h in model.hook_dict.items()}
+        params = {k: v.clone() for k, v in model.state_dict().items()}
+        values = sender_cache(model, ds.corrupt)
+        with pytest.raises(RuntimeError, match="boom"):
+            with patched(model, Graph.empty(model), values):
+                assert model.cfg.use_split_qkv_input
+                raise RuntimeError("boom")
+        run_with_graph(model, top_n(Graph.from_model(model, scores=torch.rand(11, 27)), 20), ds)
+        attribute(model, ds[:4], "eap")
+        attribute(model, ds[:4], "eap-ig", steps=2)
+        attribute_nodes(model, ds[:4], "patching")
+        assert {f: getattr(model.cfg, f) for f in FLAGS} == flags
+        assert {n: (len(h.fwd_hooks), len(h.bwd_hooks)) for n, h in model.hook_dict.items()} == counts
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in params.items())
+        assert all(p.grad is None for p in model.parameters())
+        calls.clear()
+        with torch.no_grad():
+            model(ds.clean[:2])
+        assert calls == [1]  # the permanent hook still fires
+    finally:
+        hp.remove_hooks("fwd", including_permanent=True)
+
+
+# ---------------------------------------------------------------- attribution
+
+def test_eap_matches_plain_autograd(model, ds, spec):
+    batch = ds[:12]
+    g = attribute(model, batch, "eap", batch_size=12)
+    clean, corrupt = sender_cache(model, batch.clean), sender_cache(model, batch.corrupt)
+    kept = {}
+
+    def keep(act, hook):
+        act.retain_grad()
+        kept[hook.name] = act
+
+    names = ["blocks.1.hook_q_input", "blocks.1.hook_v_input", "blocks.0.hook_mlp_in", "blocks.1.hook_resid_post"]
+    model.set_use_split_qkv_input(True)
+    model.set_use_hook_mlp_in(True)
+    try:
+        logits = model.run_with_hooks(batch.clean, fwd_hooks=[(n, keep) for n in names])
+        batch.metric_values(logits).mean().backward()
+    finally:
+        model.set_use_split_qkv_input(False)
+        model.set_use_hook_mlp_in(False)
+        model.zero_grad(set_to_none=True)
+    checks = [("a0.h1->a1.h2<q>", "blocks.1.hook_q_input", 2), ("input->a1.h0<v>", "blocks.1.hook_v_input", 0),
+              ("m0->a1.h3<v>", "blocks.1.hook_v_input", 3), ("input->m0", "blocks.0.hook_mlp_in", None),
+              ("a0.h0->m0", "blocks.0.hook_mlp_in", None), ("m1->logits", "blocks.1.hook_resid_post", None)]
+    for name, hook_name, head in checks:
+        s, _ = spec.parse_edge(name)
+        grad = kept[hook_name].grad
+        grad = grad if head is None else grad[:, :, head]
+        expected = ((corrupt[:, :, s] - clean[:, :, s]) * grad).sum()  # grad of the batch mean
+        assert g.edge(name).score == pytest.approx(float(expected), rel=1e-4, abs=1e-6), name
+
+
+def reference_eap(model, batch):
+    """All EAP scores [n_src, n_dst] with TransformerLens's split q/k/v inputs and plain autograd."""
+    spec = GraphSpec.from_model(model)
+    diff = sender_cache(model, batch.corrupt) - sender_cache(model, batch.clean)  # [b, pos, n_src, d_model]
+    names = [f"blocks.{l}.hook_{x}" for l in range(spec.n_layers) for x in ("q_input", "k_input", "v_input", "mlp_in")]
+    names.append(f"blocks.{spec.n_layers - 1}.hook_resid_post")
+    kept = {}
+
+    def keep(act, hook):
+        act.retain_grad()
+        kept[hook.name] = act
+
+    model.set_use_split_qkv_input(True)
+    model.set_use_hook_mlp_in(True)
+    try:
+        logits = model.run_with_hooks(batch.clean, fwd_hooks=[(n, keep) for n in names])
+        batch.metric_values(logits).mean().backward()
+    finally:
+        model.set_use_split_qkv_input(False)
+        model.set_use_hook_mlp_in(False)
+        model.zero_grad(set_to_none=True)
+    grads = [kept[n].grad if kept[n].grad.ndim == 4 else kept[n].grad[:, :, None] for n in names]
+    receivers = torch.cat(grads, 2)  # [b, pos, n_dst, d_model] in receiver order
+    return torch.einsum("bpsd,bprd->sr", diff, receivers) * spec.real
+
+
+@pytest.mark.parametrize("norm", ["LN", "LNPre", "RMS", "RMSPre", None])
+def test_eap_all_edges_and_norms_with_a_gate(norm):
+    """Every edge, every normalisation; with a permanent gate hook on the attention pattern,
+    as a sparse model carries."""
+    m = build_model(toy_config("toy-2l", seed=2, normalization_type=norm))
+    gate = (torch.rand(4, 12, 12, generator=torch.Generator().manual_seed(0)) > 0.3).float()
+    m.blocks[1].attn.hook_pattern.add_hook(lambda act, hook: act * gate, is_permanent=True)
+    batch = get_task("addition").dataset(8, seed=5)
+    got = attribute(m, batch, "eap").scores
+    expected = reference_eap(m, batch)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
+    with torch.no_grad():
+        assert torch.allclose(run_with_graph(m, Graph.full(m), batch), m(batch.clean), atol=1e-5)
+        assert torch.allclose(run_with_graph(m, Graph.empty(m), batch), m(batch.corrupt), atol=1e-5)
+
+
+def test_eap_averages_over_batches(model, ds):
+    whole = attribute(model, ds, "eap", batch_size=len(ds)).scores
+    assert torch.allclose(attribute(model, ds, "eap", batch_size=7).scores, whole, atol=1e-6)
+
+
+def test_eap_ig_with_one_step_is_eap(model, ds):
+    eap = attribute(model, ds, "eap").scores
+    assert torch.allclose(attribute(model, ds, "eap-ig", steps=1).scores, eap, atol=1e-6)
+    assert not torch.allclose(attribute(model, ds, "eap-ig", steps=3).scores, eap, atol=1e-6)
+
+
+def test_patching_scores_are_single_edge_ablations(model, ds, spec):
+    g = attribute(model, ds, "patching", batch_size=10)
+    names = ["a0.h1->a1.h2<q>", "input->m1", "m0->logits", "a1.h0->m1"]
+    graphs = [Graph.full(model)]
+    for name in names:
+        s, d = spec.parse_edge(name)
+        member = spec.real.clone()
+        member[s, d] = False
+        graphs.append(Graph.full(model).with_in_graph(member))
+    m = metric_with_graphs(model, graphs, ds).mean(1)
+    for i, name in enumerate(names):
+        assert g.edge(name).score == pytest.approx(float(m[i + 1] - m[0]), abs=1e-5)
+    # and agrees with the intervention context run batch by batch
+    values = sender_cache(model, ds.corrupt)
+    with patched(model, graphs[1], values), torch.no_grad():
+        one = ds.metric_values(model(ds.clean)).mean()
+    with torch.no_grad():
+        full = ds.metric_values(model(ds.clean)).mean()
+    assert g.edge(names[0]).score == pytest.approx(float(one - full), abs=1e-5)
+
+
+def test_node_scores(model, ds, spec):
+    eap_edges = attribute(model, ds, "eap")
+    assert torch.allclose(attribute_nodes(model, ds, "eap"), eap_edges.node_scores, atol=1e-6)
+    ig = attribute(model, ds, "eap-ig", steps=2)
+    assert torch.allclose(attribute_nodes(model, ds, "eap-ig", steps=2), ig.node_scores, atol=1e-6)
+    nodes = attribute_nodes(model, ds, "patching")  # exact: whole output of the node ablated
+    u = spec.head_src(0, 3)
+    member = spec.real.clone()
+    member[u] = False
+    m = metric_with_graphs(model, [Graph.full(model), Graph.full(model).with_in_graph(member)], ds).mean(1)
+    assert float(nodes[u]) == pytest.approx(float(m[1] - m[0]), abs=1e-5)
+
+
+def test_methods_roughly_agree_on_a_random_model(model, ds):
+    a = agreement(model, ds, "patching", "eap-ig", k=20)
+    assert a.pearson > 0.5 and a.method_a == "patching" and a.method_b == "eap-ig"
+    g = attribute(model, ds, "eap")
+    same = compare_scores(g, g, k=20)
+    assert same.top_k_overlap == 1.0 and same.pearson == pytest.approx(1.0)
+
+
+def test_determinism(model):
+    d1, d2 = get_task("addition").dataset(16, seed=3), get_task("addition").dataset(16, seed=3)
+    for method in ("eap", "eap-ig"):
+        g1, g2 = attribute(model, d1, method), attribute(model, d2, method)
+        assert torch.equal(g1.scores, g2.scores)
+        assert top_n(g1, 30).to_dict() == top_n(g2, 30).to_dict()
+
+
+def test_greedy_and_faithfulness(model, ds):
+    g = attribute(model, ds, "eap")
+    c = greedy(model, g, ds, target=0.8)
+    f = faithfulness(model, c, ds)
+    assert c.metadata["reached"] and c.metadata["selection"] == "greedy"
+    assert f.explained == pytest.approx(c.metadata["explained_effect"], abs=1e-5)
+    assert f.explained >= 0.8 and c.n_edges <= g.spec.n_real_edges
+    full = faithfulness(model, Graph.full(model), ds)
+    assert full.explained == pytest.approx(1.0, abs=1e-5) and full.m_circuit == pytest.approx(full.m_full, abs=1e-5)
+
+
+# ---------------------------------------------------------------- CLI
+
+def test_discover_cli(tmp_path, model):
+    from circuitkit.cli import main
+
+    save_model(model, tmp_path / "toy")
+    out = tmp_path / "out"
+    rc = main(["discover", "--model", str(tmp_path / "toy"), "--task", "addition", "--method", "eap-ig",
+               "--edges", "25", "--n", "20", "--batch-size", "10", "--steps", "2", "--out", str(out),
+               "--no-progress"])
+    assert rc == 0
+    circuit = Graph.load(out / "circuit.json")
+    summary = json.loads((out / "summary.json").read_text())
+    assert circuit.n_edges == summary["edges"] <= 25 and summary["heads"] == circuit.n_heads
+    assert {"m_full", "m_empty", "m_circuit", "explained_effect"} <= set(summary)
+    assert "explained effect" in (out / "summary.md").read_text()
+    assert main(["discover", "--model", str(tmp_path / "toy"), "--task", "no-such-task", "--out", str(out)]) == 2
+
+
+# ---------------------------------------------------------------- errors
+
+def test_unknown_method_and_ablation(model, ds):
+    with pytest.raises(CircuitkitError, match="known methods: patching, eap, eap-ig"):
+        get_method("acdc++")
+    with pytest.raises(CircuitkitError, match="unknown ablation"):
+        run_with_graph(model, Graph.full(model), ds, "resample")
+    with pytest.raises(CircuitkitError, match="takes no option"):
+        attribute(model, ds, "eap", steps=3)
+    with pytest.raises(CircuitkitError, match="steps >= 1"):
+        attribute(model, ds, "eap-ig", steps=0)
+
+
+def test_dataset_errors_surface(model, ds):
+    with pytest.raises(CircuitkitError, match="same token length"):
+        dataclasses.replace(ds, corrupt=ds.corrupt[:, :-1])
+    with pytest.raises(CircuitkitError, match="no answers"):
+        dataclasses.replace(ds, answer_pos=ds.answer_pos[:, :0], correct=ds.correct[:, :0],
+                            distractors=ds.distractors[:, :0])
+    big = dataclasses.replace(ds, clean=ds.clean + model.cfg.d_vocab)
+    with pytest.raises(CircuitkitError, match="vocabulary"):
+        attribute(model, big, "eap")
+    with pytest.raises(CircuitkitError, match="TaskDataset"):
+        run_with_graph(model, Graph.full(model), ds.clean)
+
+
+def test_graph_model_mismatch(model, ds):
+    with pytest.raises(CircuitkitError, match="3-layer"):
+        run_with_graph(model, Graph.full(GraphSpec(3, 4)), ds)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(attn_only=True), "attention-only"),
+    (dict(original_architecture="BertForMaskedLM"), "post-LayerNorm"),
+    (dict(n_key_value_heads=2), "grouped-query"),
+])
+def test_unsupported_architectures(change, match):
+    cfg = toy_config("toy-2l", seed=0, **change)
+    m = HookedTransformer(cfg, move_to_device=False)  # bypass build_model's own check
+    with pytest.raises(CircuitkitError, match=match):
+        GraphSpec.from_model(m)
+    with pytest.raises(CircuitkitError, match=match):
+        attribute(m, get_task("addition").dataset(4), "eap")
