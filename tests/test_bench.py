@@ -1,0 +1,133 @@
+"""circuitkit bench: output structure and the edge-name mapping to auto-circuit (no timings asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from circuitkit import CircuitkitError
+from circuitkit import bench
+from circuitkit.circuits.graph import GraphSpec
+from circuitkit.cli import build_parser
+
+
+def _peer_names(n_layers: int, n_heads: int) -> tuple[list[str], list[str]]:
+    """auto-circuit's factorized, separate-qkv node names, written out by hand."""
+    srcs = ["Resid Start"]
+    dests = []
+    for layer in range(n_layers):
+        srcs += [f"A{layer}.{h}" for h in range(n_heads)] + [f"MLP {layer}"]
+        dests += [f"A{layer}.{h}.{c}" for h in range(n_heads) for c in "QKV"] + [f"MLP {layer}"]
+    return srcs, dests + ["Resid End"]
+
+
+def test_peer_edge_name_examples():
+    assert bench.peer_edge_name("Resid Start", "A0.1.Q") == "input->a0.h1<q>"
+    assert bench.peer_edge_name("A0.3", "A2.0.V") == "a0.h3->a2.h0<v>"
+    assert bench.peer_edge_name("MLP 1", "MLP 2") == "m1->m2"
+    assert bench.peer_edge_name("A3.2", "Resid End") == "a3.h2->logits"
+    assert bench.peer_edge_name("A1.0", "MLP 1") == "a1.h0->m1"
+    for src, dest in (("Resid End", "MLP 0"), ("A0.1", "A1.2"), ("A0.1.Q", "MLP 1"), ("Resid Start", "Resid Start")):
+        with pytest.raises(CircuitkitError):
+            bench.peer_edge_name(src, dest)
+
+
+def test_peer_names_map_onto_our_real_edges():
+    spec = GraphSpec(n_layers=4, n_heads=4)
+    srcs, dests = _peer_names(4, 4)
+    ours = set()
+    for s in srcs:
+        for d in dests:
+            name = bench.peer_edge_name(s, d)
+            src, dst = spec.node_index[name.split("->")[0]], spec.dst_index[name.split("->")[1]]
+            if bool(spec.real[src, dst]):
+                ours.add(name)
+    assert len(ours) == spec.n_real_edges == 479
+    assert ours == {spec.edge_name(s, d) for s, d in spec.real.nonzero().tolist()}
+
+
+def test_peer_graph_matches_ours_when_installed():
+    try:
+        bench.import_peer()
+    except bench.PeerUnavailable as e:
+        pytest.skip(str(e))
+    from circuitkit.models import build_model, toy_config
+    from circuitkit.tasks import get_task
+
+    model = build_model(toy_config("toy-4l", seed=0))
+    runner = bench.PeerRunner(model, get_task("ioi").dataset(2, 0))
+    spec = GraphSpec.from_model(model)
+    names = {bench.peer_edge_name(e.src.name, e.dest.name) for e in runner.model.edges}
+    assert runner.n_edges == len(names) == spec.n_real_edges == 479
+    assert names == {spec.edge_name(s, d) for s, d in spec.real.nonzero().tolist()}
+
+
+def test_agreement_and_tiling():
+    ours = {f"e{i}": float(i) for i in range(60)}
+    same = bench.agreement(ours, {k: 2 * v for k, v in ours.items()})
+    assert same["pearson"] == pytest.approx(1.0) and same["top_overlap"] == 50 and same["n_shared"] == 60
+    assert same["max_abs_diff_normalised"] == pytest.approx(0.0)
+    flipped = bench.agreement(ours, {k: -v for k, v in ours.items()})
+    assert flipped["pearson"] == pytest.approx(-1.0)
+
+    from circuitkit.tasks import get_task
+
+    ds = get_task("ioi").dataset(3, 0)
+    t = bench.tiled(ds, 3)
+    assert t.seq_len == 3 * ds.seq_len and bool((t.answer_pos == t.seq_len - 1).all())
+    assert torch.equal(t.clean[:, : ds.seq_len], ds.clean)
+
+
+def test_cli_parts_and_errors():
+    args = build_parser().parse_args(["bench", "--parts", "attribution,scaling", "--quick"])
+    cfg = bench.config_from_args(args)
+    assert cfg["parts"] == ["attribution", "scaling"] and cfg["repeats"] == 1 and not cfg["memory"]
+    with pytest.raises(CircuitkitError, match="unknown part"):
+        bench.config_from_args(build_parser().parse_args(["bench", "--parts", "nope"]))
+    with pytest.raises(CircuitkitError):
+        bench.config_from_args(build_parser().parse_args(["bench", "--layers", "0,2"]))
+
+
+def test_run_bench_output_structure(tmp_path):
+    cfg = dict(parts=list(bench.PARTS), model="random:toy-2l", task="ioi", batch=2, ig_steps=2, repeats=1,
+               warmup=0, patching_repeats=1, threads=1, memory=False, seq_mults=[1, 2], layers=[1, 2],
+               scaling_arch="toy-2l", sparsity_batch=2, sparsity_steps=1, quick=True)
+    res = bench.run_bench(cfg, figure=tmp_path / "fig" / "scaling")
+    parts = res["parts"]
+    assert set(parts) == set(bench.PARTS)
+    a = parts["attribution"]
+    assert {"forward_nograd", "fwd_bwd_inputs", "fwd_bwd_params", "eap", "eap-ig"} <= set(a["times"])
+    assert set(a["ratios"]) == {"eap_vs_floor", "eap_vs_floor_params", "eap_ig_per_step_vs_floor", "eap_ig_vs_floor"}
+    assert all(v > 0 for v in a["ratios"].values())
+
+    p = parts["peer"]
+    n_edges = GraphSpec(n_layers=2, n_heads=4).n_real_edges
+    assert p["n_edges_ours"] == n_edges
+    # the independent reference computes the same quantity
+    assert p["reference"]["n_shared"] == n_edges and p["reference"]["pearson"] > 0.999
+    if p["available"]:
+        assert p["n_edges_peer"] == n_edges and p["agreement"]["n_shared"] == n_edges
+        assert p["agreement"]["pearson"] > 0.999 and p["time_ratio"] > 0
+    else:
+        assert p["reason"]
+
+    pa = parts["patching"]
+    assert pa["n_edges"] == n_edges and pa["per_edge_ms"] > 0
+    s = parts["sparsity"]
+    assert set(s["results"]) == {"plain", "attn", "attn+mlp"}
+
+    sc = parts["scaling"]
+    assert [(r["n_layers"], r["seq_mult"]) for r in sc["rows"]] == [(2, 1), (2, 2), (1, 1)]
+    assert {"floor_ms", "eap_ms", "eap_ig_ms", "plain_step_ms", "gated_step_ms"} <= set(sc["rows"][0])
+    assert set(sc["slopes"]) == {"seq_len", "n_layers"}
+    assert all((tmp_path / "fig" / f"scaling.{ext}").stat().st_size > 0 for ext in ("png", "svg"))
+
+    jpath, mpath = bench.write_results(res, tmp_path / "out", "b", command="circuitkit bench --quick")
+    loaded = json.loads(jpath.read_text())
+    assert loaded["format"] == "circuitkit.bench" and loaded["command"] == "circuitkit bench --quick"
+    md = mpath.read_text()
+    for heading in ("Attribution cost vs floor", "auto-circuit", "Exact patching", "Sparse post-training step",
+                    "Scaling"):
+        assert heading in md
