@@ -61,3 +61,31 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "item"):
         return obj.item()
     raise TypeError(f"cannot write {type(obj).__name__} to JSON")
+
+
+def read_toml(path: str | os.PathLike) -> dict[str, Any]:
+    """A TOML config as a dict, with clear errors for a missing file or bad syntax."""
+    import tomllib
+
+    from circuitkit import CircuitkitError
+
+    path = Path(path)
+    if not path.exists():
+        raise CircuitkitError(f"config file {path} does not exist")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise CircuitkitError(f"{path} is not valid TOML: {e}") from None
+
+
+def check_keys(raw: dict[str, Any], known: set[str], required: set[str] = frozenset(),
+               source: str = "config") -> None:
+    """Raise a clear error for unknown or missing keys of a config table."""
+    from circuitkit import CircuitkitError
+
+    unknown = set(raw) - set(known)
+    if unknown:
+        raise CircuitkitError(f"{source}: unknown keys {sorted(unknown)}; known keys: {sorted(known)}")
+    missing = set(required) - set(raw)
+    if missing:
+        raise CircuitkitError(f"{source}: missing required keys {sorted(missing)}")

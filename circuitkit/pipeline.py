@@ -12,7 +12,6 @@ import argparse
 import json
 import shutil
 import time
-import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 from circuitkit import CircuitkitError
 from circuitkit.evaluation.compare import overlap_table, pair_table, save_result, write_table
 from circuitkit.evaluation.study import StudyConfig, TaskResult, analyse
-from circuitkit.io import write_text
+from circuitkit.io import check_keys, read_toml, write_text
 
 TOY_TASKS = ("addition", "induction", "ioi", "greater-than", "docstring")
 REPO = Path(__file__).resolve().parent.parent
@@ -50,26 +49,14 @@ class RunConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "RunConfig":
-        path = Path(path)
-        if not path.exists():
-            raise CircuitkitError(f"run config {path} does not exist")
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise CircuitkitError(f"{path} is not valid TOML: {e}") from None
-        return cls.from_dict(raw, str(path))
+        return cls.from_dict(read_toml(path), str(path))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "RunConfig":
         raw = dict(raw)
-        known = {f.name for f in fields(cls)}
-        if set(raw) - known:
-            raise CircuitkitError(f"{source}: unknown keys {sorted(set(raw) - known)}; known: {sorted(known)}")
+        check_keys(raw, {f.name for f in fields(cls)}, source=source)
         study = raw.pop("study", {})
-        bad = set(study) - {f.name for f in fields(StudyConfig)}
-        if bad:
-            raise CircuitkitError(f"{source}: unknown [study] keys {sorted(bad)}; known: "
-                                  f"{sorted(f.name for f in fields(StudyConfig))}")
+        check_keys(study, {f.name for f in fields(StudyConfig)}, source=f"{source} [study]")
         kw: dict[str, Any] = {"study": StudyConfig(**study)}
         if "pairs" in raw:
             pairs = []
@@ -98,7 +85,8 @@ def retrain(cfg: RunConfig, progress: bool = True) -> None:
             raise CircuitkitError(f"--retrain needs {rel}; run it from a checkout of the circuitkit repository")
         print(f"[retrain] {rel}", flush=True)
         if "sparse" in path.stem:
-            finetune.run_config(path, progress=progress)
+            finetune.finetune(finetune.SparsifyConfig.from_toml(path), progress=progress,
+                              command=f"circuitkit sparsify --config {rel}")
         else:
             train(TrainConfig.from_toml(path), progress=progress, command=f"circuitkit train --config {rel}")
 

@@ -17,7 +17,6 @@ import math
 import shlex
 import sys
 import time
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -28,7 +27,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from circuitkit import CircuitkitError
-from circuitkit.io import torch_save, write_json
+from circuitkit.io import check_keys, read_toml, torch_save, write_json
 from circuitkit.models import build_model, save_model, toy_config
 from circuitkit.tasks import Task, get_task
 from circuitkit.tasks.vocab import VOCAB
@@ -63,25 +62,13 @@ class TrainConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
-        path = Path(path)
-        if not path.exists():
-            raise CircuitkitError(f"config file {path} does not exist")
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise CircuitkitError(f"{path} is not valid TOML: {e}") from None
+        raw = read_toml(path)
         raw.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(raw, source=str(path))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "TrainConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = set(raw) - known
-        if unknown:
-            raise CircuitkitError(f"{source}: unknown keys {sorted(unknown)}; known keys: {sorted(known)}")
-        missing = {"name", "out", "run_dir", "tasks"} - set(raw)
-        if missing:
-            raise CircuitkitError(f"{source}: missing required keys {sorted(missing)}")
+        check_keys(raw, set(cls.__dataclass_fields__), {"name", "out", "run_dir", "tasks"}, source)
         cfg = cls(**raw)
         if not cfg.tasks or any(w <= 0 for w in cfg.tasks.values()):
             raise CircuitkitError(f"{source}: [tasks] needs at least one task with a positive weight")

@@ -139,7 +139,7 @@ def test_run_config_errors(tmp_path):
 
     with pytest.raises(CircuitkitError, match="unknown keys"):
         RunConfig.from_dict({"outt": "x"})
-    with pytest.raises(CircuitkitError, match=r"unknown \[study\] keys"):
+    with pytest.raises(CircuitkitError, match=r"\[study\]: unknown keys"):
         RunConfig.from_dict({"study": {"metod": "eap"}})
     with pytest.raises(CircuitkitError, match="does not exist"):
         RunConfig.from_toml(tmp_path / "nope.toml")

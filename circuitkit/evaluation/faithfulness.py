@@ -50,8 +50,14 @@ def log_sizes(n_max: int, n_points: int = 24) -> list[int]:
     return sorted(grid | set(range(1, min(8, n_max) + 1)) | {n_max})
 
 
-def _evaluate(model, graphs: Sequence[Graph], ds: TaskDataset, ablation, batch_size) -> tuple[float, float, list[float]]:
+def _evaluate(model, graphs: Sequence[Graph], ds: TaskDataset, ablation, batch_size,
+              known: tuple[float, float] | None = None) -> tuple[float, float, list[float]]:
+    """m(N), m(∅) and f of each graph; ``known`` = (m(N), m(∅)) already measured on ``ds``."""
     spec = graphs[0].spec
+    if known is not None:
+        m_full, m_empty = known
+        m = metric_with_graphs(model, list(graphs), ds, ablation, batch_size).mean(1)  # [n_graphs]
+        return m_full, m_empty, explained_effect(m, m_full, m_empty).tolist()
     m = metric_with_graphs(model, [Graph.full(spec), Graph.empty(spec), *graphs], ds, ablation,
                            batch_size).mean(1)  # [2 + n_graphs]
     m_full, m_empty = float(m[0]), float(m[1])
@@ -126,7 +132,8 @@ def minimal_circuit(model, scored: Graph, ds: TaskDataset, threshold: float = 0.
     hi, f_hi = hit, curve.f[i]
     while hi - lo > 1:  # invariant: hi reaches the threshold, lo does not
         mid = (lo + hi) // 2
-        f_mid = _evaluate(model, [top_n(scored, mid)], ds, ablation, batch_size)[2][0]
+        f_mid = _evaluate(model, [top_n(scored, mid)], ds, ablation, batch_size,
+                          known=(curve.m_full, curve.m_empty))[2][0]
         evaluated += 1
         if f_mid >= threshold:
             hi, f_hi = mid, f_mid
