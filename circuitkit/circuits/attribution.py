@@ -8,9 +8,10 @@ and ``eap`` / ``eap-ig`` (gradient estimates) can be compared directly.
 
 - ``patching``: exact; the metric change when ablating each edge alone. Ablating ``u -> v``
   alone changes nothing before ``v`` reads the residual stream, so each forward pass starts
-  at ``v``'s block from the cached clean residual and adds ``a_u^ablate - a_u^clean`` to
-  ``v``'s input; many edges share a pass (copies stacked along the batch). The tests check
-  it against the general intervention of :mod:`~circuitkit.circuits.interventions`.
+  at ``v``'s block from the cached clean residual and gives ``v`` the input
+  ``clean + a_u^ablate - a_u^clean`` (see :class:`_Site`); many edges share a pass (copies
+  stacked along the batch). The tests check it against the general intervention of
+  :mod:`~circuitkit.circuits.interventions`.
 - ``eap``: ``(a_u^ablate - a_u^clean) · ∂m/∂(input_v)``, summed over positions and d_model,
   on the clean run: one ablation pass + one clean forward + one backward per batch; the
   products are one einsum per receiver block, done in the backward hooks.
@@ -24,10 +25,9 @@ sum of the node's outgoing edge scores; node patching ablates all of a node's ou
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from tqdm.auto import tqdm
@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 from circuitkit import CircuitkitError
 from circuitkit.circuits.graph import Graph, GraphSpec
 from circuitkit.circuits.interventions import (
-    COPY_BUDGET, DEFAULT_BATCH_SIZE, Ablation, capture_senders, check_dataset, graph_hooks_enabled, model_device,
-    model_dtype, sender_hooks, temporary_hooks,
+    COPY_BUDGET, DEFAULT_BATCH_SIZE, Ablation, AblationValues, capture_senders, check_dataset, graph_hooks_enabled,
+    head_outputs, model_device, model_dtype, sender_hooks, temporary_hooks,
 )
 from circuitkit.tasks.base import Metric, TaskDataset
 
@@ -49,84 +49,66 @@ class _GradientPass:
     """One forward with gradients on the clean prompts, and its backward.
 
     Hooks: the input embedding is replaced by ``input_fn(embedding)`` (detached, requiring
-    grad); sender outputs are optionally captured into ``clean`` [batch, pos, n_src, d_model];
-    gradients at the receivers (edge level) or senders (node level) are contracted with
-    ``diff_t`` (``a^ablate - a^clean``, see :func:`_sender_major`) as they arrive and added to ``out``:
-    one matrix product per receiver block, [prefix, batch*pos*d_model] @ [batch*pos*d_model, n_cols].
+    grad); with ``subtract_clean`` the clean sender outputs are subtracted from ``diff``
+    as they are computed (so ``diff`` may hold the ablated values before the pass and
+    ``a^ablate - a^clean`` after it; heads given as ablated ``z`` in ``z_ablate`` are
+    projected once, ``(z^ablate - z^clean) @ W_O``). Gradients at the receivers (edge level) or senders
+    (node level) are contracted with ``diff`` as they arrive and added to ``out``: one matrix
+    product per receiver block, [prefix, batch*pos*d_model] @ [batch*pos*d_model, n_cols].
 
     q/k/v receivers without per-head inputs: every head's q input is the block's residual
     stream ``x`` and ``q_h = ln1(x) @ W_Q[h] + b_Q[h]``, so ``∂m/∂(q input of h)`` is the
     LayerNorm's vector-Jacobian product at ``x`` applied to ``(∂m/∂q_h) @ W_Q[h]^T``. The
-    gradient is read at ``attn.hook_q`` and the LayerNorm's statistics at ``ln1.hook_scale`` /
-    ``ln1.hook_normalized``; this avoids 3 * n_heads LayerNorms per block forward and back.
+    gradients are read at ``attn.hook_q/k/v`` and the LayerNorm's statistics at
+    ``ln1.hook_scale`` / ``ln1.hook_normalized`` (see :meth:`_head_input_grad`). This avoids
+    3 * n_heads LayerNorms per block forward and back.
     """
 
     def __init__(self, model, spec: GraphSpec, level: str, out: torch.Tensor,  # [n_src, n_dst] or [n_src]
-                 input_fn: Callable[[torch.Tensor], torch.Tensor], clean: torch.Tensor | None = None):
-        self.model, self.spec, self.level, self.out, self.input_fn, self.clean = model, spec, level, out, input_fn, clean
-        self.diff_t: torch.Tensor | None = None  # [n_src, batch*pos*d_model], set before backward
+                 input_fn: Callable[[torch.Tensor], torch.Tensor],
+                 diff: torch.Tensor,  # [n_src, batch, pos, d_model], sender-major
+                 subtract_clean: bool = False,
+                 z_ablate: dict[int, torch.Tensor] | None = None):  # layer -> ablated z [batch, pos, n_heads, d_head]
+        self.model, self.spec, self.level, self.out, self.input_fn = model, spec, level, out, input_fn
+        self.diff, self.subtract_clean, self.z_ablate = diff, subtract_clean, z_ablate
+        self.head_layer = {g.rows.start: g.layer for g in spec.sender_groups if g.per_head}
         self.x: torch.Tensor | None = None
         self.weight = 1.0
         self.ln_stats: dict[tuple[int, str], torch.Tensor] = {}  # (layer, "scale"|"normalized") -> [batch, pos, 1|d]
+        self.pending: dict[int, dict[str, torch.Tensor]] = {}  # layer -> {"q": ∂m/∂q, ...} until all three arrive
+        self.cache: dict[str, torch.Tensor] = {}  # per-position sums of diff, filled during backward
+
+    @property
+    def diff_t(self) -> torch.Tensor:  # [n_src, batch*pos*d_model]
+        return self.diff.view(self.diff.shape[0], -1)
 
     def hooks(self) -> list[tuple[str, Callable]]:
         spec = self.spec
         hooks: list[tuple[str, Callable]] = [("blocks.0.hook_resid_pre", self._input)]
-        if self.clean is not None:
-            hooks += sender_hooks(self.model, spec, self._capture)
+        if self.subtract_clean:
+            hooks += sender_hooks(self.model, spec, self._subtract, heads_as_z=self.z_ablate is not None)
         if self.level == "edge":
-            norm = self.model.cfg.normalization_type
             for g in spec.receiver_groups:
                 if not g.per_head:
                     hooks.append((g.hook, self._watch(self._receiver_grad(g.prefix, g.cols))))
                     continue
                 layer, qkv = int(g.hook.split(".")[1]), g.hook.split("_")[-2][-1]  # blocks.{l}.hook_{q}_input
-                if qkv == "q" and norm is not None:
+                if qkv == "q" and self.model.cfg.normalization_type is not None:
                     for stat in ("scale", "normalized"):
                         hooks.append((f"blocks.{layer}.ln1.hook_{stat}", self._keep_stat(layer, stat)))
-                hooks.append((f"blocks.{layer}.attn.hook_{qkv}",
-                              self._watch(self._head_input_grad(layer, qkv, g.prefix, g.cols))))
+                hooks.append((f"blocks.{layer}.attn.hook_{qkv}", self._watch(self._head_input_grad(layer, qkv, g.prefix))))
         else:  # the input's gradient is watched on the leaf itself, in _input
             for g in spec.sender_groups[1:]:
                 hooks.append((g.grad_hook, self._watch(self._node_grad(g.rows))))
         return hooks
 
-    def _keep_stat(self, layer: int, stat: str) -> Callable:
-        def hook(act, hook):  # [batch, pos, 1] or [batch, pos, d_model]; the same for q, k and v
-            self.ln_stats[layer, stat] = act.detach()
-        return hook
-
-    def _head_input_grad(self, layer: int, qkv: str, prefix: int, cols: slice) -> Callable:
-        attn = self.model.blocks[layer].attn
-        w_in = {"q": attn.W_Q, "k": attn.W_K, "v": attn.W_V}[qkv]  # [n_heads, d_model, d_head]
-
-        def on_grad(grad):  # ∂m/∂q: [batch, pos, n_heads, d_head]
-            with torch.no_grad():
-                u = torch.einsum("bphe,hde->hbpd", grad, w_in)  # ∂m/∂ln1(x) along head h's path
-                g = self._norm_vjp(layer, u)  # [n_heads, batch, pos, d_model]
-                self.out[:prefix, cols] += self.weight * (self.diff_t[:prefix] @ g.reshape(g.shape[0], -1).T).float().cpu()
-        return on_grad
-
-    def _norm_vjp(self, layer: int, u: torch.Tensor) -> torch.Tensor:  # [n_heads, b, pos, d] -> same
-        """``u`` pulled back through block ``layer``'s ln1 (LN, LNPre, RMS, RMSPre or none)."""
-        norm = self.model.cfg.normalization_type
-        if norm is None:
-            return u
-        ln = self.model.blocks[layer].ln1
-        scale, x_hat = self.ln_stats[layer, "scale"].float(), self.ln_stats[layer, "normalized"].float()
-        v = u.float() * ln.w if norm in ("LN", "RMS") else u.float()
-        g = v - x_hat * (v * x_hat).mean(-1, keepdim=True)
-        if norm in ("LN", "LNPre"):
-            g = g - v.mean(-1, keepdim=True)
-        return (g / scale).to(u.dtype)
-
-    def _receiver_grad(self, prefix: int, cols: slice) -> Callable:
-        def on_grad(grad):  # [batch, pos, d_model]
-            self.out[:prefix, cols] += self.weight * (self.diff_t[:prefix] @ grad.reshape(-1, 1)).float().cpu()
-        return on_grad
-
-    def _capture(self, rows: slice, act: torch.Tensor) -> None:  # act [batch, pos, n, d_model]
-        self.clean[:, :, rows] = act.detach()
+    def _subtract(self, rows: slice, act: torch.Tensor) -> None:
+        # act: [n_rows, batch, pos, d_model], or for heads with z_ablate: z [batch, pos, n_heads, d_head]
+        layer = self.head_layer.get(rows.start)
+        if layer is not None and self.z_ablate is not None:
+            self.diff[rows] = head_outputs(self.z_ablate.pop(layer) - act, self.model.blocks[layer].attn.W_O)
+        else:
+            self.diff[rows] -= act
 
     def _input(self, act, hook):  # act [batch, pos, d_model]
         x = self.input_fn(act.detach()).detach().requires_grad_(True)
@@ -140,6 +122,65 @@ class _GradientPass:
         def hook(act, hook):
             act.register_hook(on_grad)
         return hook
+
+    def _keep_stat(self, layer: int, stat: str) -> Callable:
+        def hook(act, hook):  # [batch, pos, 1] or [batch, pos, d_model]; the same for q, k and v
+            self.ln_stats[layer, stat] = act.detach()
+        return hook
+
+    def _head_input_grad(self, layer: int, qkv: str, prefix: int) -> Callable:
+        def on_grad(grad):  # ∂m/∂q (or k, v): [batch, pos, n_heads, d_head]
+            got = self.pending.setdefault(layer, {})
+            got[qkv] = grad
+            if len(got) == 3:
+                self._score_head_inputs(layer, prefix, self.pending.pop(layer))
+        return on_grad
+
+    def _score_head_inputs(self, layer: int, prefix: int, grads: dict[str, torch.Tensor]) -> None:
+        """Scores of the edges into one block's q, k and v inputs from ∂m/∂q, ∂m/∂k, ∂m/∂v
+        ([batch, pos, n_heads, d_head] each; a missing one had no path to the metric).
+
+        With ``v = w ⊙ u`` and ``u = (∂m/∂q_h) @ W_Q[h]^T``, ln1's pull-back is
+        ``(v - mean(v) - x̂ mean(v ⊙ x̂)) / σ`` (no ``mean(v)`` term for RMS norms), so the score
+        ``Σ diff_s · pullback`` splits into ``diff_s · (v / σ)`` and two rank-one corrections
+        built from per-position sums. ``w`` is folded into ``W_Q`` and ``1/σ`` into ∂m/∂q, so the
+        only [3 * n_heads, batch, pos, d_model] tensor is one batched product's output.
+        """
+        block = self.model.blocks[layer]
+        norm = self.model.cfg.normalization_type
+        first = self.spec.head_dst(layer, 0, "q")  # a block's q, k, v receivers are contiguous
+        d_model = self.model.cfg.d_model
+        some = next(iter(grads.values()))
+        with torch.no_grad():
+            g = torch.cat([grads.get(c, torch.zeros_like(some)) for c in "qkv"], 2)  # [b, pos, 3 * n_heads, d_head]
+            w_in = torch.cat([block.attn.W_Q, block.attn.W_K, block.attn.W_V])  # [3 * n_heads, d_model, d_head]
+            if norm in ("LN", "RMS"):
+                w_in = w_in * block.ln1.w[None, :, None]
+            if norm is not None:
+                scale, x_hat = self.ln_stats[layer, "scale"], self.ln_stats[layer, "normalized"]  # [b,p,1], [b,p,d]
+                g = g / scale.unsqueeze(-1)
+            n = g.shape[2]
+            u = g.reshape(-1, n, g.shape[-1]).transpose(0, 1) @ w_in.transpose(1, 2)  # [3 * n_heads, b*pos, d_model]
+            score = (u.reshape(n, -1) @ self.diff_t[:prefix].T).T  # [prefix, 3 * n_heads]
+            if norm is not None:
+                xw = (x_hat.reshape(-1, d_model) @ w_in.transpose(0, 1).reshape(d_model, -1)).view(g.shape)
+                e = (g * xw).sum(-1).permute(2, 0, 1).reshape(n, -1)  # Σ_d u x̂: [3 * n_heads, b*pos]
+                x_dot = (self.diff[:prefix] * x_hat).sum(-1).reshape(prefix, -1)  # Σ_d diff x̂: [prefix, b*pos]
+                score -= x_dot @ e.T / d_model
+                if norm in ("LN", "LNPre"):
+                    b = (g * w_in.sum(1)).sum(-1).permute(2, 0, 1).reshape(n, -1)  # Σ_d u: [3 * n_heads, b*pos]
+                    score -= self._diff_sum()[:prefix] @ b.T / d_model
+            self.out[:prefix, first: first + n] += self.weight * score.float().cpu()
+
+    def _diff_sum(self) -> torch.Tensor:  # [n_src, batch*pos]: Σ_d diff
+        if "sum" not in self.cache:
+            self.cache["sum"] = self.diff.sum(-1).reshape(self.diff.shape[0], -1)
+        return self.cache["sum"]
+
+    def _receiver_grad(self, prefix: int, cols: slice) -> Callable:
+        def on_grad(grad):  # [batch, pos, d_model]
+            self.out[:prefix, cols] += self.weight * (self.diff_t[:prefix] @ grad.reshape(-1, 1)).float().cpu()
+        return on_grad
 
     def _node_grad(self, rows: slice) -> Callable:
         # every sender in `rows` adds its output to the activation whose gradient arrives here
@@ -157,10 +198,42 @@ class _GradientPass:
         self.weight = weight
         metric = batch.metric_values(logits, reference).mean()
         metric.backward(inputs=[self.x])
+        for layer, grads in list(self.pending.items()):  # blocks where q, k or v got no gradient
+            self._score_head_inputs(layer, self.spec.src_prefix[self.spec.head_dst(layer, 0, "q")].item(),
+                                    self.pending.pop(layer))
 
 
-def _sender_major(diff: torch.Tensor) -> torch.Tensor:  # [batch, pos, n_src, d_model] -> [n_src, batch*pos*d_model]
-    return diff.permute(2, 0, 1, 3).reshape(diff.shape[2], -1)
+def _sender_major(values: torch.Tensor, batch: int, owned: bool) -> torch.Tensor:
+    """[batch or 1, pos, n_src, d_model] -> contiguous [n_src, batch, pos, d_model] that may be
+    modified: ``values`` itself when the caller owns it and it is laid out so, else a copy."""
+    v = values.permute(2, 0, 1, 3)
+    if owned and v.shape[1] == batch and v.is_contiguous():
+        return v
+    return v.expand(v.shape[0], batch, *v.shape[2:]).contiguous()
+
+
+def _ablated_sender_major(model, spec: GraphSpec, values_src: AblationValues, batch: TaskDataset
+                          ) -> tuple[torch.Tensor, dict[int, torch.Tensor] | None]:
+    """Ablated values as a fresh sender-major [n_src, batch, pos, d_model] buffer. For PATCHING
+    the heads' rows are left unset and their corrupted ``z`` returned per layer instead, to be
+    projected once after the clean ``z`` is subtracted."""
+    if values_src.ablation is not Ablation.PATCHING:
+        with torch.no_grad():
+            return _sender_major(values_src.for_batch(model, batch), len(batch), owned=False), None
+    b, p = batch.clean.shape
+    buf = torch.empty(spec.n_src, b, p, model.cfg.d_model, device=model_device(model), dtype=model_dtype(model))
+    zs: dict[int, torch.Tensor] = {}
+    head_layer = {g.rows.start: g.layer for g in spec.sender_groups if g.per_head}
+
+    def sink(rows: slice, act: torch.Tensor) -> None:
+        if rows.start in head_layer:
+            zs[head_layer[rows.start]] = act  # z [batch, pos, n_heads, d_head]
+        else:
+            buf[rows] = act
+
+    with torch.no_grad(), temporary_hooks(model, sender_hooks(model, spec, sink, heads_as_z=True)):
+        model(batch.corrupt)
+    return buf, zs
 
 
 def _gradient_scores(model, ds: TaskDataset, *, level: str, steps: int | None, ablation: Ablation | str,
@@ -168,7 +241,7 @@ def _gradient_scores(model, ds: TaskDataset, *, level: str, steps: int | None, a
     spec = GraphSpec.from_model(model)
     check_dataset(model, ds)
     values_src = Ablation.parse(ablation).prepare(model, ds, batch_size, spec)
-    device, dtype = model_device(model), model_dtype(model)
+    device = model_device(model)
     shape = (spec.n_src, spec.n_dst) if level == "edge" else (spec.n_src,)
     total = torch.zeros(shape, dtype=torch.float32)
     n = len(ds)
@@ -176,25 +249,24 @@ def _gradient_scores(model, ds: TaskDataset, *, level: str, steps: int | None, a
         for batch in tqdm(list(ds.batches(batch_size)), desc="attribution", disable=not progress, leave=False):
             batch = batch.to(device)
             b = len(batch)
-            with torch.no_grad():
-                ablate = values_src.for_batch(model, batch)  # [b or 1, pos, n_src, d_model]
-            if steps is None:  # eap: the clean forward with gradients also captures the clean outputs
-                clean = torch.zeros(b, batch.seq_len, spec.n_src, model.cfg.d_model, device=device, dtype=dtype)
-                gp = _GradientPass(model, spec, level, total, lambda x: x, clean)
+            if steps is None:  # eap: the clean forward with gradients also subtracts the clean outputs
+                diff, z_ablate = _ablated_sender_major(model, spec, values_src, batch)
+                gp = _GradientPass(model, spec, level, total, lambda x: x, diff, True, z_ablate)
                 logits = gp.run(model, batch.clean)
                 reference = logits.detach() if batch.metric is Metric.NEG_KL else None
-                gp.diff_t = _sender_major(clean.neg_().add_(ablate))  # a^ablate - a^clean
                 gp.backward(logits, batch, reference, b / n)
                 continue
             # eap-ig: one clean capture pass, then `steps` interpolated forward + backward passes
+            with torch.no_grad():
+                ablate = values_src.for_batch(model, batch)  # [b or 1, pos, n_src, d_model]
             clean_logits, clean = capture_senders(model, batch.clean, spec)  # [b, pos, n_src, d_model]
             reference = clean_logits if batch.metric is Metric.NEG_KL else None
-            clean_in, base_in = clean[:, :, 0].clone(), ablate[:, :, 0]  # [b, pos, d_model], [b or 1, pos, d_model]
-            diff_t = _sender_major(clean.neg_().add_(ablate))  # a^ablate - a^clean
+            clean_in, base_in = clean[:, :, 0], ablate[:, :, 0].clone()  # [b, pos, d_model], [b or 1, pos, d_model]
+            diff = _sender_major(ablate, b, owned=values_src.ablation is Ablation.PATCHING)
+            diff.sub_(clean.permute(2, 0, 1, 3))  # a^ablate - a^clean
             for k in range(1, steps + 1):
                 alpha = k / steps
-                gp = _GradientPass(model, spec, level, total, lambda x, a=alpha: base_in + a * (clean_in - base_in))
-                gp.diff_t = diff_t
+                gp = _GradientPass(model, spec, level, total, lambda x, a=alpha: base_in + a * (clean_in - base_in), diff)
                 logits = gp.run(model, batch.clean)
                 gp.backward(logits, batch, reference, b / (n * steps))
     return total
@@ -230,17 +302,23 @@ def _ig_nodes(model, ds, *, ablation, batch_size, progress, steps: int = DEFAULT
 
 @dataclass(frozen=True)
 class _Site:
-    """Where a single-sender ablation adds ``a_u^ablate - a_u^clean``.
+    """Where a single-sender ablation applies ``δ = a_u^ablate - a_u^clean``.
 
     Ablating one edge ``u -> v`` (or all outputs of one node ``u``) leaves everything computed
     before that point as in the clean run, so the forward pass starts at block ``layer`` from
-    the cached clean residual stream and adds the difference at ``hook`` (``None``: to that
-    starting residual; ``layer == n_layers``: only the final LayerNorm and unembedding run).
+    the cached clean residual stream ``x`` (``layer == n_layers``: only the final LayerNorm and
+    unembedding run) and
+
+    - ``hook is None``: adds δ to that starting residual;
+    - ``hook`` is ``attn.hook_q/k/v``: replaces head ``head``'s query/key/value by
+      ``ln1(x + δ) @ W[head] + b[head]`` (what a per-head input ``x + δ`` gives, without
+      per-head LayerNorms for every head);
+    - otherwise adds δ to the activation at ``hook`` (``hook_mlp_in``, ``hook_attn_out``, ``hook_mlp_out``).
     """
 
     layer: int
     hook: str | None
-    head: int | None  # column of a per-head activation [batch, pos, n_heads, d_model]
+    head: int | None
 
 
 def _edge_sites(spec: GraphSpec) -> tuple[torch.Tensor, list[_Site]]:  # ([n_real, 2] (src, dst), sites)
@@ -248,11 +326,13 @@ def _edge_sites(spec: GraphSpec) -> tuple[torch.Tensor, list[_Site]]:  # ([n_rea
     where = {}
     for g in spec.receiver_groups:
         for col in range(g.cols.start, g.cols.stop):
+            layer = col // (3 * spec.n_heads + 1)
             if col == spec.logits_dst:
                 where[col] = _Site(spec.n_layers, None, None)
+            elif g.per_head:  # blocks.{l}.hook_{q}_input -> blocks.{l}.attn.hook_{q}
+                where[col] = _Site(layer, f"blocks.{layer}.attn.hook_{g.hook.split('_')[-2][-1]}", col - g.cols.start)
             else:
-                where[col] = _Site(col // (3 * spec.n_heads + 1), g.hook,
-                                   col - g.cols.start if g.per_head else None)
+                where[col] = _Site(layer, g.hook, None)
     return edges, [where[d] for d in edges[:, 1].tolist()]
 
 
@@ -264,21 +344,31 @@ def _node_sites(spec: GraphSpec) -> list[_Site]:
     return sites
 
 
-def _add_at(delta: torch.Tensor,  # [k, batch, pos, d_model]
-            heads: torch.Tensor | None) -> Callable:  # [k] head column per copy
-    def hook(act, hook):  # [k*batch, pos, n_heads, d_model] or [k*batch, pos, d_model]
-        x = act.reshape(delta.shape[0], -1, *act.shape[1:]).clone()
-        if heads is None:
-            x += delta
-        else:
-            x[torch.arange(len(heads), device=heads.device), :, :, heads] += delta
-        return x.reshape(act.shape)
+def _site_hook(model, site: _Site, delta: torch.Tensor,  # [k, batch, pos, d_model]
+               heads: torch.Tensor,  # [k] head per copy (head-input sites)
+               x: torch.Tensor) -> Callable:  # [batch, pos, d_model]: clean residual entering the block
+    k = delta.shape[0]
+    if site.hook.endswith(("hook_q", "hook_k", "hook_v")):
+        block = model.blocks[site.layer]
+        c = site.hook[-1]
+        w = getattr(block.attn, f"W_{c.upper()}")[heads]  # [k, d_model, d_head]
+        bias = getattr(block.attn, f"b_{c.upper()}")[heads]  # [k, d_head]
+        new = torch.einsum("kbpd,kde->kbpe", block.ln1(x.unsqueeze(0) + delta), w) + bias[:, None, None]
+
+        def hook(act, hook):  # [k*b, pos, n_heads, d_head]
+            out = act.reshape(k, -1, *act.shape[1:]).clone()
+            out[torch.arange(k, device=heads.device), :, :, heads] = new
+            return out.reshape(act.shape)
+        return hook
+
+    def hook(act, hook):  # [k*b, pos, d_model]
+        return (act.reshape(k, -1, *act.shape[1:]) + delta).reshape(act.shape)
     return hook
 
 
 def _single_sender_patching(model, ds: TaskDataset, srcs: torch.Tensor,  # [n_items] sender of each ablation
                             sites: list[_Site], *, ablation, batch_size, progress) -> torch.Tensor:  # [n_items]
-    """Mean metric change when item ``i`` adds ``a^ablate - a^clean`` of sender ``srcs[i]`` at ``sites[i]``."""
+    """Mean metric change when item ``i`` applies ``a^ablate - a^clean`` of sender ``srcs[i]`` at ``sites[i]``."""
     spec = GraphSpec.from_model(model)
     check_dataset(model, ds)
     values_src = Ablation.parse(ablation).prepare(model, ds, batch_size, spec)
@@ -287,10 +377,11 @@ def _single_sender_patching(model, ds: TaskDataset, srcs: torch.Tensor,  # [n_it
     for i, site in enumerate(sites):
         groups.setdefault((site.layer, site.hook), []).append(i)
     heads = torch.tensor([-1 if s.head is None else s.head for s in sites], device=device)
+    srcs = srcs.to(device)
     total = torch.zeros(len(sites), dtype=torch.float64)
     n_batches = -(-len(ds) // batch_size)
-    with torch.no_grad(), tqdm(total=n_batches * len(sites), desc="patching", disable=not progress,
-                               leave=False) as bar:
+    with torch.no_grad(), graph_hooks_enabled(model, split_qkv=False), \
+            tqdm(total=n_batches * len(sites), desc="patching", disable=not progress, leave=False) as bar:
         for batch in ds.batches(batch_size):
             batch = batch.to(device)
             b, p = batch.clean.shape
@@ -298,20 +389,20 @@ def _single_sender_patching(model, ds: TaskDataset, srcs: torch.Tensor,  # [n_it
             logits, clean, resid = _clean_run(model, spec, batch.clean)
             reference = logits if batch.metric is Metric.NEG_KL else None
             m_full = batch.metric_values(logits, reference).double()  # [b]
-            diff = values - clean  # [b, pos, n_src, d_model]
-            per_pass = max(1, COPY_BUDGET // (b * p * d_model * 4 * spec.n_heads))
+            diff = values.permute(2, 0, 1, 3) - clean  # [n_src, b, pos, d_model]
+            per_pass = max(1, COPY_BUDGET // (b * p * d_model * 4))
             for (layer, hook), items in groups.items():
                 for start in range(0, len(items), per_pass):
                     chunk = torch.tensor(items[start: start + per_pass], device=device)
                     k = len(chunk)
-                    delta = diff[:, :, srcs.to(device)[chunk]].permute(2, 0, 1, 3)  # [k, b, pos, d_model]
+                    delta = diff[srcs[chunk]]  # [k, b, pos, d_model]
                     x = resid[layer].unsqueeze(0).expand(k, b, p, d_model)  # [k, b, pos, d_model]
                     hooks = []
                     if hook is None:
                         x = x + delta
                     else:
-                        hooks = [(hook, _add_at(delta, None if sites[items[start]].head is None else heads[chunk]))]
-                    with _receiver_hooks_at(model, layer, hook), temporary_hooks(model, hooks):
+                        hooks = [(hook, _site_hook(model, sites[items[start]], delta, heads[chunk], resid[layer]))]
+                    with temporary_hooks(model, hooks):
                         out = model(x.reshape(k * b, p, d_model), start_at_layer=layer)  # [k*b, pos, d_vocab]
                     out = out.reshape(k, b, *out.shape[1:])
                     for c in range(k):
@@ -320,41 +411,16 @@ def _single_sender_patching(model, ds: TaskDataset, srcs: torch.Tensor,  # [n_it
     return (total / len(ds)).float()
 
 
-@contextmanager
-def _receiver_hooks_at(model, layer: int, hook: str | None) -> Iterator:
-    """Split q/k/v inputs (or ``hook_mlp_in``) for block ``layer`` only, when ``hook`` needs them.
-
-    Per-head q/k/v inputs cost 3 * n_heads LayerNorms per block; a hook on the next block's
-    ``hook_resid_pre`` (which runs before the block reads the flag) switches them off again.
-    """
-    cfg = model.cfg
-    before = (cfg.use_split_qkv_input, cfg.use_hook_mlp_in)
-    hooks = []
-    if hook is not None and hook.endswith(("q_input", "k_input", "v_input")):
-        cfg.use_split_qkv_input = True
-        if layer + 1 < cfg.n_layers:
-            def off(act, hook):
-                cfg.use_split_qkv_input = False
-            hooks.append((f"blocks.{layer + 1}.hook_resid_pre", off))
-    elif hook is not None and hook.endswith("mlp_in"):
-        cfg.use_hook_mlp_in = True
-    try:
-        with temporary_hooks(model, hooks):
-            yield
-    finally:
-        cfg.use_split_qkv_input, cfg.use_hook_mlp_in = before
-
-
 def _clean_run(model, spec: GraphSpec, tokens: torch.Tensor  # [batch, pos]
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits [batch, pos, d_vocab], sender outputs [batch, pos, n_src, d_model] and the residual
-    stream entering each block and the final LayerNorm, [n_layers + 1, batch, pos, d_model]."""
+    """Logits [batch, pos, d_vocab], sender outputs [n_src, batch, pos, d_model] (sender-major) and
+    the residual stream entering each block and the final LayerNorm, [n_layers + 1, batch, pos, d_model]."""
     b, p = tokens.shape
-    senders = torch.zeros(b, p, spec.n_src, model.cfg.d_model, device=tokens.device, dtype=model_dtype(model))
-    resid = torch.zeros(spec.n_layers + 1, b, p, model.cfg.d_model, device=tokens.device, dtype=model_dtype(model))
+    senders = torch.empty(spec.n_src, b, p, model.cfg.d_model, device=tokens.device, dtype=model_dtype(model))
+    resid = torch.empty(spec.n_layers + 1, b, p, model.cfg.d_model, device=tokens.device, dtype=model_dtype(model))
 
     def sink(rows: slice, act: torch.Tensor) -> None:
-        senders[:, :, rows] = act
+        senders[rows] = act
 
     def keep(i: int) -> Callable:
         def hook(act, hook):

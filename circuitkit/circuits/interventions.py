@@ -115,34 +115,48 @@ def check_dataset(model, ds: TaskDataset) -> None:
 
 # ---------------------------------------------------------------- sender outputs
 
-def sender_hooks(model, spec: GraphSpec, sink: Callable[[slice, torch.Tensor], None]) -> list[tuple[str, HookFn]]:
-    """Hooks that hand every sender output to ``sink(rows, act)``, ``act`` [batch, pos, n_rows, d_model]."""
+def head_outputs(z: torch.Tensor,  # [batch, pos, n_heads, d_head]
+                 w_o: torch.Tensor) -> torch.Tensor:  # [n_heads, d_head, d_model] -> [n_heads, batch, pos, d_model]
+    """Per-head attention outputs ``z_h @ W_O[h]`` (``attn.hook_result``'s values), sender-major."""
+    b, p, h, e = z.shape
+    with torch.no_grad():
+        return torch.bmm(z.detach().reshape(b * p, h, e).transpose(0, 1), w_o).view(h, b, p, -1)
+
+
+def sender_hooks(model, spec: GraphSpec, sink: Callable[[slice, torch.Tensor], None],
+                 heads_as_z: bool = False) -> list[tuple[str, HookFn]]:
+    """Hooks that hand every sender output to ``sink(rows, act)``, sender-major:
+    ``act`` [n_rows, batch, pos, d_model] (contiguous for heads; a view for the others).
+    With ``heads_as_z`` heads are handed over as ``z`` [batch, pos, n_heads, d_head] instead."""
     hooks = []
     for g in spec.sender_groups:
         if g.per_head:
             def fn(act, hook, rows=g.rows, w_o=model.blocks[g.layer].attn.W_O):  # act: z [batch, pos, n_heads, d_head]
-                with torch.no_grad():
-                    sink(rows, torch.einsum("bphz,hzd->bphd", act, w_o))
+                sink(rows, act.detach() if heads_as_z else head_outputs(act, w_o))
         else:
             def fn(act, hook, rows=g.rows):  # act: [batch, pos, d_model]
-                sink(rows, act.unsqueeze(2))
+                sink(rows, act.detach().unsqueeze(0))
         hooks.append((g.hook, fn))
     return hooks
 
 
 def capture_senders(model, tokens: torch.Tensor,  # [batch, pos]
                     spec: GraphSpec | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits [batch, pos, d_vocab] and sender outputs [batch, pos, n_src, d_model] of one run."""
+    """Logits [batch, pos, d_vocab] and sender outputs [batch, pos, n_src, d_model] of one run.
+
+    The outputs are a view of a fresh sender-major [n_src, batch, pos, d_model] buffer
+    (``.permute(2, 0, 1, 3)`` gives it back without a copy).
+    """
     spec = spec or GraphSpec.from_model(model)
     b, p = tokens.shape
-    buf = torch.zeros(b, p, spec.n_src, model.cfg.d_model, device=model_device(model), dtype=model_dtype(model))
+    buf = torch.empty(spec.n_src, b, p, model.cfg.d_model, device=model_device(model), dtype=model_dtype(model))
 
     def sink(rows: slice, act: torch.Tensor) -> None:
-        buf[:, :, rows] = act.detach()
+        buf[rows] = act
 
     with torch.no_grad(), temporary_hooks(model, sender_hooks(model, spec, sink)):  # senders need no flags
         logits = model(tokens.to(buf.device))
-    return logits, buf
+    return logits, buf.permute(1, 2, 0, 3)
 
 
 # ---------------------------------------------------------------- ablation types
@@ -188,6 +202,8 @@ class AblationValues:
     mean: torch.Tensor | None = None  # [1, pos, n_src, d_model], MEAN only
 
     def for_batch(self, model, batch: TaskDataset) -> torch.Tensor:  # [batch or 1, pos, n_src, d_model]
+        """The values ablated edges carry on ``batch``. PATCHING returns a fresh tensor (the
+        caller may modify it); MEAN returns the shared dataset mean (do not modify)."""
         if self.ablation is Ablation.PATCHING:
             return capture_senders(model, batch.corrupt, self.spec)[1]
         if self.ablation is Ablation.MEAN:
@@ -220,11 +236,12 @@ class _Patcher:
                 w = w[active].to(device=values.device, dtype=values.dtype)
                 self.hooks.append((g.hook, self._receiver(g.prefix, g.per_head, active.to(values.device), w)))
 
-    def _write(self, rows: slice, a: torch.Tensor) -> None:  # a: current outputs [k*b, pos, n_rows, d_model]
-        b = a.shape[0] // self.k
+    def _write(self, rows: slice, a: torch.Tensor) -> None:  # a: current outputs [n_rows, k*b, pos, d_model]
+        b = a.shape[1] // self.k
         if self.diff is None:
-            self.diff = torch.zeros(self.k, b, a.shape[1], self.spec.n_src, a.shape[-1], device=a.device, dtype=a.dtype)
-        self.diff[:, :, :, rows] = self.values[:, :, rows].unsqueeze(0) - a.reshape(self.k, b, *a.shape[1:])
+            self.diff = torch.zeros(self.k, b, a.shape[2], self.spec.n_src, a.shape[-1], device=a.device, dtype=a.dtype)
+        current = a.reshape(a.shape[0], self.k, b, *a.shape[2:]).permute(1, 2, 3, 0, 4)  # [k, b, pos, n_rows, d_model]
+        self.diff[:, :, :, rows] = self.values[:, :, rows].unsqueeze(0) - current
 
     def _receiver(self, prefix: int, per_head: bool, active: torch.Tensor,  # [k_active]
                   w: torch.Tensor) -> HookFn:  # [k_active, prefix, n_cols]
