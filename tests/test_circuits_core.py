@@ -211,30 +211,38 @@ def test_eap_matches_plain_autograd(model, ds, spec):
         assert g.edge(name).score == pytest.approx(float(expected), rel=1e-4, abs=1e-6), name
 
 
-def reference_eap(model, batch):
-    """All EAP scores [n_src, n_dst] with TransformerLens's split q/k/v inputs and plain autograd."""
+def reference_eap(model, batch, steps: int | None = None):
+    """All EAP scores [n_src, n_dst] with TransformerLens's split q/k/v inputs and plain autograd;
+    with ``steps``, EAP-IG: receiver gradients averaged over inputs interpolated k/steps of the
+    way from the corrupted to the clean embeddings, k = 1..steps."""
     spec = GraphSpec.from_model(model)
-    diff = sender_cache(model, batch.corrupt) - sender_cache(model, batch.clean)  # [b, pos, n_src, d_model]
+    clean, corrupt = sender_cache(model, batch.clean), sender_cache(model, batch.corrupt)
     names = [f"blocks.{l}.hook_{x}" for l in range(spec.n_layers) for x in ("q_input", "k_input", "v_input", "mlp_in")]
     names.append(f"blocks.{spec.n_layers - 1}.hook_resid_post")
-    kept = {}
+    receivers = 0
+    for alpha in ([1.0] if steps is None else [k / steps for k in range(1, steps + 1)]):
+        kept = {}
 
-    def keep(act, hook):
-        act.retain_grad()
-        kept[hook.name] = act
+        def keep(act, hook):
+            act.retain_grad()
+            kept[hook.name] = act
 
-    model.set_use_split_qkv_input(True)
-    model.set_use_hook_mlp_in(True)
-    try:
-        logits = model.run_with_hooks(batch.clean, fwd_hooks=[(n, keep) for n in names])
-        batch.metric_values(logits).mean().backward()
-    finally:
-        model.set_use_split_qkv_input(False)
-        model.set_use_hook_mlp_in(False)
-        model.zero_grad(set_to_none=True)
-    grads = [kept[n].grad if kept[n].grad.ndim == 4 else kept[n].grad[:, :, None] for n in names]
-    receivers = torch.cat(grads, 2)  # [b, pos, n_dst, d_model] in receiver order
-    return torch.einsum("bpsd,bprd->sr", diff, receivers) * spec.real
+        def embed(act, hook, alpha=alpha):
+            return (corrupt[:, :, 0] + alpha * (clean[:, :, 0] - corrupt[:, :, 0])).requires_grad_(True)
+
+        model.set_use_split_qkv_input(True)
+        model.set_use_hook_mlp_in(True)
+        try:
+            logits = model.run_with_hooks(batch.clean, fwd_hooks=[("blocks.0.hook_resid_pre", embed)] +
+                                          [(n, keep) for n in names])
+            batch.metric_values(logits).mean().backward()
+        finally:
+            model.set_use_split_qkv_input(False)
+            model.set_use_hook_mlp_in(False)
+            model.zero_grad(set_to_none=True)
+        grads = [kept[n].grad if kept[n].grad.ndim == 4 else kept[n].grad[:, :, None] for n in names]
+        receivers = receivers + torch.cat(grads, 2) / (1 if steps is None else steps)  # [b, pos, n_dst, d_model]
+    return torch.einsum("bpsd,bprd->sr", corrupt - clean, receivers) * spec.real
 
 
 @pytest.mark.parametrize("norm", ["LN", "LNPre", "RMS", "RMSPre", None])
@@ -270,6 +278,20 @@ def test_pretrained_gpt2_through_the_offline_cache(offline_gpt2):
 def test_eap_averages_over_batches(model, ds):
     whole = attribute(model, ds, "eap", batch_size=len(ds)).scores
     assert torch.allclose(attribute(model, ds, "eap", batch_size=7).scores, whole, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["LN", "RMSPre"])
+def test_eap_ig_matches_plain_autograd(norm, monkeypatch):
+    import circuitkit.circuits.attribution as attribution
+
+    m = build_model(toy_config("toy-2l", seed=4, normalization_type=norm))
+    batch = get_task("addition").dataset(6, seed=2)
+    expected = reference_eap(m, batch, steps=4)
+    got = attribute(m, batch, "eap-ig", steps=4).scores  # all steps in one pass
+    tol = dict(rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
+    assert torch.allclose(got, expected, **tol)
+    monkeypatch.setattr(attribution, "IG_COPY_BUDGET", 3 * batch.seq_len * m.cfg.d_model * len(batch))
+    assert torch.allclose(attribute(m, batch, "eap-ig", steps=4).scores, expected, **tol)  # 3 steps, then 1
 
 
 def test_eap_ig_with_one_step_is_eap(model, ds):

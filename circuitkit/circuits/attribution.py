@@ -41,6 +41,8 @@ from circuitkit.circuits.interventions import (
 from circuitkit.tasks.base import Metric, TaskDataset
 
 DEFAULT_IG_STEPS = 5
+# eap-ig runs several interpolation steps in one pass, up to this many input numbers [steps*batch, pos, d_model]
+IG_COPY_BUDGET = 2**22
 
 
 # ---------------------------------------------------------------- gradient methods
@@ -68,14 +70,16 @@ class _GradientPass:
                  input_fn: Callable[[torch.Tensor], torch.Tensor],
                  diff: torch.Tensor,  # [n_src, batch, pos, d_model], sender-major
                  subtract_clean: bool = False,
-                 z_ablate: dict[int, torch.Tensor] | None = None):  # layer -> ablated z [batch, pos, n_heads, d_head]
+                 z_ablate: dict[int, torch.Tensor] | None = None,  # layer -> ablated z [batch, pos, n_heads, d_head]
+                 repeats: int = 1):  # the model's batch is `repeats` copies of the examples (eap-ig steps)
         self.model, self.spec, self.level, self.out, self.input_fn = model, spec, level, out, input_fn
-        self.diff, self.subtract_clean, self.z_ablate = diff, subtract_clean, z_ablate
+        self.diff, self.subtract_clean, self.z_ablate, self.repeats = diff, subtract_clean, z_ablate, repeats
         self.head_layer = {g.rows.start: g.layer for g in spec.sender_groups if g.per_head}
         self.x: torch.Tensor | None = None
         self.weight = 1.0
         self.ln_stats: dict[tuple[int, str], torch.Tensor] = {}  # (layer, "scale"|"normalized") -> [batch, pos, 1|d]
         self.pending: dict[int, dict[str, torch.Tensor]] = {}  # layer -> {"q": ∂m/∂q, ...} until all three arrive
+        self.qkv_acts: dict[tuple[int, str], torch.Tensor] = {}  # (layer, "q") -> q [batch, pos, n_heads, d_head]
         self.cache: dict[str, torch.Tensor] = {}  # per-position sums of diff, filled during backward
 
     @property
@@ -96,7 +100,7 @@ class _GradientPass:
                 if qkv == "q" and self.model.cfg.normalization_type is not None:
                     for stat in ("scale", "normalized"):
                         hooks.append((f"blocks.{layer}.ln1.hook_{stat}", self._keep_stat(layer, stat)))
-                hooks.append((f"blocks.{layer}.attn.hook_{qkv}", self._watch(self._head_input_grad(layer, qkv, g.prefix))))
+                hooks.append((f"blocks.{layer}.attn.hook_{qkv}", self._head_input_hook(layer, qkv, g.prefix)))
         else:  # the input's gradient is watched on the leaf itself, in _input
             for g in spec.sender_groups[1:]:
                 hooks.append((g.grad_hook, self._watch(self._node_grad(g.rows))))
@@ -128,13 +132,17 @@ class _GradientPass:
             self.ln_stats[layer, stat] = act.detach()
         return hook
 
-    def _head_input_grad(self, layer: int, qkv: str, prefix: int) -> Callable:
+    def _head_input_hook(self, layer: int, qkv: str, prefix: int) -> Callable:
         def on_grad(grad):  # ∂m/∂q (or k, v): [batch, pos, n_heads, d_head]
             got = self.pending.setdefault(layer, {})
             got[qkv] = grad
             if len(got) == 3:
                 self._score_head_inputs(layer, prefix, self.pending.pop(layer))
-        return on_grad
+
+        def hook(act, hook):  # q (or k, v): [batch, pos, n_heads, d_head]
+            self.qkv_acts[layer, qkv] = act.detach()
+            act.register_hook(on_grad)
+        return hook
 
     def _score_head_inputs(self, layer: int, prefix: int, grads: dict[str, torch.Tensor]) -> None:
         """Scores of the edges into one block's q, k and v inputs from ∂m/∂q, ∂m/∂k, ∂m/∂v
@@ -159,33 +167,50 @@ class _GradientPass:
             if norm is not None:
                 scale, x_hat = self.ln_stats[layer, "scale"], self.ln_stats[layer, "normalized"]  # [b,p,1], [b,p,d]
                 g = g / scale.unsqueeze(-1)
-            n = g.shape[2]
-            u = g.reshape(-1, n, g.shape[-1]).transpose(0, 1) @ w_in.transpose(1, 2)  # [3 * n_heads, b*pos, d_model]
+            n, r = g.shape[2], self.repeats
+            g_sum = g.reshape(r, -1, *g.shape[1:]).sum(0) if r > 1 else g  # copies summed: u is linear in g
+            u = g_sum.reshape(-1, n, g.shape[-1]).transpose(0, 1) @ w_in.transpose(1, 2)  # [3 * n_heads, b*pos, d_model]
             score = (u.reshape(n, -1) @ self.diff_t[:prefix].T).T  # [prefix, 3 * n_heads]
-            if norm is not None:
-                xw = (x_hat.reshape(-1, d_model) @ w_in.transpose(0, 1).reshape(d_model, -1)).view(g.shape)
-                e = (g * xw).sum(-1).permute(2, 0, 1).reshape(n, -1)  # Σ_d u x̂: [3 * n_heads, b*pos]
-                x_dot = (self.diff[:prefix] * x_hat).sum(-1).reshape(prefix, -1)  # Σ_d diff x̂: [prefix, b*pos]
+            if norm is not None:  # x̂ differs between copies: these terms keep the copy axis
+                xw = self._normalized_projection(layer)  # x̂ @ (w ⊙ W): [r*b, pos, 3 * n_heads, d_head]
+                e = (g * xw).sum(-1).permute(2, 0, 1).reshape(n, -1)  # Σ_d u x̂: [3 * n_heads, r*b*pos]
+                x_hat_r = x_hat.reshape(r, *self.diff.shape[1:])  # [r, b, pos, d_model]
+                x_dot = (self.diff[:prefix, None] * x_hat_r).sum(-1).reshape(prefix, -1)  # Σ_d diff x̂: [prefix, r*b*pos]
                 score -= x_dot @ e.T / d_model
                 if norm in ("LN", "LNPre"):
-                    b = (g * w_in.sum(1)).sum(-1).permute(2, 0, 1).reshape(n, -1)  # Σ_d u: [3 * n_heads, b*pos]
+                    b = (g_sum * w_in.sum(1)).sum(-1).permute(2, 0, 1).reshape(n, -1)  # Σ_d u: [3 * n_heads, b*pos]
                     score -= self._diff_sum()[:prefix] @ b.T / d_model
             self.out[:prefix, first: first + n] += self.weight * score.float().cpu()
+
+    def _normalized_projection(self, layer: int) -> torch.Tensor:  # [batch, pos, 3 * n_heads, d_head]
+        """``x̂ @ (w ⊙ W)`` for q, k, v, read off the forward pass: ``q = (x̂ ⊙ w + b_ln) @ W_Q + b_Q``."""
+        attn, ln = self.model.blocks[layer].attn, self.model.blocks[layer].ln1
+        parts = []
+        for c in "qkv":
+            offset = getattr(attn, f"b_{c.upper()}")  # [n_heads, d_head]
+            if self.model.cfg.normalization_type == "LN":
+                offset = offset + torch.einsum("d,hde->he", ln.b, getattr(attn, f"W_{c.upper()}"))
+            parts.append(self.qkv_acts.pop((layer, c)) - offset)
+        return torch.cat(parts, 2)
 
     def _diff_sum(self) -> torch.Tensor:  # [n_src, batch*pos]: Σ_d diff
         if "sum" not in self.cache:
             self.cache["sum"] = self.diff.sum(-1).reshape(self.diff.shape[0], -1)
         return self.cache["sum"]
 
+    def _summed(self, grad: torch.Tensor) -> torch.Tensor:  # [repeats*batch, pos, d_model] -> [batch*pos*d_model]
+        """Scores are linear in these gradients, so the copies' gradients are summed first."""
+        return grad.reshape(self.repeats, -1).sum(0) if self.repeats > 1 else grad.reshape(-1)
+
     def _receiver_grad(self, prefix: int, cols: slice) -> Callable:
-        def on_grad(grad):  # [batch, pos, d_model]
-            self.out[:prefix, cols] += self.weight * (self.diff_t[:prefix] @ grad.reshape(-1, 1)).float().cpu()
+        def on_grad(grad):  # [repeats*batch, pos, d_model]
+            self.out[:prefix, cols] += self.weight * (self.diff_t[:prefix] @ self._summed(grad)[:, None]).float().cpu()
         return on_grad
 
     def _node_grad(self, rows: slice) -> Callable:
         # every sender in `rows` adds its output to the activation whose gradient arrives here
-        def on_grad(grad):  # [batch, pos, d_model]
-            self.out[rows] += self.weight * (self.diff_t[rows] @ grad.reshape(-1)).float().cpu()  # [n_rows]
+        def on_grad(grad):  # [repeats*batch, pos, d_model]
+            self.out[rows] += self.weight * (self.diff_t[rows] @ self._summed(grad)).float().cpu()  # [n_rows]
         return on_grad
 
     def run(self, model, tokens: torch.Tensor) -> torch.Tensor:  # [batch, pos] -> [batch, pos, d_vocab]
@@ -264,11 +289,18 @@ def _gradient_scores(model, ds: TaskDataset, *, level: str, steps: int | None, a
             clean_in, base_in = clean[:, :, 0], ablate[:, :, 0].clone()  # [b, pos, d_model], [b or 1, pos, d_model]
             diff = _sender_major(ablate, b, owned=values_src.ablation is Ablation.PATCHING)
             diff.sub_(clean.permute(2, 0, 1, 3))  # a^ablate - a^clean
-            for k in range(1, steps + 1):
-                alpha = k / steps
-                gp = _GradientPass(model, spec, level, total, lambda x, a=alpha: base_in + a * (clean_in - base_in), diff)
-                logits = gp.run(model, batch.clean)
-                gp.backward(logits, batch, reference, b / (n * steps))
+            per_pass = max(1, min(steps, IG_COPY_BUDGET // clean_in.numel()))
+            for first in range(1, steps + 1, per_pass):  # steps k/steps, k = 1..steps, `per_pass` copies at a time
+                alphas = torch.arange(first, min(first + per_pass, steps + 1), device=device, dtype=clean_in.dtype) / steps
+                r = len(alphas)
+
+                def interpolate(x, alphas=alphas):  # -> [r*b, pos, d_model]
+                    return (base_in + alphas[:, None, None, None] * (clean_in - base_in)).reshape(-1, *x.shape[1:])
+
+                gp = _GradientPass(model, spec, level, total, interpolate, diff, repeats=r)
+                logits = gp.run(model, batch.clean.repeat(r, 1))
+                copies = batch[torch.arange(b).repeat(r)]
+                gp.backward(logits, copies, None if reference is None else reference.repeat(r, 1, 1), r * b / (n * steps))
     return total
 
 
