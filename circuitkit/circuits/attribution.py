@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from circuitkit import CircuitkitError
 from circuitkit.circuits.graph import Graph, GraphSpec
 from circuitkit.circuits.interventions import (
-    COPY_BUDGET, DEFAULT_BATCH_SIZE, Ablation, AblationValues, capture_senders, check_dataset, graph_hooks_enabled,
+    DEFAULT_BATCH_SIZE, Ablation, AblationValues, capture_senders, check_dataset, copies_metric, graph_hooks_enabled,
     head_outputs, model_device, model_dtype, sender_hooks, temporary_hooks,
 )
 from circuitkit.tasks.base import Metric, TaskDataset
@@ -43,6 +43,8 @@ from circuitkit.tasks.base import Metric, TaskDataset
 DEFAULT_IG_STEPS = 5
 # eap-ig runs several interpolation steps in one pass, up to this many input numbers [steps*batch, pos, d_model]
 IG_COPY_BUDGET = 2**22
+# exact patching stacks single-edge copies of a batch up to this many residual numbers [copies*batch, pos, d_model]
+PATCH_COPY_BUDGET = 2**21
 
 
 # ---------------------------------------------------------------- gradient methods
@@ -218,10 +220,10 @@ class _GradientPass:
         with torch.enable_grad(), temporary_hooks(model, self.hooks()):
             return model(tokens)
 
-    def backward(self, logits: torch.Tensor, batch: TaskDataset, reference: torch.Tensor | None,
-                 weight: float) -> None:
+    def backward(self, logits: torch.Tensor,  # [repeats*batch, pos, d_vocab]
+                 batch: TaskDataset, reference: torch.Tensor | None, weight: float) -> None:
         self.weight = weight
-        metric = batch.metric_values(logits, reference).mean()
+        metric = copies_metric(batch, logits, reference, self.repeats).mean()  # over copies and examples
         metric.backward(inputs=[self.x])
         for layer, grads in list(self.pending.items()):  # blocks where q, k or v got no gradient
             self._score_head_inputs(layer, self.spec.src_prefix[self.spec.head_dst(layer, 0, "q")].item(),
@@ -299,8 +301,7 @@ def _gradient_scores(model, ds: TaskDataset, *, level: str, steps: int | None, a
 
                 gp = _GradientPass(model, spec, level, total, interpolate, diff, repeats=r)
                 logits = gp.run(model, batch.clean.repeat(r, 1))
-                copies = batch[torch.arange(b).repeat(r)]
-                gp.backward(logits, copies, None if reference is None else reference.repeat(r, 1, 1), r * b / (n * steps))
+                gp.backward(logits, batch, reference, r * b / (n * steps))
     return total
 
 
@@ -422,7 +423,7 @@ def _single_sender_patching(model, ds: TaskDataset, srcs: torch.Tensor,  # [n_it
             reference = logits if batch.metric is Metric.NEG_KL else None
             m_full = batch.metric_values(logits, reference).double()  # [b]
             diff = values.permute(2, 0, 1, 3) - clean  # [n_src, b, pos, d_model]
-            per_pass = max(1, COPY_BUDGET // (b * p * d_model * 4))
+            per_pass = max(1, PATCH_COPY_BUDGET // (b * p * d_model))
             for (layer, hook), items in groups.items():
                 for start in range(0, len(items), per_pass):
                     chunk = torch.tensor(items[start: start + per_pass], device=device)
@@ -436,9 +437,8 @@ def _single_sender_patching(model, ds: TaskDataset, srcs: torch.Tensor,  # [n_it
                         hooks = [(hook, _site_hook(model, sites[items[start]], delta, heads[chunk], resid[layer]))]
                     with temporary_hooks(model, hooks):
                         out = model(x.reshape(k * b, p, d_model), start_at_layer=layer)  # [k*b, pos, d_vocab]
-                    out = out.reshape(k, b, *out.shape[1:])
-                    for c in range(k):
-                        total[chunk[c]] += (batch.metric_values(out[c], reference).double() - m_full).sum().cpu()
+                    m = copies_metric(batch, out, reference, k).double()  # [k, b]
+                    total[chunk.cpu()] += (m - m_full).sum(1).cpu()
                     bar.update(k)
     return (total / len(ds)).float()
 

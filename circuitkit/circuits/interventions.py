@@ -301,8 +301,18 @@ def _reference(model, batch: TaskDataset) -> torch.Tensor | None:  # [batch, pos
     """The full model's clean logits when the metric needs them (KL), else None."""
     if batch.metric is not Metric.NEG_KL:
         return None
-    with torch.no_grad(), graph_hooks_enabled(model):
+    with torch.no_grad():
         return model(batch.clean.to(model_device(model)))
+
+
+def copies_metric(batch: TaskDataset, logits: torch.Tensor,  # [k*batch, pos, d_vocab], copy-major
+                  reference: torch.Tensor | None, k: int) -> torch.Tensor:  # [k, batch]
+    """The task metric of ``k`` stacked copies of ``batch`` in one call."""
+    b = len(batch)
+    if k == 1:
+        return batch.metric_values(logits, reference).reshape(1, b)
+    ref = None if reference is None else reference.repeat(k, 1, 1)
+    return batch[torch.arange(b).repeat(k)].metric_values(logits, ref).reshape(k, b)
 
 
 def _copies_per_pass(spec: GraphSpec, model, batch: TaskDataset) -> int:
@@ -337,10 +347,8 @@ def ablation_metrics(model, spec: GraphSpec, ds: TaskDataset, ablated: Callable[
                 k = stop - start
                 with patched_masks(model, spec, masks, values):
                     logits = model(batch.clean.repeat(k, 1))  # [k*b, pos, d_vocab]
-                logits = logits.reshape(k, b, *logits.shape[1:])
-                for c in range(k):
-                    out[start + c, bi * batch_size: bi * batch_size + b] = batch.metric_values(
-                        logits[c], reference).float().cpu()
+                out[start:stop, bi * batch_size: bi * batch_size + b] = copies_metric(batch, logits, reference,
+                                                                                     k).float().cpu()
                 bar.update(k)
     return out
 
