@@ -76,7 +76,6 @@ class _GradientPass:
                  repeats: int = 1):  # the model's batch is `repeats` copies of the examples (eap-ig steps)
         self.model, self.spec, self.level, self.out, self.input_fn = model, spec, level, out, input_fn
         self.diff, self.subtract_clean, self.z_ablate, self.repeats = diff, subtract_clean, z_ablate, repeats
-        self.head_layer = {g.rows.start: g.layer for g in spec.sender_groups if g.per_head}
         self.x: torch.Tensor | None = None
         self.weight = 1.0
         self.ln_stats: dict[tuple[int, str], torch.Tensor] = {}  # (layer, "scale"|"normalized") -> [batch, pos, 1|d]
@@ -110,7 +109,7 @@ class _GradientPass:
 
     def _subtract(self, rows: slice, act: torch.Tensor) -> None:
         # act: [n_rows, batch, pos, d_model], or for heads with z_ablate: z [batch, pos, n_heads, d_head]
-        layer = self.head_layer.get(rows.start)
+        layer = self.spec.head_group_layer.get(rows.start)
         if layer is not None and self.z_ablate is not None:
             self.diff[rows] = head_outputs(self.z_ablate.pop(layer) - act, self.model.blocks[layer].attn.W_O)
         else:
@@ -250,11 +249,10 @@ def _ablated_sender_major(model, spec: GraphSpec, values_src: AblationValues, ba
     b, p = batch.clean.shape
     buf = torch.empty(spec.n_src, b, p, model.cfg.d_model, device=model_device(model), dtype=model_dtype(model))
     zs: dict[int, torch.Tensor] = {}
-    head_layer = {g.rows.start: g.layer for g in spec.sender_groups if g.per_head}
 
     def sink(rows: slice, act: torch.Tensor) -> None:
-        if rows.start in head_layer:
-            zs[head_layer[rows.start]] = act  # z [batch, pos, n_heads, d_head]
+        if rows.start in spec.head_group_layer:
+            zs[spec.head_group_layer[rows.start]] = act  # z [batch, pos, n_heads, d_head]
         else:
             buf[rows] = act
 

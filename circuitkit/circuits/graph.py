@@ -258,6 +258,11 @@ class GraphSpec:
         return tuple(groups)
 
     @cached_property
+    def head_group_layer(self) -> Mapping[int, int]:
+        """First sender index of each block's heads -> the block (keys of :attr:`sender_groups` rows)."""
+        return {g.rows.start: g.layer for g in self.sender_groups if g.per_head}
+
+    @cached_property
     def head_rows(self) -> torch.Tensor:  # [n_layers, n_heads] long: sender index of each head
         return torch.tensor([[self.head_src(l, h) for h in range(self.n_heads)] for l in range(self.n_layers)])
 
