@@ -125,3 +125,62 @@ def circuit_figure(base: Graph, sparse: Graph, stem: Path, title: str = "") -> l
     draw_circuit(axes[1], sparse, f"sparse {title}")
     fig.tight_layout()
     return save(fig, stem)
+
+
+def attention_edges(model, tokens, min_weight: float = 0.02):  # tokens [pos] -> [layers, heads, pos, pos]
+    """Attention weights each head puts on each (query, key) pair, after any gates.
+
+    Read at ``hook_pattern`` through a temporary hook, which runs after a sparse model's
+    permanent gate hooks, so it sees ``softmax(s) ⊙ m``. Weights below ``min_weight`` are 0.
+    """
+    import torch
+
+    captured = {}
+
+    def grab(pattern, hook):
+        captured[hook.layer()] = pattern.detach()[0]
+
+    with torch.no_grad():
+        model.run_with_hooks(tokens[None], fwd_hooks=[(lambda n: n.endswith("hook_pattern"), grab)])
+    w = torch.stack([captured[l] for l in range(model.cfg.n_layers)])
+    return torch.where(w >= min_weight, w, torch.zeros_like(w))
+
+
+def attention_figure(models: Sequence[tuple[str, object]], prompts: Sequence[tuple[str, object]],
+                     token_text, stem: Path, min_weight: float = 0.02) -> list[Path]:
+    """The paper's teaser: token-level attention edges per layer, one row per (prompt, model).
+
+    Each panel is one layer; an arc joins key j (bottom) to query i (top) when any head
+    attends with weight ≥ ``min_weight``; width and opacity follow the largest head weight.
+    The count of such (head, query, key) edges over all causal ones is in each row title.
+    """
+    rows = [(p_label, p, m_label, m) for p_label, p in prompts for m_label, m in models]
+    n_layers = models[0][1].cfg.n_layers
+    fig, axes = plt.subplots(len(rows), n_layers, figsize=(2.9 * n_layers, 1.6 * len(rows)), squeeze=False)
+    for r, (p_label, tokens, m_label, model) in enumerate(rows):
+        w = attention_edges(model, tokens, min_weight)  # [layers, heads, pos, pos]
+        T = tokens.shape[0]
+        causal = n_layers * model.cfg.n_heads * T * (T + 1) // 2
+        kept = int((w > 0).sum())
+        text = token_text(tokens)
+        for l in range(n_layers):
+            ax = axes[r, l]
+            strength = w[l].max(0).values  # [pos, pos]
+            for i, j in (strength > 0).nonzero().tolist():
+                s = float(strength[i, j])
+                ax.plot([j, i], [0, 1], color=SPARSE_COLOR if "sparse" in m_label else BASE_COLOR,
+                        lw=0.3 + 1.7 * s, alpha=0.15 + 0.8 * s)
+            for y in (0, 1):
+                ax.scatter(range(T), [y] * T, s=6, color="black", zorder=3)
+            ax.set_xticks(range(T), text, fontsize=6)
+            ax.set_yticks([])
+            ax.set_ylim(-0.15, 1.15)
+            for side in ("top", "right", "left"):
+                ax.spines[side].set_visible(False)
+            if r == 0:
+                ax.set_title(f"layer {l}", fontsize=9)
+        axes[r, 0].set_ylabel(f"{m_label}\n{p_label}", fontsize=7, rotation=0, ha="right", va="center")
+        axes[r, -1].text(1.02, 0.5, f"{kept}/{causal} edges\n({100 * kept / causal:.1f}%)", fontsize=7,
+                         transform=axes[r, -1].transAxes, va="center")
+    fig.tight_layout()
+    return save(fig, stem)
