@@ -46,7 +46,7 @@ def log_records(run_dir):
 
 
 def test_finetune_writes_a_loadable_sparse_model_and_logs(tmp_path, base_dir):
-    cfg = cfg_for(tmp_path, base_dir, mlp=True, final_hard_steps=2)
+    cfg = cfg_for(tmp_path, base_dir, mlp=True, final_hard_steps=2, final_sparsity_weight=0.0)
     card = finetune(cfg, progress=False, command="circuitkit sparsify ...")
     recs = log_records(tmp_path / "run")
     assert [r["step"] for r in recs] == list(range(1, 7))
@@ -55,6 +55,7 @@ def test_finetune_writes_a_loadable_sparse_model_and_logs(tmp_path, base_dir):
         assert k in r
     assert len(r["attn_hard"]) == 2 and len(r["attn_hard_head"][0]) == 4
     assert [x["mode"] for x in recs] == ["train"] * 4 + ["hard_st"] * 2
+    assert [x["sparsity_weight"] for x in recs] == [1.0] * 4 + [0.0] * 2
     assert (tmp_path / "run" / "log.csv").read_text().startswith("step,")
     assert card["target_ce"] == pytest.approx(card["base_heldout_ce"] * 1.05)
     assert 0 <= card["kept_edges"] <= 1 and 0 <= card["mlp_active"] <= 1
@@ -80,15 +81,15 @@ def test_resume_continues_exactly(tmp_path, base_dir):
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, base_dir, monkeypatch):
     cfg = cfg_for(tmp_path, base_dir, checkpoint_every=2)
-    real = ft.masked_ce
+    real = ft.task_nll
     calls = {"n": 0}
 
     def poisoned(*a, **k):
         calls["n"] += 1
-        out = real(*a, **k)
-        return out * float("nan") if calls["n"] == 4 else out  # the 4th step's batch is poisoned
+        sums, counts = real(*a, **k)
+        return (sums * float("nan") if calls["n"] == 4 else sums), counts  # the 4th step's batch is poisoned
 
-    monkeypatch.setattr(ft, "masked_ce", poisoned)
+    monkeypatch.setattr(ft, "task_nll", poisoned)
     ck = tmp_path / "run" / "checkpoint.pt"
     snapshot = {}
 
@@ -132,7 +133,7 @@ def _ddp_worker(rank, world, port, cfg_dict):
 def test_two_process_ddp_matches_single_process(tmp_path, base_dir):
     import torch.multiprocessing as mp
 
-    kw = dict(steps=4, batch_size=8, checkpoint_every=4, mlp=True)
+    kw = dict(steps=4, batch_size=8, checkpoint_every=4, mlp=True, tasks={"addition": 1.0, "induction": 2.0})
     single = cfg_for(tmp_path / "single", base_dir, **kw)
     finetune(single, progress=False, device="cpu")
     ddp = cfg_for(tmp_path / "ddp", base_dir, **kw)
@@ -147,6 +148,23 @@ def test_two_process_ddp_matches_single_process(tmp_path, base_dir):
     x = get_task("addition").dataset(8, seed=5).clean
     la, lb = load_model(tmp_path / "single" / "out")(x), load_model(tmp_path / "ddp" / "out")(x)
     assert torch.allclose(la, lb, atol=1e-4)
+
+
+def test_task_weighted_ce_matches_masked_ce_per_task():
+    from circuitkit.training import masked_ce
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 6, 11, generator=g)
+    tokens = torch.randint(0, 11, (5, 6), generator=g)
+    mask = torch.rand(5, 6, generator=g) > 0.4
+    row_task = torch.tensor([0, 1, 0, 1, 1])
+    sums, counts = ft.task_nll(logits, tokens, mask, row_task, 2)
+    for t in range(2):
+        sel = row_task == t
+        assert (sums[t] / counts[t]).item() == pytest.approx(masked_ce(logits[sel], tokens[sel], mask[sel]).item(),
+                                                             rel=1e-5)
+    s1, c1 = ft.task_nll(logits, tokens, mask, torch.zeros(5, dtype=torch.long), 1)
+    assert (s1 / c1).item() == pytest.approx(masked_ce(logits, tokens, mask).item(), rel=1e-5)
 
 
 def test_chunking():

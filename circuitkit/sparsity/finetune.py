@@ -20,7 +20,9 @@ slice of the gate noise), DDP averages the gradients, the constraint's CE is red
 all ranks so λ is identical everywhere, and only rank 0 writes.
 
 A final phase (``final_hard_steps``) can run with deterministic straight-through gates
-(forward exactly as in evaluation), so the weights adapt to the gates that will be kept.
+(forward exactly as in evaluation), so the weights adapt to the gates that will be kept;
+``final_sparsity_weight`` scales the sparsity term there (0: recover the CE only, which
+keeps the needed edges away from the gate threshold instead of pressing them onto it).
 """
 
 from __future__ import annotations
@@ -35,12 +37,13 @@ import shlex
 import sys
 import time
 import tomllib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from circuitkit import CircuitkitError
@@ -52,8 +55,7 @@ from circuitkit.sparsity.measure import measure_sparsity
 from circuitkit.sparsity.objective import Geco, GecoState, sparsity_objective
 from circuitkit.sparsity.storage import save_sparse_model
 from circuitkit.tasks.vocab import VOCAB
-from circuitkit.training import (StepLog, build_tasks, evaluate, load_checkpoint, make_optimizer, masked_ce,
-                                 sample_mixture, save_checkpoint)
+from circuitkit.training import StepLog, build_tasks, evaluate, load_checkpoint, make_optimizer, save_checkpoint
 
 CSV_FILE = "log.csv"
 DEFAULT_TOLERANCE = 0.05
@@ -95,6 +97,7 @@ class SparsifyConfig:
     seed: int = 0
     steps: int = 2000
     final_hard_steps: int = 0  # the last steps use deterministic straight-through gates
+    final_sparsity_weight: float = 1.0  # multiplies w_attn, w_mlp in those last steps (0: recover CE only)
     batch_size: int = 128  # global batch (split across data-parallel ranks)
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -158,8 +161,8 @@ class SparsifyConfig:
                 raise CircuitkitError(f"{source}: {k} must be a positive integer, got {getattr(self, k)!r}")
         if not 0 <= self.final_hard_steps <= self.steps:
             raise CircuitkitError(f"{source}: final_hard_steps must be in [0, steps], got {self.final_hard_steps}")
-        if self.w_attn < 0 or self.w_mlp < 0:
-            raise CircuitkitError(f"{source}: w_attn and w_mlp must be >= 0")
+        if self.w_attn < 0 or self.w_mlp < 0 or self.final_sparsity_weight < 0:
+            raise CircuitkitError(f"{source}: w_attn, w_mlp and final_sparsity_weight must be >= 0")
         GateConfig(attn=self.attn, mlp=self.mlp, bias_gate=self.bias_gate, bias_gate_mlp=self.bias_gate_mlp)
         Geco(target=1.0, eta=self.eta, ema_decay=self.ema_decay, rho_min=self.rho_min, rho_max=self.rho_max)
 
@@ -226,10 +229,34 @@ class _Data:
         self.pad_id = VOCAB.pad_id if is_toy(model) or tok is None else (
             tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0))
 
-    def sample(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def names(self) -> list[str]:
+        return list(self.tasks) if self.corpus is None else ["corpus"]
+
+    @property
+    def weights(self) -> torch.Tensor:  # [n_tasks]
         if self.corpus is not None:
-            return self.corpus.sample(n, gen)
-        return sample_mixture(self.tasks, self.cfg.tasks, n, gen, pad_id=self.pad_id)
+            return torch.ones(1, dtype=torch.float64)
+        return torch.tensor([float(self.cfg.tasks[k]) for k in self.tasks], dtype=torch.float64)
+
+    def sample(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``tokens``, ``loss_mask`` [n, pos] and each row's task index [n] (the mixture of
+        :func:`circuitkit.training.sample_mixture`, drawn the same way)."""
+        if self.corpus is not None:
+            tokens, mask = self.corpus.sample(n, gen)
+            return tokens, mask, torch.zeros(n, dtype=torch.long)
+        w = self.weights.float()
+        choice = torch.multinomial(w / w.sum(), n, replacement=True, generator=gen)
+        parts, ids = [], []
+        for i, name in enumerate(self.tasks):
+            k = int((choice == i).sum())
+            if k:
+                parts.append(self.tasks[name].train_batch(k, gen))
+                ids.append(torch.full((k,), i, dtype=torch.long))
+        width = max(t.shape[1] for t, _ in parts)
+        tokens = torch.cat([F.pad(t, (0, width - t.shape[1]), value=self.pad_id) for t, _ in parts])
+        mask = torch.cat([F.pad(m, (0, width - m.shape[1]), value=False) for _, m in parts])
+        return tokens, mask, torch.cat(ids)
 
     def heldout(self, model, n: int) -> dict[str, Any]:
         """Held-out metrics per task (or the corpus CE) and the mixture-weighted CE."""
@@ -273,6 +300,26 @@ def _csv_from_records(records: list[dict[str, Any]]) -> str:
     w.writeheader()
     w.writerows(rows)
     return buf.getvalue()
+
+
+def task_nll(logits: torch.Tensor, tokens: torch.Tensor, loss_mask: torch.Tensor, row_task: torch.Tensor,
+             n_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token CE and the number of scored positions, per task.
+
+    logits [batch, pos, d_vocab]; tokens, loss_mask [batch, pos]; row_task [batch] ->
+    (sums [n_tasks] with gradient, counts [n_tasks]). ``sums / counts`` is each task's
+    :func:`circuitkit.training.masked_ce`.
+    """
+    v = logits.shape[-1]
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, v).float(), tokens[:, 1:].reshape(-1),
+                          reduction="none").view(tokens.shape[0], -1)  # [batch, pos-1]
+    m = loss_mask[:, :-1].to(nll.dtype)
+    per_row, cnt_row = (nll * m).sum(-1), m.sum(-1)
+    if n_tasks == 1:
+        return per_row.sum().view(1), cnt_row.sum().view(1)
+    sums = torch.zeros(n_tasks, dtype=nll.dtype, device=nll.device).index_add(0, row_task, per_row)
+    counts = torch.zeros(n_tasks, dtype=nll.dtype, device=nll.device).index_add(0, row_task, cnt_row)
+    return sums, counts
 
 
 def _params_finite(model: torch.nn.Module) -> bool:
@@ -356,47 +403,50 @@ def _finetune(cfg, dd: _Dist, resume, max_steps, progress, command, device, on_b
     gates.collect = True
     bar = tqdm(total=cfg.steps, initial=step, desc=cfg.name, disable=not (progress and dd.main), dynamic_ncols=True)
     hard_from = cfg.steps - cfg.final_hard_steps
+    n_tasks, task_w = len(data.names), data.weights
     try:
         while step < stop:
-            gates.mode = GateMode.HARD_ST if step >= hard_from else GateMode.TRAIN
+            final = step >= hard_from
+            gates.mode = GateMode.HARD_ST if final else GateMode.TRAIN
+            w_scale = cfg.final_sparsity_weight if final else 1.0
             noise_gen.manual_seed(_noise_seed(cfg.seed, step))
             gates.clear_stats()
-            tokens, mask = data.sample(cfg.batch_size, data_gen)
+            tokens, mask, row_task = data.sample(cfg.batch_size, data_gen)
             if on_batch is not None:
                 tokens, mask = on_batch(step, tokens, mask)
             if dd.on:
-                tokens = tokens[dd.rank * local_b:(dd.rank + 1) * local_b]
-                mask = mask[dd.rank * local_b:(dd.rank + 1) * local_b]
-            tokens, mask = tokens.to(device), mask.to(device)
+                rows = slice(dd.rank * local_b, (dd.rank + 1) * local_b)
+                tokens, mask, row_task = tokens[rows], mask[rows], row_task[rows]
+            tokens, mask, row_task = tokens.to(device), mask.to(device), row_task.to(device)
             logits = ddp_model(tokens)
-            ce = masked_ce(logits, tokens, mask)
-            count = mask[:, :-1].sum().to(torch.float64)
+            sums, counts = task_nll(logits, tokens, mask, row_task, n_tasks)
             sp = gates.sparsity()
             s_total = sparsity_objective(sp["attn"], sp["mlp"], cfg.w_attn, cfg.w_mlp)
             dens = gates.density_report(heads=cfg.log_heads)
             # one reduction for everything the constraint and the log need
             flat_keys = sorted(k for k in dens if isinstance(dens[k], list))
-            stats = [ce.detach().double() * count, count, s_total.detach().double()]
-            stats += [torch.tensor(_flatten(dens[k]), dtype=torch.float64) for k in flat_keys]
-            packed = torch.cat([s.reshape(-1).to("cpu", torch.float64) for s in stats])
+            stats = [sums.detach(), counts, s_total.detach()]
+            stats += [torch.tensor(_flatten(dens[k])) for k in flat_keys]
+            packed = torch.cat([x.reshape(-1).to("cpu", torch.float64) for x in stats])
             if dd.on:
                 packed = packed.to(device)
                 dist.all_reduce(packed)
                 packed = packed.cpu()
-                count_g = float(packed[1])
-                packed[2:] /= dd.world
-            else:
-                count_g = float(packed[1])
-            ce_g = float(packed[0]) / max(count_g, 1.0)
-            s_g = float(packed[2])
+                packed[2 * n_tasks:] /= dd.world
+            sums_g, counts_g = packed[:n_tasks], packed[n_tasks:2 * n_tasks]
+            present = counts_g > 0
+            # the constraint's CE: the task-weighted mean of each task's masked CE over the global batch
+            coef = torch.where(present, task_w / task_w[present].sum() / counts_g.clamp(min=1), 0.0)  # [n_tasks]
+            ce_g = float((coef * sums_g).sum())
+            s_g = float(packed[2 * n_tasks])
             if not (math.isfinite(ce_g) and math.isfinite(s_g)):
                 raise CircuitkitError(
                     f"loss became non-finite (CE {ce_g}, sparsity {s_g}) at step {step}; nothing from this step "
                     f"was applied and the last good checkpoint in {run_dir} is intact. Lower lr (now {cfg.lr}) or "
                     "eta and rerun with --resume")
-            # the CE term: this rank's share of the global masked mean (exactly masked_ce on one process)
-            ce_term = ce if not dd.on else ce * (float(count) * dd.world / max(count_g, 1.0))
-            loss = geco.lagrangian(s_total, ce_term, state)
+            # this rank's share of that CE (DDP averages the gradients over ranks)
+            ce_term = (sums * (coef * dd.world).to(sums.device, sums.dtype)).sum()
+            loss = geco.lagrangian(s_total * w_scale if w_scale != 1.0 else s_total, ce_term, state)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -410,9 +460,9 @@ def _finetune(cfg, dd: _Dist, resume, max_steps, progress, command, device, on_b
             state = geco.update(state, ce_g)
             step += 1
             rec: dict[str, Any] = {"step": step, "ce": ce_g, "target": target, "lam": lam, "rho": state.rho,
-                                   "ema_ce": state.ema, "sparsity": s_g, "loss": s_g + lam * (ce_g - target),
-                                   "lr": sched.get_last_lr()[0], "mode": gates.mode.value}
-            off = 3
+                                   "ema_ce": state.ema, "sparsity": s_g, "loss": w_scale * s_g + lam * (ce_g - target),
+                                   "lr": sched.get_last_lr()[0], "mode": gates.mode.value, "sparsity_weight": w_scale}
+            off = 2 * n_tasks + 1
             for k in flat_keys:
                 n = len(_flatten(dens[k]))
                 vals = packed[off:off + n].tolist()
@@ -563,7 +613,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--w-mlp", type=float)
     p.add_argument("--eta", type=float, help="GECO step size for log λ")
     p.add_argument("--steps", type=int)
-    p.add_argument("--final-hard-steps", type=int)
+    p.add_argument("--final-hard-steps", type=int, help="last steps with deterministic straight-through gates")
+    p.add_argument("--final-sparsity-weight", type=float, help="sparsity weight scale in those steps (default 1)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
@@ -575,8 +626,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 _FLAG_KEYS = ("model", "corpus", "corpus_seq_len", "attn", "mlp", "bias_gate", "bias_gate_mlp", "tolerance",
-              "target_ce", "w_attn", "w_mlp", "eta", "steps", "final_hard_steps", "batch_size", "lr", "seed", "out",
-              "run_dir", "name")
+              "target_ce", "w_attn", "w_mlp", "eta", "steps", "final_hard_steps", "final_sparsity_weight",
+              "batch_size", "lr", "seed", "out", "run_dir", "name")
 
 
 def config_from_args(args: argparse.Namespace) -> SparsifyConfig:
