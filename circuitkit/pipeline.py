@@ -22,6 +22,10 @@ from circuitkit.evaluation.study import StudyConfig, TaskResult, analyse
 from circuitkit.io import check_keys, read_toml, write_text
 
 TOY_TASKS = ("addition", "induction", "ioi", "greater-than", "docstring")
+# induction is left out of the default study: its prompts repeat with a fixed period, so the
+# shipped toy-multitask solves it by position (copy the token 7 back) and the second-half
+# shuffle leaves the metric unchanged (m(N) − m(∅) ≈ 0.08), i.e. there is no effect to explain.
+DEFAULT_TASKS = ("addition", "ioi", "greater-than", "docstring")
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -38,7 +42,7 @@ class RunConfig:
     study: StudyConfig = field(default_factory=StudyConfig)
     pairs: tuple[Pair, ...] = (
         Pair("toy-addition", "toy-addition-sparse", ("addition",)),
-        Pair("toy-multitask", "toy-multitask-sparse", TOY_TASKS),
+        Pair("toy-multitask", "toy-multitask-sparse", DEFAULT_TASKS),
     )
     figures: bool = True
     # figures of the sparse post-training stage, linked into the report when they exist
