@@ -64,6 +64,24 @@ def test_finetune_writes_a_loadable_sparse_model_and_logs(tmp_path, base_dir):
     assert get_gates(model).mode is GateMode.EVAL and get_gates(model).config.mlp
 
 
+def test_per_task_constraints_and_target_floor(tmp_path, base_dir):
+    cfg = cfg_for(tmp_path, base_dir, steps=4, tasks={"addition": 1.0, "ioi": 1.0}, per_task_constraints=True,
+                  target_floor=3.9)
+    card = finetune(cfg, progress=False)
+    base = card["heldout_base"]
+    assert set(card["target_ce"]) == {"addition", "ioi"}
+    for k, t in card["target_ce"].items():  # max(base CE × 1.05, floor)
+        assert t == pytest.approx(max(base[k]["ce"] * 1.05, 3.9), rel=1e-4)
+    recs = log_records(tmp_path / "run")
+    assert set(recs[-1]["lam_task"]) == {"addition", "ioi"} and set(recs[-1]["ce_task"]) == {"addition", "ioi"}
+    # each task's λ moves with its own constraint: up while its EMA CE is above its target, else down
+    for r, prev in zip(recs[1:], recs[:-1]):
+        for k in ("addition", "ioi"):
+            ema, tgt = prev["ema_ce_task"][k], prev["target_task"][k]
+            if ema is not None and r["ce_task"][k] is not None and abs(ema - tgt) > 0.2:
+                assert (r["lam_task"][k] > prev["lam_task"][k]) == (ema > tgt)
+
+
 def test_resume_continues_exactly(tmp_path, base_dir):
     full = cfg_for(tmp_path / "a", base_dir)
     finetune(full, progress=False)

@@ -88,6 +88,8 @@ class SparsifyConfig:
     w_mlp: float = 1.0
     tolerance: float | None = None  # target = base CE × (1 + tolerance); default 0.05
     target_ce: float | None = None  # or an absolute target
+    target_floor: float = 0.0  # targets are at least this (a base CE near 0 makes a relative target vanish)
+    per_task_constraints: bool = False  # one constraint (and λ) per task instead of one on the mixture CE
     eta: float = 0.01
     ema_decay: float = 0.9
     rho_init: float = 0.0
@@ -155,6 +157,8 @@ class SparsifyConfig:
                                   f"got {self.tolerance}")
         if self.target_ce is not None and not (self.target_ce > 0 and math.isfinite(self.target_ce)):
             raise CircuitkitError(f"{source}: target_ce must be a positive number, got {self.target_ce}")
+        if not (self.target_floor >= 0 and math.isfinite(self.target_floor)):
+            raise CircuitkitError(f"{source}: target_floor must be >= 0, got {self.target_floor}")
         for k in ("steps", "batch_size", "checkpoint_every", "eval_every", "eval_n", "target_n", "measure_n",
                   "corpus_seq_len"):
             if not isinstance(getattr(self, k), int) or getattr(self, k) <= 0:
@@ -370,19 +374,35 @@ def _finetune(cfg, dd: _Dist, resume, max_steps, progress, command, device, on_b
     gates.noise_generator = noise_gen
     local_b = cfg.batch_size // dd.world
     gates.noise_rows = (cfg.batch_size, dd.rank * local_b) if dd.on else None
+    n_tasks, task_w = len(data.names), data.weights
+    per_task = cfg.per_task_constraints
     if resume:
         step, extra = load_checkpoint(run_dir, model, opt, sched, data_gen)
-        if "geco" not in extra or "target" not in extra:
+        if "geco" not in extra or "targets" not in extra:
             raise CircuitkitError(f"{run_dir} holds a checkpoint that was not written by circuitkit sparsify")
-        state = GecoState.from_dict(extra["geco"])
+        states = [GecoState.from_dict(d) for d in extra["geco"]]
     else:
+        tol = cfg.tolerance if cfg.tolerance is not None else DEFAULT_TOLERANCE
+
+        def make_target(ce: float) -> float:
+            return max(cfg.target_ce if cfg.target_ce is not None else ce * (1 + tol), cfg.target_floor)
+
         base_ce = float(base["target_set"]["ce"])
-        target = cfg.target_ce if cfg.target_ce is not None else base_ce * (
-            1 + (cfg.tolerance if cfg.tolerance is not None else DEFAULT_TOLERANCE))
-        extra = {"wall_time_s": 0.0, "target": target, "base_ce": base_ce, "base_heldout": base["eval_set"]}
-        state = GecoState(rho=cfg.rho_init)
-    target = float(extra["target"])
-    geco = Geco(target=target, eta=cfg.eta, ema_decay=cfg.ema_decay, rho_min=cfg.rho_min, rho_max=cfg.rho_max)
+        if per_task:
+            base_task = [float(base["target_set"]["per_task"][k]["ce"]) for k in data.names]
+            targets = [make_target(c) for c in base_task]
+        else:
+            base_task, targets = [base_ce], [make_target(base_ce)]
+        extra = {"wall_time_s": 0.0, "targets": targets, "base_ce": base_ce, "base_ce_constraints": base_task,
+                 "base_heldout": base["eval_set"]}
+        states = [GecoState(rho=cfg.rho_init) for _ in targets]
+    targets = [float(t) for t in extra["targets"]]
+    if len(targets) != (n_tasks if per_task else 1) or len(states) != len(targets):
+        raise CircuitkitError(f"the checkpoint in {run_dir} has {len(targets)} constraint(s) but this config needs "
+                              f"{n_tasks if per_task else 1} (per_task_constraints changed?)")
+    gecos = [Geco(target=t, eta=cfg.eta, ema_decay=cfg.ema_decay, rho_min=cfg.rho_min, rho_max=cfg.rho_max)
+             for t in targets]
+    cnames = data.names if per_task else ["mixture"]
 
     ddp_model = model
     if dd.on:
@@ -403,7 +423,6 @@ def _finetune(cfg, dd: _Dist, resume, max_steps, progress, command, device, on_b
     gates.collect = True
     bar = tqdm(total=cfg.steps, initial=step, desc=cfg.name, disable=not (progress and dd.main), dynamic_ncols=True)
     hard_from = cfg.steps - cfg.final_hard_steps
-    n_tasks, task_w = len(data.names), data.weights
     try:
         while step < stop:
             final = step >= hard_from
@@ -435,18 +454,27 @@ def _finetune(cfg, dd: _Dist, resume, max_steps, progress, command, device, on_b
                 packed[2 * n_tasks:] /= dd.world
             sums_g, counts_g = packed[:n_tasks], packed[n_tasks:2 * n_tasks]
             present = counts_g > 0
-            # the constraint's CE: the task-weighted mean of each task's masked CE over the global batch
-            coef = torch.where(present, task_w / task_w[present].sum() / counts_g.clamp(min=1), 0.0)  # [n_tasks]
-            ce_g = float((coef * sums_g).sum())
+            ce_task = sums_g / counts_g.clamp(min=1)  # each task's masked CE over the global batch
+            w_hat = torch.where(present, task_w / task_w[present].sum(), 0.0)  # [n_tasks]
+            ce_g = float((w_hat * ce_task).sum())  # the task-weighted mixture CE
             s_g = float(packed[2 * n_tasks])
+            lams = torch.tensor([st.lam for st in states], dtype=torch.float64)
+            # CE part of the Lagrangian: Σ_c λ_c (CE_c − target_c), with CE_c the mixture CE (one constraint)
+            # or ŵ_t·CE_t (one constraint per task); coef_t multiplies task t's summed NLL
+            lam_t = lams.expand(n_tasks) if not per_task else lams
+            coef = torch.where(present, lam_t * w_hat / counts_g.clamp(min=1), 0.0)
+            values = [ce_g] if not per_task else ce_task.tolist()
+            tgt = torch.tensor(targets, dtype=torch.float64)
+            offset = float(lams[0] * (ce_g - tgt[0])) if not per_task else float(
+                (torch.where(present, lams * w_hat * (ce_task - tgt), 0.0)).sum())
             if not (math.isfinite(ce_g) and math.isfinite(s_g)):
                 raise CircuitkitError(
                     f"loss became non-finite (CE {ce_g}, sparsity {s_g}) at step {step}; nothing from this step "
                     f"was applied and the last good checkpoint in {run_dir} is intact. Lower lr (now {cfg.lr}) or "
                     "eta and rerun with --resume")
-            # this rank's share of that CE (DDP averages the gradients over ranks)
+            # this rank's share of it (DDP averages the gradients over ranks); the constant −λ·target is left out
             ce_term = (sums * (coef * dd.world).to(sums.device, sums.dtype)).sum()
-            loss = geco.lagrangian(s_total * w_scale if w_scale != 1.0 else s_total, ce_term, state)
+            loss = (s_total * w_scale if w_scale != 1.0 else s_total) + ce_term
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -456,12 +484,21 @@ def _finetune(cfg, dd: _Dist, resume, max_steps, progress, command, device, on_b
                     f"the last good checkpoint in {run_dir} is intact. Lower lr (now {cfg.lr}) and rerun with --resume")
             opt.step()
             sched.step()
-            lam = state.lam
-            state = geco.update(state, ce_g)
+            states = [g.update(st, v) if (not per_task or bool(present[i])) else st
+                      for i, (g, st, v) in enumerate(zip(gecos, states, values))]
             step += 1
-            rec: dict[str, Any] = {"step": step, "ce": ce_g, "target": target, "lam": lam, "rho": state.rho,
-                                   "ema_ce": state.ema, "sparsity": s_g, "loss": w_scale * s_g + lam * (ce_g - target),
-                                   "lr": sched.get_last_lr()[0], "mode": gates.mode.value, "sparsity_weight": w_scale}
+            lam = float(lams.max())
+            rec: dict[str, Any] = {"step": step, "ce": ce_g, "target": targets[0] if not per_task else None,
+                                   "lam": lam, "rho": states[0].rho if not per_task else None,
+                                   "ema_ce": states[0].ema if not per_task else None, "sparsity": s_g,
+                                   "loss": w_scale * s_g + offset, "lr": sched.get_last_lr()[0],
+                                   "mode": gates.mode.value, "sparsity_weight": w_scale}
+            if n_tasks > 1:
+                rec["ce_task"] = {k: (float(ce_task[i]) if present[i] else None) for i, k in enumerate(data.names)}
+            if per_task:
+                rec["target_task"] = dict(zip(cnames, targets))
+                rec["lam_task"] = dict(zip(cnames, lams.tolist()))
+                rec["ema_ce_task"] = {k: st.ema for k, st in zip(cnames, states)}
             off = 2 * n_tasks + 1
             for k in flat_keys:
                 n = len(_flatten(dens[k]))
@@ -481,7 +518,9 @@ def _finetune(cfg, dd: _Dist, resume, max_steps, progress, command, device, on_b
             if dd.main:
                 log.write(rec)
             bar.update(1)
-            post = {"ce": f"{ce_g:.4g}", "tgt": f"{target:.4g}", "lam": f"{lam:.3g}"}
+            post = {"ce": f"{ce_g:.4g}", "lam": f"{lam:.3g}"}
+            if not per_task:
+                post["tgt"] = f"{targets[0]:.4g}"
             if "attn_hard_mean" in rec:
                 post["edges"] = f"{rec['attn_hard_mean']:.4f}"
             if "mlp_hard_mean" in rec:
@@ -493,7 +532,7 @@ def _finetune(cfg, dd: _Dist, resume, max_steps, progress, command, device, on_b
                                           f"overwritten and the last good one in {run_dir} is intact. Lower lr "
                                           f"(now {cfg.lr}) and rerun with --resume")
                 if dd.main:
-                    extra = {**extra, "wall_time_s": wall0 + time.time() - t0, "geco": state.to_dict()}
+                    extra = {**extra, "wall_time_s": wall0 + time.time() - t0, "geco": [st.to_dict() for st in states]}
                     save_checkpoint(run_dir, step, model, opt, sched, data_gen, extra)
                     write_text(run_dir / CSV_FILE, _csv_from_records(log.records()))
                 if dd.on:
@@ -507,10 +546,11 @@ def _finetune(cfg, dd: _Dist, resume, max_steps, progress, command, device, on_b
         gates.clear_stats()
     wall = wall0 + time.time() - t0
     if step < cfg.steps:
-        return {"step": step, "wall_time_s": wall, "finished": False, "geco": state.to_dict(), "target": target}
+        return {"step": step, "wall_time_s": wall, "finished": False, "geco": [st.to_dict() for st in states],
+                "targets": targets}
     card: dict[str, Any] = {}
     if dd.main:
-        card = _final_card(cfg, model, data, extra, state, step, wall, command)
+        card = _final_card(cfg, model, data, extra, states, step, wall, command)
         save_sparse_model(model, cfg.out, card)
     if dd.on:
         dist.barrier()
@@ -551,24 +591,33 @@ def _quick_eval(model, data: _Data, n: int, n_measure: int) -> dict[str, Any]:
     return out
 
 
-def _final_card(cfg, model, data: _Data, extra, state: GecoState, step: int, wall: float, command) -> dict[str, Any]:
+def _final_card(cfg, model, data: _Data, extra, states: list[GecoState], step: int, wall: float,
+                command) -> dict[str, Any]:
     model.eval()
     with gate_mode(model, GateMode.EVAL, collect=False):
         h = data.heldout(model, cfg.eval_n)
     rep = measure_sparsity(model, data.measure_data(cfg.measure_n))
     base = extra["base_heldout"]
+    targets = extra["targets"]
+    if cfg.per_task_constraints:
+        target: Any = dict(zip(data.names, targets))
+        meets = all(h["per_task"][k]["ce"] <= t for k, t in target.items())
+        geco: Any = {k: {**st.to_dict(), "lam": st.lam} for k, st in zip(data.names, states)}
+    else:
+        target, meets = targets[0], bool(h["ce"] <= targets[0])
+        geco = {**states[0].to_dict(), "lam": states[0].lam}
     card = {
         "name": cfg.name, "base_model": cfg.model, "command": command, "wall_time_s": round(wall, 1),
         "steps": step, "seed": cfg.seed, "tasks": cfg.tasks, "task_options": cfg.task_options, "corpus": cfg.corpus,
-        "target_ce": extra["target"], "base_heldout_ce": extra["base_ce"],
-        "heldout_ce": h["ce"], "meets_target": bool(h["ce"] <= extra["target"]),
+        "target_ce": target, "base_heldout_ce": extra["base_ce"],
+        "heldout_ce": h["ce"], "meets_target": meets,
         "heldout": h["per_task"], "heldout_base": base["per_task"],
         "kept_edges": rep.kept_edges if cfg.attn else None,
         "kept_edges_layer": [round(x, 6) for x in rep.kept_edges_layer] if cfg.attn else None,
         "kept_edges_head": [[round(x, 6) for x in r] for r in rep.kept_edges_head] if cfg.attn else None,
         "mlp_active": rep.mlp_active, "mlp_active_layer": rep.mlp_active_layer, "mlp_ever_active": rep.mlp_ever_active,
         "measured_on": {"sequences": rep.n_sequences, "split": "heldout", "seed": 12345},
-        "geco": {**state.to_dict(), "lam": state.lam},
+        "geco": geco,
         "finetune_config": asdict(cfg),
     }
     if data.corpus is None:
