@@ -85,7 +85,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default="ioi", help="task whose clean/corrupted batch is attributed (default ioi)")
     p.add_argument("--batch", type=int, default=64, help="examples in the attributed batch (default 64)")
     p.add_argument("--ig-steps", type=int, default=5, help="eap-ig steps (default 5)")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median; default 5)")
+    p.add_argument("--repeats", type=int, default=7, help="timed runs per measurement (median; default 7)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs first (default 1)")
     p.add_argument("--patching-repeats", type=int, default=2, help="timed runs of exact patching (default 2)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -277,20 +277,56 @@ def attribution_part(model, ds, cfg: Mapping[str, Any], model_spec: str) -> dict
     out["meets_target"] = {"eap_vs_floor": out["ratios"]["eap_vs_floor"] <= TARGETS["eap_vs_floor"],
                            "eap_ig_vs_floor": out["ratios"]["eap_ig_vs_floor"] <= TARGETS["eap_ig_vs_floor"]}
     if cfg["memory"]:
-        out["memory"] = {
-            "method": "ru_maxrss (resource.getrusage) in a fresh subprocess per measurement, minus its value "
-                      "after loading the model and a 1-example warm-up; MiB",
-            **{kind: memory_probe(kind, model_spec, cfg) for kind in ("floor", "floor_params", "eap", "eap-ig")}}
+        probes = {kind: memory_probe(kind, model_spec, cfg) for kind in ("floor", "floor_params", "eap", "eap-ig")}
+        fallback = any(v.get("method") == "ru_maxrss" for v in probes.values())
+        out["memory"] = {"method": MEMORY_METHOD_FALLBACK if fallback else MEMORY_METHOD, **probes}
     return out
 
 
 # ---------------------------------------------------------------- peak memory (subprocess per measurement)
+
+MEMORY_METHOD = ("peak resident memory growth in a fresh subprocess per measurement: after loading the model and a "
+                 "1-example warm-up, freed heap is returned to the OS (malloc_trim) and the kernel's peak RSS is "
+                 "reset (/proc/self/clear_refs = 5); value = VmHWM after the run - VmRSS before it, MiB")
+MEMORY_METHOD_FALLBACK = ("ru_maxrss growth (resource.getrusage) in a fresh subprocess per measurement, from its "
+                          "value after loading the model and a 1-example warm-up, MiB (a lower bound: the peak could "
+                          "not be reset here)")
+
+
+def _status_mib(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    return None
+
 
 def _maxrss_mib() -> float:
     import resource
 
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / 1024.0 if sys.platform != "darwin" else r / 2**20  # Linux: KiB, macOS: bytes
+
+
+def _reset_peak() -> bool:
+    """Return freed memory to the OS and reset the kernel's peak RSS; False where that is impossible."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return False
+    return _status_mib("VmHWM") is not None
 
 
 def memory_probe(kind: str, model_spec: str, cfg: Mapping[str, Any], timeout: float = 300) -> dict[str, Any]:
@@ -332,14 +368,20 @@ def _probe_main(spec_json: str) -> None:
     if kind == "peer":  # the peer's wrapped model copy is part of its setup, not of the measurement
         peer = PeerRunner(model, ds)
         PeerRunner(model, ds[:1]).scores()
-        base = _maxrss_mib()
-        peer.scores()
+        work = peer.scores
     else:
         run_on(ds[:1])
+        work = lambda: run_on(ds)  # noqa: E731
+    if _reset_peak():
+        base = _status_mib("VmRSS")
+        work()
+        peak, method = _status_mib("VmHWM"), "vmhwm"
+    else:
         base = _maxrss_mib()
-        run_on(ds)
-    peak = _maxrss_mib()
-    print(json.dumps({"baseline_mib": round(base, 1), "peak_mib": round(peak, 1), "delta_mib": round(peak - base, 1)}))
+        work()
+        peak, method = _maxrss_mib(), "ru_maxrss"
+    print(json.dumps({"baseline_mib": round(base, 1), "peak_mib": round(peak, 1), "delta_mib": round(peak - base, 1),
+                      "method": method}))
 
 
 # ---------------------------------------------------------------- the peer: auto-circuit
@@ -666,24 +708,27 @@ def sparsity_part(cfg: Mapping[str, Any], model_spec: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- scaling
 
-def _step_fns(model_factory: Callable[[], Any], batch: int, seq_len: int, repeats: int, warmup: int) -> dict:
-    """Median plain and gated (attention) step times, via scripts/bench_sparsity_step.py's time_steps."""
-    from circuitkit.sparsity import GateConfig, GateMode, attach, detach
+def _step_fns(model_factory: Callable[[], Any], batch: int, seq_len: int, repeats: int, warmup: int,
+              rounds: int = 3) -> dict:
+    """Median plain and gated (attention) step times, via scripts/bench_sparsity_step.py's ``time_steps``;
+    the two variants alternate over ``rounds`` rounds (each call: ``warmup`` untimed steps first)."""
+    from circuitkit.sparsity import GateConfig, GateMode, attach
 
     script = _sparsity_script()
-    out = {}
+    variants = {}
     for name, gc in (("plain_step", None), ("gated_step", GateConfig(attn=True, mlp=False))):
         m = model_factory()
         m.train()
         tokens, mask = script.make_batch(m, batch, seq_len)
         if gc is not None:
-            g = attach(m, gc, GateMode.TRAIN)
-            g.collect = True
-        ts = script.time_steps(m, tokens, mask, repeats, gated=gc is not None, warmup=warmup)
-        if gc is not None:
-            detach(m)
-        out[name] = round(statistics.median(ts) * 1e3, 3)
-    return out
+            attach(m, gc, GateMode.TRAIN).collect = True
+        variants[name] = (m, tokens, mask, gc is not None)
+    samples: dict[str, list[float]] = {k: [] for k in variants}
+    per_round = max(1, -(-repeats // rounds))
+    for _ in range(rounds):
+        for name, (m, tokens, mask, gated) in variants.items():
+            samples[name] += script.time_steps(m, tokens, mask, per_round, gated=gated, warmup=warmup)
+    return {k: round(statistics.median(v) * 1e3, 3) for k, v in samples.items()}
 
 
 def scaling_points(cfg: Mapping[str, Any]) -> list[tuple[int, int]]:
@@ -801,7 +846,15 @@ def environment() -> dict[str, Any]:
     return {"circuitkit": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "transformer_lens": _version("transformer-lens"), PEER: _version(PEER),
             "platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **_git_state()}
+            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "loadavg_start": _loadavg(),
+            **_git_state()}
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def _git_state() -> dict[str, Any]:
@@ -849,6 +902,7 @@ def run_bench(cfg: Mapping[str, Any], log: Callable[[str], None] = lambda s: Non
         res["part_wall_s"][part] = round(time.perf_counter() - t0, 1)
         log(f"bench: {part} done in {res['part_wall_s'][part]:.1f} s")
     res["wall_s"] = round(time.perf_counter() - t_start, 1)
+    res["environment"]["loadavg_end"] = _loadavg()
     return res
 
 
@@ -862,6 +916,10 @@ def _f(x: Any, nd: int = 2) -> str:
     return str(x)
 
 
+def _load_str(v: Sequence[float] | None) -> str:
+    return "/".join(f"{x:.2f}" for x in v) if v else "?"
+
+
 def _mark(ok: bool | None) -> str:
     return "" if ok is None else (" ✓" if ok else " ✗")
 
@@ -871,7 +929,9 @@ def to_markdown(res: Mapping[str, Any], command: str | None = None) -> str:
     lines = [f"## circuitkit bench — {m['name']}", "",
              f"{m['n_layers']} layers × {m['n_heads']} heads, d_model {m['d_model']}, task `{res['task']}`; "
              f"torch {env['torch']}, transformer-lens {env['transformer_lens']}, {env['torch_threads']} thread(s) "
-             f"on {env['cpu_count']} CPU(s); {env['date_utc']}; whole run {res['wall_s']:.0f} s."]
+             f"on {env['cpu_count']} CPU(s); {env['date_utc']}; whole run {res['wall_s']:.0f} s; load average "
+             f"(1/5/15 min) {_load_str(env.get('loadavg_start'))} at the start, {_load_str(env.get('loadavg_end'))} "
+             f"at the end."]
     if env.get("git_commit"):
         dirty = [f for f in env.get("uncommitted", []) if f.startswith("circuitkit/circuits") or f == "circuitkit/bench.py"]
         lines += ["", f"Source: commit {env['git_commit']}" + (f" plus uncommitted {', '.join(dirty)}" if dirty else "")
