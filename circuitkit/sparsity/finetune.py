@@ -36,7 +36,6 @@ import os
 import shlex
 import sys
 import time
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -47,7 +46,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from circuitkit import CircuitkitError
-from circuitkit.io import write_json, write_text
+from circuitkit.io import read_toml, write_json, write_text
 from circuitkit.models import is_toy, load_model
 from circuitkit.sparsity.corpus import TextCorpus
 from circuitkit.sparsity.gates import GateConfig, GateMode, attach, gate_mode
@@ -116,13 +115,7 @@ class SparsifyConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides: Any) -> "SparsifyConfig":
-        path = Path(path)
-        if not path.exists():
-            raise CircuitkitError(f"config file {path} does not exist")
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise CircuitkitError(f"{path} is not valid TOML: {e}") from None
+        raw = read_toml(path)
         raw.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(raw, source=str(path))
 
@@ -689,12 +682,7 @@ def config_from_args(args: argparse.Namespace) -> SparsifyConfig:
         over["tasks"] = _parse_tasks(args.tasks)
     if args.config:
         path = Path(args.config)
-        if not path.exists():
-            raise CircuitkitError(f"config file {path} does not exist")
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise CircuitkitError(f"{path} is not valid TOML: {e}") from None
+        raw = read_toml(path)
         if over.get("tasks") or over.get("corpus"):  # the flags choose the data
             raw.pop("tasks", None), raw.pop("corpus", None)
         if over.get("tolerance") is not None or over.get("target_ce") is not None:
