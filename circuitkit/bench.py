@@ -708,10 +708,9 @@ def sparsity_part(cfg: Mapping[str, Any], model_spec: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- scaling
 
-def _step_fns(model_factory: Callable[[], Any], batch: int, seq_len: int, repeats: int, warmup: int,
-              rounds: int = 3) -> dict:
-    """Median plain and gated (attention) step times, via scripts/bench_sparsity_step.py's ``time_steps``;
-    the two variants alternate over ``rounds`` rounds (each call: ``warmup`` untimed steps first)."""
+def _step_variants(model_factory: Callable[[], Any], batch: int, seq_len: int) -> dict[str, tuple]:
+    """A plain and a gated (attention gates, training mode) model with a random-token batch each,
+    set up as scripts/bench_sparsity_step.py does."""
     from circuitkit.sparsity import GateConfig, GateMode, attach
 
     script = _sparsity_script()
@@ -723,12 +722,21 @@ def _step_fns(model_factory: Callable[[], Any], batch: int, seq_len: int, repeat
         if gc is not None:
             attach(m, gc, GateMode.TRAIN).collect = True
         variants[name] = (m, tokens, mask, gc is not None)
-    samples: dict[str, list[float]] = {k: [] for k in variants}
+    return variants
+
+
+def _time_step_variants(setups: Sequence[Mapping[str, tuple]], repeats: int, warmup: int,
+                        rounds: int = 3) -> list[dict[str, float]]:
+    """Median step time (ms) of every variant of every setup, via the script's ``time_steps``;
+    all of them alternate over ``rounds`` rounds (each call: ``warmup`` untimed steps first)."""
+    script = _sparsity_script()
+    samples = [{k: [] for k in v} for v in setups]
     per_round = max(1, -(-repeats // rounds))
     for _ in range(rounds):
-        for name, (m, tokens, mask, gated) in variants.items():
-            samples[name] += script.time_steps(m, tokens, mask, per_round, gated=gated, warmup=warmup)
-    return {k: round(statistics.median(v) * 1e3, 3) for k, v in samples.items()}
+        for variants, out in zip(setups, samples):
+            for name, (m, tokens, mask, gated) in variants.items():
+                out[name] += script.time_steps(m, tokens, mask, per_round, gated=gated, warmup=warmup)
+    return [{k: round(statistics.median(v) * 1e3, 3) for k, v in out.items()} for out in samples]
 
 
 def scaling_points(cfg: Mapping[str, Any]) -> list[tuple[int, int]]:
@@ -740,13 +748,18 @@ def scaling_points(cfg: Mapping[str, Any]) -> list[tuple[int, int]]:
 
 
 def scaling_part(cfg: Mapping[str, Any], base_ds) -> dict[str, Any]:
+    """Every (layers, length) point is set up first; then all points' measurements are interleaved
+    round by round, so a change of background load hits every point alike."""
     from circuitkit.models import TOY_CONFIGS, build_model, toy_config
 
     arch = cfg["scaling_arch"]
     if arch not in TOY_CONFIGS:
         raise CircuitkitError(f"unknown --scaling-arch {arch!r}; choose one of {sorted(TOY_CONFIGS)}")
-    rows = []
-    for n_layers, k in scaling_points(cfg):
+    points = scaling_points(cfg)
+    fns: dict[str, Callable[[], Any]] = {}
+    step_setups = []
+    sizes = []
+    for i, (n_layers, k) in enumerate(points):
         ds = tiled(base_ds, k)
         t_len = ds.seq_len
 
@@ -755,13 +768,18 @@ def scaling_part(cfg: Mapping[str, Any], base_ds) -> dict[str, Any]:
                                           n_ctx=max(TOY_CONFIGS[arch]["n_ctx"], t_len))).eval()
 
         model = factory()
-        fns = {**floor_fns(model, ds), **method_fns(model, ds, cfg["ig_steps"])}
-        fns.pop("fwd_bwd_params")
-        t = interleaved(fns, cfg["repeats"], cfg["warmup"])
-        med = {n: v["median_ms"] for n, v in t.items()}
-        steps = _step_fns(factory, len(ds), t_len, cfg["repeats"], max(cfg["warmup"], 1))
+        point_fns = {**floor_fns(model, ds), **method_fns(model, ds, cfg["ig_steps"])}
+        point_fns.pop("fwd_bwd_params")
+        fns.update({f"{i}/{name}": fn for name, fn in point_fns.items()})
+        step_setups.append(_step_variants(factory, len(ds), t_len))
+        sizes.append((len(ds), t_len))
+    t = interleaved(fns, cfg["repeats"], cfg["warmup"])
+    steps_all = _time_step_variants(step_setups, cfg["repeats"], max(cfg["warmup"], 1))
+    rows = []
+    for i, ((n_layers, k), (b, t_len), steps) in enumerate(zip(points, sizes, steps_all)):
+        med = {name.split("/", 1)[1]: v["median_ms"] for name, v in t.items() if name.startswith(f"{i}/")}
         floor = med["forward_nograd"] + med["fwd_bwd_inputs"]
-        rows.append({"n_layers": n_layers, "seq_mult": k, "seq_len": t_len, "batch": len(ds),
+        rows.append({"n_layers": n_layers, "seq_mult": k, "seq_len": t_len, "batch": b,
                      "floor_ms": round(floor, 3), "eap_ms": med["eap"], "eap_ig_ms": med["eap-ig"], **{
                          f"{n}_ms": v for n, v in steps.items()},
                      "eap_vs_floor": _ratio(med["eap"], floor),
