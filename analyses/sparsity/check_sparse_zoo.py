@@ -6,7 +6,8 @@
 Loads the sparse model with ``circuitkit.models.load_model`` (gates restored in evaluation
 mode) and its base model (``card["base_model"]``), evaluates both on held-out data
 (``get_task(t).dataset(n, seed=12345)``: for addition, sums drawn from the held-out operand
-pairs), measures kept attention edges / active MLP neurons, and checks the targets:
+pairs; also every held-out pair and every one of the 10,000 pairs once), measures kept
+attention edges / active MLP neurons, and checks the targets:
 
 - toy-addition-sparse: exact-match accuracy >= 99.9%, held-out CE <= the card's target,
   kept edges <= 2%;
@@ -57,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
            "accuracy_base": {t: res_b[t]["accuracy"] for t in tasks},
            "kept_edges": rep.kept_edges, "kept_edges_layer": rep.kept_edges_layer,
            "mlp_active": rep.mlp_active}
+    if "addition" in tasks:  # every operand pair once: the held-out ones, and all 10,000
+        with torch.no_grad():
+            for split in ("heldout", "all"):
+                ds = tasks["addition"].exhaustive(split)
+                acc = torch.cat([b.accuracy(sparse(b.clean)) for b in ds.batches(1000)]).float().mean().item()
+                out[f"addition_exact_match_{split}_pairs"] = {"pairs": len(ds), "accuracy": acc}
     tg = TARGETS.get(card.get("name", ""), {})
     checks = {}
     if "min_accuracy" in tg:
