@@ -22,10 +22,7 @@ from circuitkit.evaluation.study import StudyConfig, TaskResult, analyse
 from circuitkit.io import check_keys, read_toml, write_text
 
 TOY_TASKS = ("addition", "induction", "ioi", "greater-than", "docstring")
-# induction is left out of the default study: its prompts repeat with a fixed period, so the
-# shipped toy-multitask solves it by position (copy the token 7 back) and the second-half
-# shuffle leaves the metric unchanged (m(N) − m(∅) ≈ 0.08), i.e. there is no effect to explain.
-DEFAULT_TASKS = ("addition", "ioi", "greater-than", "docstring")
+DEFAULT_TASKS = TOY_TASKS
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -156,7 +153,8 @@ def report(cfg: RunConfig, table, overlaps, figs: list[Path], out: Path, wall: f
              f"Wall time {wall:.0f} s.", "",
              "## Base vs sparse: minimal circuits", "",
              "`edge_ratio` = base edges ÷ sparse edges; `head_ratio` likewise for the heads the minimal edge "
-             "circuit touches. Completeness = share of the effect removed when the circuit is knocked out of the "
+             "circuit touches; `attn_edges` = circuit edges with an attention head at either end (the rest — "
+             "input, MLP and logits edges — form a backbone that attention gates cannot remove). Completeness = share of the effect removed when the circuit is knocked out of the "
              "full model; minimality = share of circuit edges whose single removal lowers f by more than "
              f"{s.minimality_eps}.", "",
              table.to_markdown(index=False, floatfmt=".3g"), ""]

@@ -157,11 +157,13 @@ def test_induction_nl_layout(offline_gpt2, tok):
     ds = task_for_model("induction", offline_gpt2).dataset(10, seed=0)
     assert ds.clean.shape == (10, 16)
     special = set(tok.all_special_ids)
-    first = ds.clean[:, 1:9]
-    assert torch.equal(ds.clean[:, 9:], first[:, :7]) and torch.equal(ds.correct[:, 0], first[:, 7])
-    assert not any(t in special for t in first.flatten().tolist())
-    assert all(len(set(r)) == 8 for r in first.tolist())
-    assert torch.equal(ds.corrupt[:, :9], ds.clean[:, :9]) and (ds.distractors[:, 0, 0] != ds.correct[:, 0]).all()
+    assert not any(t in special for t in ds.clean[:, 1:].flatten().tolist())
+    for c, ans, dis, L in zip(ds.clean.tolist(), ds.correct[:, 0].tolist(), ds.distractors[:, 0, 0].tolist(),
+                              ds.labels["period"].tolist()):
+        content, n_fill = c[1:], 16 - 2 * L
+        assert len(set(content[: n_fill + L])) == n_fill + L
+        assert content[n_fill + L:] == content[n_fill:n_fill + L - 1] and ans == content[n_fill + L - 1] != dis
+    assert torch.equal(ds.corrupt[:, :9], ds.clean[:, :9])
 
 
 # ------------------------------------------------------------------ errors

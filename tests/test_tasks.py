@@ -75,10 +75,13 @@ def test_train_batch_mask_points_at_the_answer(name, datasets):
     assert not mask[:, -1].any()  # nothing follows the last token
     if name == "induction":
         assert tokens.shape[1] == 17
-        assert mask[0].nonzero().squeeze(-1).tolist() == list(range(9, 16))
-        t = torch.arange(9, 16)
-        assert torch.equal(tokens[:, t + 1], tokens[:, t + 1 - 8])  # targets repeat the first half: r2..r8
-        assert torch.equal(tokens[:, 9:], tokens[:, 1:9])
+        for row, m in zip(tokens.tolist(), mask.tolist()):
+            content = row[1:]
+            period = next(L for L in range(induction.MIN_PERIOD, induction.MAX_PERIOD + 1)
+                          if content[16 - L:] == content[16 - 2 * L:16 - L])
+            assert len(set(content[: 16 - period])) == 16 - period  # filler + first segment all distinct
+            # the loss is on predicting r2..rL of the repeat: positions 1+(16-L) .. 15
+            assert [i for i, f in enumerate(m) if f] == list(range(17 - period, 16))
         return
     pos = datasets[name].answer_pos[0, 0].item()
     assert tokens.shape[1] == TOY[name] + 1
@@ -141,21 +144,30 @@ def test_addition_carry_classes(a, b, text, carry):
 
 # ------------------------------------------------------------------ induction
 
-def test_induction_answer_is_what_followed_in_the_first_half(datasets):
+def test_induction_answer_is_what_followed_in_the_first_segment(datasets):
     ds = datasets["induction"]
-    first, second = ds.clean[:, 1:9], ds.clean[:, 9:]
-    assert all(len(set(r)) == 8 for r in first.tolist())
-    assert all(set(words(r)) <= set(INDUCTION_SYMBOLS) for r in first.tolist())
-    assert torch.equal(second, first[:, :7])
-    assert torch.equal(ds.correct[:, 0], first[:, 7])  # r8 followed r7 (the last token)
-    # corrupted: same first half, second half a permutation of r1..r7, induced token != r8
-    assert torch.equal(ds.corrupt[:, :9], ds.clean[:, :9])
-    for c, x, dis, r8 in zip(ds.clean.tolist(), ds.corrupt.tolist(), ds.distractors[:, 0, 0].tolist(),
-                             ds.correct[:, 0].tolist()):
-        assert sorted(x[9:]) == sorted(c[1:8])
-        induced = c[1:9][c[1:9].index(x[-1]) + 1]
-        assert induced == dis and induced != r8
-    assert (ds.corrupt[:, 9:] != ds.clean[:, 9:]).any(1).all()
+    periods = ds.labels["period"]
+    assert set(periods.tolist()) == set(range(induction.MIN_PERIOD, induction.MAX_PERIOD + 1))
+    for c, x, ans, dis, L in zip(ds.clean.tolist(), ds.corrupt.tolist(), ds.correct[:, 0].tolist(),
+                                 ds.distractors[:, 0, 0].tolist(), periods.tolist()):
+        content, n_fill = c[1:], 16 - 2 * L
+        seen = content[: n_fill + L]  # filler, then the first segment r1..rL
+        assert len(set(seen)) == len(seen) and set(words(seen)) <= set(INDUCTION_SYMBOLS)
+        segment = seen[n_fill:]
+        assert content[n_fill + L:] == segment[:-1] and ans == segment[-1]
+        # corrupted: filler and first segment kept, the repeat a permutation of r1..r(L-1) whose
+        # last token induces something other than rL
+        assert x[: 1 + n_fill + L] == c[: 1 + n_fill + L] and sorted(x[1 + n_fill + L:]) == sorted(segment[:-1])
+        induced = segment[segment.index(x[-1]) + 1]
+        assert induced == dis and induced != ans
+
+
+def test_induction_period_is_not_a_positional_shortcut(datasets):
+    """The answer sits at a different distance behind the answer position from prompt to prompt,
+    so no single "copy the token k back" rule solves the task (the first zoo model found one)."""
+    ds = datasets["induction"]
+    for k in range(1, 16):
+        assert (ds.clean[:, 16 - k] != ds.correct[:, 0]).float().mean() > 0.5
 
 
 # ------------------------------------------------------------------ ioi

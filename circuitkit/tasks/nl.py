@@ -12,8 +12,8 @@ OLMo (docstring), plus induction on random tokens:
   Corrupted: the year written 1701.
 - ``docstring-nl``: a Python ``def`` with a docstring listing ``:param`` lines → the next
   argument name; corrupted: argument names resampled everywhere.
-- ``induction-nl``: eight random token ids from the tokenizer's vocabulary, then the first
-  seven again → the eighth (same layout as the toy task).
+- ``induction-nl``: the toy task's layout (filler, a segment of 4–8 tokens, its repeat →
+  the next repeated token) over random token ids from the tokenizer's vocabulary.
 
 Every name, year and argument is one token (with its leading space where it follows a
 space). The built-in word lists are filtered to the entries the tokenizer keeps whole,
@@ -435,22 +435,12 @@ class InductionNL(TokenizerTask):
         special = set(getattr(tokenizer, "all_special_ids", []) or [])
         size = min(len(tokenizer), self.d_vocab)
         self.pool = torch.tensor([i for i in range(size) if i not in special], dtype=torch.long)  # [n_pool]
-        if len(self.pool) < toy_induction.N_SYMBOLS:
+        if len(self.pool) < toy_induction.N_DISTINCT:
             raise CircuitkitError(f"task {self.name!r}: tokenizer {tokenizer_name(tokenizer)!r} has only "
-                                  f"{len(self.pool)} ordinary tokens; induction needs {toy_induction.N_SYMBOLS}")
-
-    def _first_half(self, n: int, g: torch.Generator) -> torch.Tensor:  # [n, 8]
-        return self.pool[sample_distinct(n, toy_induction.N_SYMBOLS, len(self.pool), g)]
+                                  f"{len(self.pool)} ordinary tokens; induction needs {toy_induction.N_DISTINCT}")
 
     def dataset(self, n: int, seed: int = 0) -> TaskDataset:
-        check_n(n)
-        g = torch.Generator().manual_seed(seed)
-        parts = toy_induction.build(self._first_half(n, g), self.bos_id, g)
-        return TaskDataset(task=self.name, clean=parts["clean"], corrupt=parts["corrupt"],
-                           answer_pos=parts["answer_pos"], correct=parts["correct"],
-                           distractors=parts["distractors"], metric=self.metric,
-                           labels={"corrupt_order": parts["perm"]})
+        return toy_induction.dataset_from_pool(self.name, self.pool, self.bos_id, n, seed)
 
     def train_batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        check_n(n)
-        return toy_induction.train_sequences(self._first_half(n, generator), self.bos_id)
+        return toy_induction.train_batch_from_pool(self.pool, self.bos_id, n, generator)
