@@ -194,3 +194,16 @@ def test_node_selection():
     assert top_heads(Graph.full(spec), 2, scores, keep_mlps=False).n_mlps == 0
     with pytest.raises(CircuitkitError):
         top_heads(Graph.full(spec), 5)
+
+
+def test_attention_edges_are_the_edges_touching_a_head():
+    """Counted independently from the edge names: an edge is an attention edge iff a head is at one end."""
+    spec = GraphSpec(3, 2)
+    g = Graph.full(spec)
+    names = g.edge_names()
+    by_name = sum(1 for n in names if ".h" in n.split("->")[0] or ".h" in n.split("->")[1])
+    assert g.n_attention_edges == by_name
+    # the backbone: input->m_l, m_i->m_j (i<j), m_l->logits, input->logits
+    L = spec.n_layers
+    assert g.n_edges - g.n_attention_edges == L + L * (L - 1) // 2 + L + 1
+    assert Graph.empty(spec).n_attention_edges == 0

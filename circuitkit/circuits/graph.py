@@ -270,6 +270,16 @@ class GraphSpec:
     def mlp_rows(self) -> torch.Tensor:  # [n_layers] long
         return torch.tensor([self.mlp_src(l) for l in range(self.n_layers)])
 
+    @cached_property
+    def attention_edges(self) -> torch.Tensor:  # [n_src, n_dst] bool
+        """Real edges with an attention head at either end: the edges sparse attention can remove.
+
+        The rest (input, MLPs and logits only) form a backbone that attention gates leave alone.
+        """
+        is_head = torch.zeros(self.n_nodes, dtype=torch.bool)
+        is_head[self.head_rows.flatten()] = True
+        return self.real & (is_head[: self.n_src, None] | is_head[self.dst_node][None, :])
+
 
 def check_graph_support(model) -> None:
     """Raise :class:`CircuitkitError` unless the graph describes ``model`` exactly."""
@@ -491,6 +501,11 @@ class Graph:
     @property
     def n_mlps(self) -> int:
         return int(self.mlp_mask.sum())
+
+    @property
+    def n_attention_edges(self) -> int:
+        """Circuit edges with an attention head at either end (see :attr:`GraphSpec.attention_edges`)."""
+        return int((self.in_graph & self.spec.attention_edges).sum())
 
     @property
     def node_scores(self) -> torch.Tensor:  # [n_src] float: Σ of each sender's outgoing edge scores

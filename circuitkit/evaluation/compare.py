@@ -18,6 +18,7 @@ from circuitkit.evaluation.study import StudyConfig, TaskResult, analyse, jaccar
 from circuitkit.io import write_json, write_text
 
 PAIR_COLUMNS = ["task", "base_edges", "sparse_edges", "edge_ratio", "base_heads", "sparse_heads", "head_ratio",
+                "base_attn_edges", "sparse_attn_edges", "attn_edge_ratio",
                 "base_f", "sparse_f", "base_cpr", "sparse_cpr", "base_cmd", "sparse_cmd",
                 "base_completeness", "sparse_completeness", "base_minimality", "sparse_minimality",
                 "edge_jaccard", "head_jaccard"]
@@ -39,6 +40,8 @@ def pair_row(base: TaskResult, sparse: TaskResult) -> dict:
             "edge_ratio": _ratio(base.n_edges, sparse.n_edges),
             "base_heads": base.minimal.n_heads, "sparse_heads": sparse.minimal.n_heads,
             "head_ratio": _ratio(base.minimal.n_heads, sparse.minimal.n_heads),
+            "base_attn_edges": base.minimal.n_attention_edges, "sparse_attn_edges": sparse.minimal.n_attention_edges,
+            "attn_edge_ratio": _ratio(base.minimal.n_attention_edges, sparse.minimal.n_attention_edges),
             "base_f": base.f_minimal, "sparse_f": sparse.f_minimal,
             "base_cpr": base.cpr, "sparse_cpr": sparse.cpr, "base_cmd": base.cmd, "sparse_cmd": sparse.cmd,
             "base_completeness": base.completeness, "sparse_completeness": sparse.completeness,
