@@ -57,7 +57,9 @@ def sweep(steps: int = SWEEP_STEPS) -> None:
     for target in SWEEP_TARGETS:
         tag = f"target-{target:g}"
         cfg = replace(base_cfg, name=f"toy-addition-sweep-{tag}", out=f"runs/sweep/{tag}/model",
-                      run_dir=f"runs/sweep/{tag}/run", target_ce=target, tolerance=None, steps=steps)
+                      run_dir=f"runs/sweep/{tag}/run", target_ce=target, tolerance=None, steps=steps,
+                      # keep the shipped recipe's proportions: its last 30% of steps use hard gates
+                      final_hard_steps=round(steps * base_cfg.final_hard_steps / base_cfg.steps))
         card_path = REPO / cfg.out / "card.json"
         if card_path.exists():
             card = json.loads(card_path.read_text())
