@@ -273,3 +273,13 @@ def test_cli_runs_with_config_and_flag_overrides(tmp_path, base_dir, capsys):
     card = json.loads((tmp_path / "o" / "card.json").read_text())
     assert card["steps"] == 2 and card["target_ce"] == 3.5 and card["finetune_config"]["tolerance"] is None
     assert card["command"].startswith("circuitkit ")
+
+
+def test_cli_warns_when_the_model_misses_its_ce_target(tmp_path, base_dir, capsys):
+    """A random model cannot reach CE 1e-6 in 2 steps: the model is saved, and stderr says so and how to fix it."""
+    code, err = run_cli(["--model", str(base_dir), "--task", "addition", "--out", str(tmp_path / "o"), "--run-dir",
+                         str(tmp_path / "r"), "--steps", "2", "--target-ce", "1e-6", "--batch-size", "8",
+                         "--no-progress"], capsys)
+    card = json.loads((tmp_path / "o" / "card.json").read_text())
+    assert code == 0 and card["meets_target"] is False
+    assert "misses its CE target" in err and "target 1e-06" in err and "final_sparsity_weight" in err

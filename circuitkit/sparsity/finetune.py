@@ -706,4 +706,16 @@ def run_cli(args: argparse.Namespace) -> int:
         keys = ("name", "steps", "wall_time_s", "target_ce", "heldout_ce", "meets_target", "kept_edges",
                 "mlp_active", "accuracy_delta")
         print(json.dumps({k: card[k] for k in keys if k in card}, indent=2))
+        if card.get("meets_target") is False:
+            print(f"warning: the sparse model in {cfg.out} misses its CE target (held-out CE "
+                  f"{_short(card.get('heldout_ce'))}, target {_short(card.get('target_ce'))}). It was saved; to meet "
+                  "the target, train longer (steps), loosen it (target_ce / tolerance), or let the hard-gate phase "
+                  "recover CE only (final_sparsity_weight = 0).", file=sys.stderr)
     return 0
+
+
+def _short(x: Any) -> str:
+    """Numbers (or a per-task dict of them) in 4 significant digits, for messages."""
+    if isinstance(x, dict):
+        return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in x.items()) + "}"
+    return f"{x:.4g}" if isinstance(x, (int, float)) else str(x)
