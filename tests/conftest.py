@@ -42,6 +42,20 @@ os.environ.update(gpt2_offline.offline_env(_HF_HOME))
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster on one intra-op thread, and it is kinder to a shared 2-core machine.
+
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _check_offline_cache_in_use() -> None:
     import huggingface_hub.constants as hub_constants
 

@@ -24,13 +24,7 @@ from circuitkit.tasks import get_task
 FLAGS = ("use_attn_result", "use_split_qkv_input", "use_hook_mlp_in")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and kinder to a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
