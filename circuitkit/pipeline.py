@@ -20,9 +20,8 @@ from circuitkit import CircuitkitError
 from circuitkit.evaluation.compare import overlap_table, pair_table, save_result, write_table
 from circuitkit.evaluation.study import StudyConfig, TaskResult, analyse
 from circuitkit.io import check_keys, read_toml, write_text
+from circuitkit.tasks import TOY_TASKS
 
-TOY_TASKS = ("addition", "induction", "ioi", "greater-than", "docstring")
-DEFAULT_TASKS = TOY_TASKS
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -39,7 +38,7 @@ class RunConfig:
     study: StudyConfig = field(default_factory=StudyConfig)
     pairs: tuple[Pair, ...] = (
         Pair("toy-addition", "toy-addition-sparse", ("addition",)),
-        Pair("toy-multitask", "toy-multitask-sparse", DEFAULT_TASKS),
+        Pair("toy-multitask", "toy-multitask-sparse", TOY_TASKS),
     )
     figures: bool = True
     # figures of the sparse post-training stage, linked into the report when they exist
@@ -154,8 +153,9 @@ def report(cfg: RunConfig, table, overlaps, figs: list[Path], out: Path, wall: f
              "## Base vs sparse: minimal circuits", "",
              "`edge_ratio` = base edges ÷ sparse edges; `head_ratio` likewise for the heads the minimal edge "
              "circuit touches; `attn_edges` = circuit edges with an attention head at either end (the rest — "
-             "input, MLP and logits edges — form a backbone that attention gates cannot remove). Completeness = share of the effect removed when the circuit is knocked out of the "
-             "full model; minimality = share of circuit edges whose single removal lowers f by more than "
+             "input, MLP and logits edges — form a backbone that attention gates cannot remove). Completeness = "
+             "share of the effect removed when the circuit is knocked out of the full model; minimality = "
+             "share of circuit edges whose single removal lowers f by more than "
              f"{s.minimality_eps}.", "",
              table.to_markdown(index=False, floatfmt=".3g"), ""]
     for m, df in overlaps.items():

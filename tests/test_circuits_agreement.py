@@ -18,11 +18,10 @@ import torch
 
 from circuitkit.circuits import Graph, agreement, faithfulness
 from circuitkit.models import CARD_FILE, ZOO_DIR, load_model
-from circuitkit.tasks import get_task
+from circuitkit.tasks import TOY_TASKS, get_task
 
 N_EXAMPLES = 64
 MIN_EFFECT = 0.05  # |m(N) - m(∅)| below this fraction of |m(N)|: the corruption does nothing
-TOY_TASKS = ("addition", "induction", "ioi", "greater-than", "docstring")
 
 # Measured misses of the top-50 criterion on the shipped zoo (Pearson is >= 0.95 on all of them).
 # Strict: a change that makes one pass shows up as XPASS, and the entry must then go.

@@ -11,10 +11,9 @@ import torch
 from circuitkit.circuits import attribute
 from circuitkit.circuits.agreement import compare_scores
 from circuitkit.models import load_model
-from circuitkit.tasks import get_task
+from circuitkit.tasks import TOY_TASKS, get_task
 
-CASES = [("toy-addition", "addition")] + [("toy-multitask", t)
-                                          for t in ("addition", "induction", "ioi", "greater-than", "docstring")]
+CASES = [("toy-addition", "addition")] + [("toy-multitask", t) for t in TOY_TASKS]
 
 torch.set_num_threads(1)
 print("| model / task | eap-ig overlap | eap-ig Pearson | eap overlap | eap Pearson |")

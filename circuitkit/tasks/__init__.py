@@ -16,6 +16,8 @@ from circuitkit.tasks.base import Metric, Task, TaskDataset, check_n, get_task, 
 from circuitkit.tasks import addition, docstring, greater_than, induction, ioi, nl  # noqa: F401  (registers)
 
 NL_SUFFIX = "-nl"
+# The five shipped toy tasks, in the order the study reports them.
+TOY_TASKS = ("addition", "induction", "ioi", "greater-than", "docstring")
 
 
 def toy_task_names() -> list[str]:
