@@ -32,7 +32,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from circuitkit import CircuitkitError
+from circuitkit import CircuitkitError, parse_enum
 from circuitkit.circuits.graph import Graph, GraphSpec
 from circuitkit.tasks.base import Metric, TaskDataset
 
@@ -170,13 +170,7 @@ class Ablation(Enum):
 
     @classmethod
     def parse(cls, value: "Ablation | str") -> "Ablation":
-        if isinstance(value, Ablation):
-            return value
-        try:
-            return cls(str(value).lower())
-        except ValueError:
-            raise CircuitkitError(f"unknown ablation {value!r}; choose one of "
-                                  f"{', '.join(a.value for a in cls)}") from None
+        return parse_enum(cls, value, "ablation")
 
     def prepare(self, model, ds: TaskDataset, batch_size: int = DEFAULT_BATCH_SIZE,
                 spec: GraphSpec | None = None) -> "AblationValues":

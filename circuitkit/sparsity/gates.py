@@ -44,7 +44,7 @@ from typing import Any, Iterator
 import torch
 from transformer_lens import HookedTransformer
 
-from circuitkit import CircuitkitError
+from circuitkit import CircuitkitError, parse_enum
 
 ATTR = "circuitkit_gates"
 
@@ -58,13 +58,7 @@ class GateMode(enum.Enum):
 
     @classmethod
     def parse(cls, value: "GateMode | str") -> "GateMode":
-        if isinstance(value, GateMode):
-            return value
-        try:
-            return cls(str(value).lower())
-        except ValueError:
-            raise CircuitkitError(f"unknown gate mode {value!r}; choose one of "
-                                  f"{[m.value for m in cls]}") from None
+        return parse_enum(cls, value, "gate mode")
 
 
 @dataclass(frozen=True)
