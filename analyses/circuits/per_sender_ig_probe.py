@@ -16,10 +16,12 @@ import sys
 
 import torch
 
+from circuitkit import CircuitkitError
 from circuitkit.circuits import attribute
 from circuitkit.circuits.agreement import compare_scores
+from circuitkit.circuits.interventions import graph_hooks_enabled
 from circuitkit.models import load_model
-from circuitkit.tasks import get_task
+from circuitkit.tasks import TOY_TASKS, get_task
 
 STEPS = int(sys.argv[1]) if len(sys.argv) > 1 else 5
 torch.set_num_threads(2)
@@ -49,13 +51,9 @@ def receivers(sender: str):  # (edge name, receiver hook, head index or None)
 RECEIVER_HOOKS = sorted({hook for _, hook, _ in receivers("input")})
 SENDER_HOOKS = sorted({hook for _, hook, _ in senders()})
 
-for task in ("addition", "induction", "ioi", "greater-than", "docstring"):
-    ds = get_task(task).dataset(64, seed=0)
-    ref = attribute(model, ds, "patching", batch_size=64)
-    spec = ref.spec
-    model.set_use_split_qkv_input(True)
-    model.set_use_attn_result(True)
-    model.set_use_hook_mlp_in(True)
+
+def per_sender_scores(ds, spec) -> torch.Tensor:  # -> [n_src, n_dst]
+    """Per-sender IG score of every edge; needs per-head q/k/v inputs, hook_mlp_in and hook_result on."""
     with torch.no_grad():
         _, clean = model.run_with_cache(ds.clean, names_filter=lambda n: n in SENDER_HOOKS)
         _, corrupt = model.run_with_cache(ds.corrupt, names_filter=lambda n: n in SENDER_HOOKS)
@@ -89,13 +87,20 @@ for task in ("addition", "induction", "ioi", "greater-than", "docstring"):
         for edge, r, h in receivers(name):
             try:
                 s, d = spec.parse_edge(edge)
-            except Exception:  # not a real edge (receiver not downstream of the sender)
+            except CircuitkitError:  # not a real edge (receiver not downstream of the sender)
                 continue
             g = grads[r] if h is None else grads[r][:, :, h]
             scores[s, d] = (delta * g).sum() / len(ds)
-    model.set_use_split_qkv_input(False)
-    model.set_use_attn_result(False)
-    model.set_use_hook_mlp_in(False)
-    a = compare_scores(ref, dataclasses.replace(ref, scores=scores * spec.real), k=50)
+    return scores
+
+
+for task in TOY_TASKS:
+    ds = get_task(task).dataset(64, seed=0)
+    ref = attribute(model, ds, "patching", batch_size=64)
+    with graph_hooks_enabled(model):  # per-head q/k/v inputs and hook_mlp_in; restored on exit
+        model.set_use_attn_result(True)  # per-head outputs at attn.hook_result
+        scores = per_sender_scores(ds, ref.spec)
+        model.set_use_attn_result(False)
+    a = compare_scores(ref, dataclasses.replace(ref, scores=scores * ref.spec.real), k=50)
     print(f"toy-multitask / {task}: per-sender IG ({STEPS} steps) top-50 overlap {a.top_k_overlap:.2f}, "
           f"Pearson {a.pearson:.3f}", flush=True)
