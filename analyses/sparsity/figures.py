@@ -21,7 +21,7 @@ import torch
 
 from circuitkit.io import write_json
 from circuitkit.models import load_model
-from circuitkit.plotting import attention_figure, plt, save
+from circuitkit.plotting import attention_edges, attention_figure, plt, save
 from circuitkit.tasks.addition import encode
 from circuitkit.tasks.vocab import VOCAB
 
@@ -42,8 +42,12 @@ def token_text(tokens) -> list[str]:
 
 def teaser() -> None:
     models = [("base", load_model("toy-addition")), ("sparse", load_model("toy-addition-sparse"))]
-    print(attention_figure(models, [("36+28=00064", addition_tokens(36, 28))], token_text,
-                           FIGURES / "teaser_attention"))
+    tokens = addition_tokens(36, 28)
+    print(attention_figure(models, [("36+28=00064", tokens)], token_text, FIGURES / "teaser_attention"))
+    for name, model in models:  # the count quoted in the README: query-key pairs drawn (weight >= 0.02)
+        kept = attention_edges(model, tokens)  # [layers, heads, pos, pos]
+        n_causal = kept.shape[0] * kept.shape[1] * len(tokens) * (len(tokens) + 1) // 2
+        print(f"{name}: {int((kept > 0).sum())} of {n_causal} query-key pairs with weight >= 0.02 on 36+28=00064")
     prompts = [(f"{a}+{b} ({c})", addition_tokens(a, b))
                for a, b, c in ((53, 21, "no carry"), (36, 28, "single carry"), (43, 59, "double carry"))]
     print(attention_figure(models, prompts, token_text, FIGURES / "carry_classes_attention"))
