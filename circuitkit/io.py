@@ -78,6 +78,17 @@ def read_toml(path: str | os.PathLike) -> dict[str, Any]:
         raise CircuitkitError(f"{path} is not valid TOML: {e}") from None
 
 
+class TomlConfig:
+    """Mixin for a frozen config dataclass read from TOML: ``from_toml`` reads the file, lays the
+    command line's overrides (those not None) over it and hands the dict to the class's ``from_dict``."""
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike, **overrides: Any):
+        raw = read_toml(path)
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(raw, source=str(path))
+
+
 def check_keys(raw: dict[str, Any], known: set[str], required: set[str] = frozenset(),
                source: str = "config") -> None:
     """Raise a clear error for unknown or missing keys of a config table."""

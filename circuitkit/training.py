@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from circuitkit import CircuitkitError
-from circuitkit.io import check_keys, read_toml, torch_save, write_json
+from circuitkit.io import TomlConfig, check_keys, torch_save, write_json
 from circuitkit.models import build_model, save_model, toy_config
 from circuitkit.tasks import Task, get_task
 from circuitkit.tasks.vocab import VOCAB
@@ -39,7 +39,7 @@ LOG_FILE = "log.jsonl"
 # ---------------------------------------------------------------- config
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(TomlConfig):
     """What ``circuitkit train`` reads from TOML. Unknown keys are an error."""
 
     name: str
@@ -59,12 +59,6 @@ class TrainConfig:
     checkpoint_every: int = 500
     eval_every: int = 1000
     eval_n: int = 1000
-
-    @classmethod
-    def from_toml(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
-        raw = read_toml(path)
-        raw.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.from_dict(raw, source=str(path))
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "TrainConfig":

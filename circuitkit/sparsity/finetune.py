@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from circuitkit import CircuitkitError
-from circuitkit.io import read_toml, write_json, write_text
+from circuitkit.io import TomlConfig, check_keys, read_toml, write_json, write_text
 from circuitkit.models import is_toy, load_model
 from circuitkit.sparsity.corpus import TextCorpus
 from circuitkit.sparsity.gates import GateConfig, GateMode, attach, gate_mode
@@ -63,7 +63,7 @@ DEFAULT_TOLERANCE = 0.05
 # ---------------------------------------------------------------- config
 
 @dataclass(frozen=True)
-class SparsifyConfig:
+class SparsifyConfig(TomlConfig):
     """What ``circuitkit sparsify`` reads from TOML (and its flags). Unknown keys are an error."""
 
     name: str
@@ -114,20 +114,8 @@ class SparsifyConfig:
     log_heads: bool = True
 
     @classmethod
-    def from_toml(cls, path: str | Path, **overrides: Any) -> "SparsifyConfig":
-        raw = read_toml(path)
-        raw.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.from_dict(raw, source=str(path))
-
-    @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "SparsifyConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = set(raw) - known
-        if unknown:
-            raise CircuitkitError(f"{source}: unknown keys {sorted(unknown)}; known keys: {sorted(known)}")
-        missing = {"name", "model", "out", "run_dir"} - set(raw)
-        if missing:
-            raise CircuitkitError(f"{source}: missing required keys {sorted(missing)}")
+        check_keys(raw, set(cls.__dataclass_fields__), {"name", "model", "out", "run_dir"}, source)
         try:
             cfg = cls(**raw)
         except TypeError as e:
