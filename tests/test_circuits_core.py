@@ -294,6 +294,89 @@ def test_eap_ig_with_one_step_is_eap(model, ds):
     assert not torch.allclose(attribute(model, ds, "eap-ig", steps=3).scores, eap, atol=1e-6)
 
 
+def reference_sender_ig(model, batch, steps: int):
+    """Per-sender IG scores [n_src, n_dst] with TransformerLens's own hooks and plain autograd: for
+    each sender and ``alpha = (k + 1/2) / steps`` the sender's output alone (``attn.hook_result``
+    slice, ``hook_mlp_out`` or ``hook_resid_pre``) is set to ``clean + alpha (corrupt - clean)``;
+    receiver gradients of the batch-mean metric, averaged over k, are dotted with that sender's
+    ``corrupt - clean``."""
+    spec = GraphSpec.from_model(model)
+    clean, corrupt = sender_cache(model, batch.clean), sender_cache(model, batch.corrupt)
+    names = [f"blocks.{l}.hook_{x}" for l in range(spec.n_layers) for x in ("q_input", "k_input", "v_input", "mlp_in")]
+    names.append(f"blocks.{spec.n_layers - 1}.hook_resid_post")
+    sites = [("blocks.0.hook_resid_pre", None)] + [
+        (f"blocks.{l}.attn.hook_result", h) if h < spec.n_heads else (f"blocks.{l}.hook_mlp_out", None)
+        for l in range(spec.n_layers) for h in range(spec.n_heads + 1)]
+    out = torch.zeros(spec.n_src, spec.n_dst)
+    for s, (site, head) in enumerate(sites):
+        receivers = 0
+        for k in range(steps):
+            kept = {}
+            value = (clean[:, :, s] + (k + 0.5) / steps * (corrupt[:, :, s] - clean[:, :, s])).requires_grad_(True)
+
+            def move(act, hook, value=value, head=head):
+                if head is None:
+                    return value.clone()
+                act = act.clone()
+                act[:, :, head] = value
+                return act
+
+            def keep(act, hook):  # receivers before the sender carry no gradient
+                if act.requires_grad:
+                    act.retain_grad()
+                kept[hook.name] = act
+
+            for flag in FLAGS:
+                setattr(model.cfg, flag, True)
+            try:
+                tokens = batch.clean
+                logits = model.run_with_hooks(tokens, fwd_hooks=[(site, move)] + [(n, keep) for n in names])
+                batch.metric_values(logits).mean().backward()
+            finally:
+                for flag in FLAGS:
+                    setattr(model.cfg, flag, False)
+                model.zero_grad(set_to_none=True)
+            grads = [torch.zeros_like(kept[n]) if kept[n].grad is None else kept[n].grad for n in names]
+            grads = [g if g.ndim == 4 else g[:, :, None] for g in grads]
+            receivers = receivers + torch.cat(grads, 2) / steps  # [b, pos, n_dst, d_model]
+        out[s] = torch.einsum("bpd,bprd->r", corrupt[:, :, s] - clean[:, :, s], receivers)
+    return out * spec.real
+
+
+@pytest.mark.parametrize("norm", ["LN", "RMSPre"])
+def test_eap_ig_senders_matches_plain_autograd(norm, monkeypatch):
+    import circuitkit.circuits.attribution as attribution
+
+    m = build_model(toy_config("toy-2l", seed=4, normalization_type=norm))
+    batch = get_task("addition").dataset(6, seed=2)
+    expected = reference_sender_ig(m, batch, steps=2)
+    tol = dict(rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+    got = attribute(m, batch, "eap-ig-senders", steps=2).scores
+    assert torch.allclose(got, expected, **tol)
+    # 3 copies a pass: chunks split inside a block's senders and stop at block boundaries
+    width = 3 * m.cfg.n_heads + 2
+    monkeypatch.setattr(attribution, "PATCH_COPY_BUDGET", 3 * len(batch) * batch.seq_len * m.cfg.d_model * width)
+    assert torch.allclose(attribute(m, batch, "eap-ig-senders", steps=2, batch_size=4).scores, expected, **tol)
+
+
+def test_eap_ig_senders_node_scores_tend_to_node_patching(model, ds, spec):
+    """Along one sender's own path IG is exact in the limit (the path is one-dimensional): node
+    scores approach node patching as steps grow, and they are the sums of the outgoing edge
+    scores (a sender's output reaches the metric only through the receivers reading it)."""
+    edges = attribute(model, ds, "eap-ig-senders", steps=3)
+    nodes3 = attribute_nodes(model, ds, "eap-ig-senders", steps=3)
+    assert torch.allclose(nodes3, edges.node_scores, rtol=1e-4, atol=1e-5)
+    exact = attribute_nodes(model, ds, "patching")
+    nodes = attribute_nodes(model, ds, "eap-ig-senders", steps=16)
+    scale = float(exact.abs().max())
+    assert (nodes - exact).abs().max() <= 2e-3 * scale
+    assert (nodes3 - exact).abs().max() > (nodes - exact).abs().max()  # finer steps, closer
+    eap_gap = (attribute_nodes(model, ds, "eap") - exact).abs().max()
+    assert eap_gap > 10 * (nodes - exact).abs().max()  # eap's linearisation is far coarser
+    # the last MLP feeds only the logits: its one edge is exact too
+    assert edges.edge("m1->logits").score == pytest.approx(float(exact[spec.mlp_src(1)]), rel=2e-2)
+
+
 def test_patching_scores_are_single_edge_ablations(model, ds, spec):
     g = attribute(model, ds, "patching", batch_size=10)
     names = ["a0.h1->a1.h2<q>", "input->m1", "m0->logits", "a1.h0->m1"]
@@ -371,6 +454,12 @@ def test_discover_cli(tmp_path, model):
     assert circuit.n_edges == summary["edges"] <= 25 and summary["heads"] == circuit.n_heads
     assert {"m_full", "m_empty", "m_circuit", "explained_effect"} <= set(summary)
     assert "explained effect" in (out / "summary.md").read_text()
+    assert circuit.metadata["steps"] == 2
+    # every method that takes steps gets --steps; one that takes none is not handed it
+    for method, steps in (("eap-ig-senders", 2), ("eap", None)):
+        assert main(["discover", "--model", str(tmp_path / "toy"), "--task", "addition", "--method", method,
+                     "--edges", "25", "--n", "8", "--steps", "2", "--out", str(out / method), "--no-progress"]) == 0
+        assert Graph.load(out / method / "circuit.json").metadata.get("steps") == steps
     assert main(["discover", "--model", str(tmp_path / "toy"), "--task", "no-such-task", "--out", str(out)]) == 2
 
 

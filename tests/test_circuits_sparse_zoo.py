@@ -28,18 +28,24 @@ def closed_heads(model, tokens) -> torch.Tensor:  # [n_layers, n_heads] bool
     return torch.stack([seen[l] for l in range(model.cfg.n_layers)])
 
 
-def test_edges_into_closed_heads_score_exactly_zero():
+# eap's gradients are taken on the clean prompts, where a closed head's gates are 0: exactly zero.
+# eap-ig-senders runs on prompts with one sender moved part of the way to its corrupted output;
+# the gates follow the attention scores, so a few open on those paths (on toy-addition-sparse
+# edges into closed heads reach 3e-5 of the largest score): small, never in the circuit.
+@pytest.mark.parametrize("method,rel_tol", [("eap", 0.0), ("eap-ig-senders", 1e-3)])
+def test_edges_into_closed_heads_score_zero(method, rel_tol):
     model = load_model("toy-addition-sparse")
     assert get_gates(model) is not None and get_gates(model).mode.name == "EVAL"
     ds = get_task("addition").dataset(64, seed=0)
     closed = closed_heads(model, ds.clean) & closed_heads(model, ds.corrupt)
     assert closed.any(), "expected some heads with every gate closed on the task prompts"
-    scores = attribute(model, ds, "eap").scores  # [n_src, n_dst]
+    scores = attribute(model, ds, method).scores  # [n_src, n_dst]
     spec = GraphSpec.from_model(model)
+    bound = rel_tol * float(scores.abs().max())
     for l, h in closed.nonzero().tolist():
         for qkv in "qkv":
             col = scores[:, spec.head_dst(l, h, qkv)]
-            assert torch.all(col == 0), f"edges into closed head a{l}.h{h}<{qkv}> scored {col.abs().max()}"
-    circuit = top_n(attribute(model, ds, "eap"), 60)
+            assert torch.all(col.abs() <= bound), f"edges into closed head a{l}.h{h}<{qkv}> scored {col.abs().max()}"
+    circuit = top_n(attribute(model, ds, method), 60)
     assert not (circuit.head_mask & closed).any()  # no closed head in the circuit
     assert get_gates(model) is not None  # discovery left the gates attached

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from circuitkit import CircuitkitError
-from circuitkit.circuits.attribution import DEFAULT_IG_STEPS, attribute, method_names
+from circuitkit.circuits.attribution import DEFAULT_IG_STEPS, attribute, get_method, method_names
 from circuitkit.circuits.interventions import Ablation, faithfulness
 from circuitkit.circuits.selection import greedy, threshold, top_n
 from circuitkit.io import write_json, write_text
@@ -56,7 +56,7 @@ def discover(model, ds, *, method: str = "eap-ig", edges: int | None = None, thr
              prune: bool = True, progress: bool = False):
     """Attribute, select and verify; returns ``(circuit graph, summary dict)``."""
     t0 = time.perf_counter()
-    options = {"steps": steps} if method == "eap-ig" else {}
+    options = {"steps": steps} if "steps" in get_method(method).options else {}
     scored = attribute(model, ds, method, ablation=ablation, batch_size=batch_size, progress=progress, **options)
     t_attr = time.perf_counter() - t0
     if threshold_value is not None:
