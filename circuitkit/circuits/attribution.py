@@ -310,30 +310,25 @@ def _gradient_scores(model, ds: TaskDataset, *, level: str, steps: int | None, a
     return total
 
 
-def _eap_edges(model, ds, *, ablation, batch_size, progress) -> torch.Tensor:
-    return _gradient_scores(model, ds, level="edge", steps=None, ablation=ablation, batch_size=batch_size,
-                            progress=progress)
-
-
-def _eap_nodes(model, ds, *, ablation, batch_size, progress) -> torch.Tensor:
-    return _gradient_scores(model, ds, level="node", steps=None, ablation=ablation, batch_size=batch_size,
-                            progress=progress)
-
-
 def _check_steps(steps: Any) -> int:
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise CircuitkitError(f"eap-ig needs steps >= 1 (an integer), got {steps!r}")
+        raise CircuitkitError(f"IG methods need steps >= 1 (an integer), got {steps!r}")
     return steps
 
 
-def _ig_edges(model, ds, *, ablation, batch_size, progress, steps: int = DEFAULT_IG_STEPS) -> torch.Tensor:
-    return _gradient_scores(model, ds, level="edge", steps=_check_steps(steps), ablation=ablation,
-                            batch_size=batch_size, progress=progress)
+def _level_fn(scores: Callable[..., torch.Tensor], level: str, stepped: bool) -> Callable[..., torch.Tensor]:
+    """A registry entry's edge or node function from a ``scores(model, ds, *, level, steps, ...)``;
+    ``stepped`` ones take a ``steps`` option (default :data:`DEFAULT_IG_STEPS`), the others none."""
+    if not stepped:
+        def fn(model, ds, *, ablation, batch_size, progress) -> torch.Tensor:
+            return scores(model, ds, level=level, steps=None, ablation=ablation, batch_size=batch_size,
+                          progress=progress)
+        return fn
 
-
-def _ig_nodes(model, ds, *, ablation, batch_size, progress, steps: int = DEFAULT_IG_STEPS) -> torch.Tensor:
-    return _gradient_scores(model, ds, level="node", steps=_check_steps(steps), ablation=ablation,
-                            batch_size=batch_size, progress=progress)
+    def stepped_fn(model, ds, *, ablation, batch_size, progress, steps: int = DEFAULT_IG_STEPS) -> torch.Tensor:
+        return scores(model, ds, level=level, steps=_check_steps(steps), ablation=ablation, batch_size=batch_size,
+                      progress=progress)
+    return stepped_fn
 
 
 # ---------------------------------------------------------------- integrated gradients per sender
@@ -476,16 +471,6 @@ def _sender_kind(spec: GraphSpec, src: int) -> str:
     if src == 0:
         return "input"
     return "mlp" if (src - 1) % (spec.n_heads + 1) == spec.n_heads else "head"
-
-
-def _ig_sender_edges(model, ds, *, ablation, batch_size, progress, steps: int = DEFAULT_IG_STEPS) -> torch.Tensor:
-    return _sender_path_scores(model, ds, level="edge", steps=_check_steps(steps), ablation=ablation,
-                               batch_size=batch_size, progress=progress)
-
-
-def _ig_sender_nodes(model, ds, *, ablation, batch_size, progress, steps: int = DEFAULT_IG_STEPS) -> torch.Tensor:
-    return _sender_path_scores(model, ds, level="node", steps=_check_steps(steps), ablation=ablation,
-                               batch_size=batch_size, progress=progress)
 
 
 # ---------------------------------------------------------------- exact patching
@@ -672,11 +657,13 @@ class Method:
 
 METHODS: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
     Method("patching", "exact: metric change when ablating each edge alone", _patching_edges, _patching_nodes),
-    Method("eap", "edge attribution patching: (a_ablate - a_clean) . dm/d(receiver input)", _eap_edges, _eap_nodes),
-    Method("eap-ig", "EAP with integrated gradients over interpolated input embeddings", _ig_edges, _ig_nodes,
-           ("steps",)),
+    Method("eap", "edge attribution patching: (a_ablate - a_clean) . dm/d(receiver input)",
+           _level_fn(_gradient_scores, "edge", False), _level_fn(_gradient_scores, "node", False)),
+    Method("eap-ig", "EAP with integrated gradients over interpolated input embeddings",
+           _level_fn(_gradient_scores, "edge", True), _level_fn(_gradient_scores, "node", True), ("steps",)),
     Method("eap-ig-senders", "integrated gradients along each sender's own clean -> ablated path "
-           "(n_src x steps passes)", _ig_sender_edges, _ig_sender_nodes, ("steps",)),
+           "(n_src x steps passes)", _level_fn(_sender_path_scores, "edge", True),
+           _level_fn(_sender_path_scores, "node", True), ("steps",)),
 )})
 
 
