@@ -16,7 +16,7 @@ from transformer_lens import HookedTransformer
 from circuitkit import CircuitkitError
 from circuitkit.circuits import (
     Ablation, Graph, GraphSpec, agreement, attribute, attribute_nodes, compare_scores, faithfulness, get_method,
-    greedy, metric_with_graphs, patched, run_with_graph, top_n,
+    greedy, metric_with_graphs, patched, run_with_graph, threshold, top_n,
 )
 from circuitkit.models import build_model, save_model, toy_config
 from circuitkit.tasks import get_task
@@ -377,6 +377,35 @@ def test_eap_ig_senders_node_scores_tend_to_node_patching(model, ds, spec):
     assert edges.edge("m1->logits").score == pytest.approx(float(exact[spec.mlp_src(1)]), rel=2e-2)
 
 
+def test_acdc_pruning_bookkeeping(model, spec):
+    """ACDC tries edges in sequence: the first one tried (last sender into the logits) sees the
+    full graph, so its score is its single-edge patching score; with tau = 0 nothing is pruned;
+    with tau > 0 the kept edges are exactly |score| >= tau, and the final circuit's metric,
+    measured afresh, is m(full) plus the scores of the pruned edges (they telescope)."""
+    ds = get_task("addition").dataset(8, seed=1)
+    first = f"m{spec.n_layers - 1}->logits"
+    patch = attribute(model, ds, "patching").edge(first).score
+    keep_all = attribute(model, ds, "acdc", tau=0.0)
+    assert keep_all.edge(first).score == pytest.approx(patch, abs=1e-5)
+    assert top_n(keep_all, spec.n_real_edges, prune=False).n_edges == spec.n_real_edges
+    tau = float(keep_all.scores.abs()[spec.real].median())  # prunes a good share of the edges
+    scored = attribute(model, ds, "acdc", tau=tau)
+    circuit = threshold(scored, tau, prune=False)
+    pruned = spec.real & ~circuit.in_graph
+    assert 0 < int(pruned.sum()) < spec.n_real_edges
+    assert bool((scored.scores[pruned].abs() < tau).all())
+    m = metric_with_graphs(model, [Graph.full(model), circuit], ds).mean(1)
+    assert float(m[1]) == pytest.approx(float(m[0]) + float(scored.scores[pruned].sum()), abs=1e-4)
+    from circuitkit.circuits.discover import discover  # no selection given: the edges ACDC kept
+
+    found, _ = discover(model, ds, method="acdc", tau=tau, batch_size=8)
+    assert torch.equal(found.in_graph, threshold(scored, tau).in_graph)
+    with pytest.raises(CircuitkitError, match="tau >= 0"):
+        attribute(model, ds, "acdc", tau=-1)
+    with pytest.raises(CircuitkitError, match="edges only"):
+        attribute_nodes(model, ds, "acdc")
+
+
 def test_patching_scores_are_single_edge_ablations(model, ds, spec):
     g = attribute(model, ds, "patching", batch_size=10)
     names = ["a0.h1->a1.h2<q>", "input->m1", "m0->logits", "a1.h0->m1"]
@@ -456,7 +485,7 @@ def test_discover_cli(tmp_path, model):
     assert "explained effect" in (out / "summary.md").read_text()
     assert circuit.metadata["steps"] == 2
     # every method that takes steps gets --steps; one that takes none is not handed it
-    for method, steps in (("eap-ig-senders", 2), ("eap", None)):
+    for method, steps in (("eap-ig-senders", 2), ("eap", None), ("acdc", None)):
         assert main(["discover", "--model", str(tmp_path / "toy"), "--task", "addition", "--method", method,
                      "--edges", "25", "--n", "8", "--steps", "2", "--out", str(out / method), "--no-progress"]) == 0
         assert Graph.load(out / method / "circuit.json").metadata.get("steps") == steps
@@ -474,6 +503,8 @@ def test_unknown_method_and_ablation(model, ds):
         attribute(model, ds, "eap", steps=3)
     with pytest.raises(CircuitkitError, match="steps >= 1"):
         attribute(model, ds, "eap-ig", steps=0)
+    with pytest.raises(CircuitkitError, match="steps >= 1"):
+        attribute(model, ds, "eap-ig-senders", steps=2.5)
 
 
 def test_dataset_errors_surface(model, ds):

@@ -15,9 +15,11 @@ per case on 1 thread at 1,024 prompts (patching and eap-ig-senders take 1-2 min 
 """
 
 import argparse
+import time
 
 import torch
 
+from circuitkit import CircuitkitError
 from circuitkit.circuits import Graph, attribute, compare_scores, edge_order, faithfulness, get_method
 from circuitkit.models import load_model
 from circuitkit.tasks import TOY_TASKS, get_task
@@ -34,23 +36,31 @@ p.add_argument("--methods", default="eap-ig,eap,eap-ig-senders", help="comma-sep
 p.add_argument("--misses", action="store_true", help="list patching's top-50 edges outside eap-ig's top 50")
 args = p.parse_args()
 methods = args.methods.split(",")
-for m in methods:
-    get_method(m)  # unknown names fail here, before any work
+try:
+    for m in methods:
+        get_method(m)  # unknown names fail here, before any work
+except CircuitkitError as e:
+    p.error(str(e))
 
 torch.set_num_threads(1)
 print(f"{args.n} prompts, seed {args.seed}, IG steps {args.ig_steps or 'default'}")
 print("| model / task | m(N) | m(∅) | " + " | ".join(f"{m} overlap | {m} Pearson" for m in methods) + " |")
 print("|---|---|---|" + "---|---|" * len(methods))
-missed = []
+missed, timings = [], []
 for name, task in CASES:
     model = load_model(name)
     ds = get_task(task).dataset(args.n, seed=args.seed)
     full = faithfulness(model, Graph.full(model), ds, batch_size=args.batch_size)
+    t = time.perf_counter()
     ref = attribute(model, ds, "patching", batch_size=args.batch_size)
+    seconds = {"patching": time.perf_counter() - t}
     scored = {}
     for m in methods:
         steps = {} if args.ig_steps is None or "steps" not in get_method(m).options else {"steps": args.ig_steps}
+        t = time.perf_counter()
         scored[m] = attribute(model, ds, m, batch_size=args.batch_size, **steps)
+        seconds[m] = time.perf_counter() - t
+    timings.append(f"{name} / {task}: " + ", ".join(f"{m} {s:.0f} s" for m, s in seconds.items()))
     row = [compare_scores(ref, scored[m], k=K) for m in methods]
     print(f"| {name} / {task} | {full.m_full:.2f} | {full.m_empty:.2f} | "
           + " | ".join(f"{a.top_k_overlap:.2f} | {a.pearson:.3f}" for a in row) + " |", flush=True)
@@ -61,6 +71,7 @@ for name, task in CASES:
             if rank_ig[(s, d)] >= K:
                 missed.append(f"| {name} / {task} | `{ref.spec.edge_name(s, d)}` | {ref.scores[s, d]:+.3f} "
                               f"(rank {r + 1}) | {ig.scores[s, d]:+.3f} (rank {rank_ig[(s, d)] + 1}) |")
+print("\nwall time (1 thread):\n" + "\n".join(timings))
 if args.misses:
     print("\n| model / task | edge | patching | eap-ig |\n|---|---|---|---|")
     print("\n".join(missed))

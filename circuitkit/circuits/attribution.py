@@ -43,11 +43,12 @@ from circuitkit import CircuitkitError
 from circuitkit.circuits.graph import Graph, GraphSpec
 from circuitkit.circuits.interventions import (
     DEFAULT_BATCH_SIZE, Ablation, AblationValues, capture_senders, check_dataset, copies_metric, graph_hooks_enabled,
-    head_outputs, model_device, model_dtype, sender_hooks, temporary_hooks,
+    head_outputs, metric_with_graph, model_device, model_dtype, sender_hooks, temporary_hooks,
 )
 from circuitkit.tasks.base import Metric, TaskDataset
 
 DEFAULT_IG_STEPS = 5
+DEFAULT_ACDC_TAU = 0.01
 # eap-ig runs several interpolation steps in one pass, up to this many input numbers [steps*batch, pos, d_model]
 IG_COPY_BUDGET = 2**22
 # exact patching stacks single-edge copies of a batch up to this many residual numbers [copies*batch, pos, d_model]
@@ -624,6 +625,46 @@ def _patching_nodes(model, ds, *, ablation, batch_size, progress) -> torch.Tenso
                                    batch_size=batch_size, progress=progress)
 
 
+# ---------------------------------------------------------------- ACDC-style pruning
+
+def _acdc_edges(model, ds: TaskDataset, *, ablation, batch_size, progress,
+                tau: float = DEFAULT_ACDC_TAU) -> torch.Tensor:  # [n_src, n_dst]
+    """ACDC-style greedy pruning (Conmy et al. 2023), absolute-value variant.
+
+    Starting from the full graph, receivers are visited from the logits back to the first
+    block (reverse topological order) and, for each, its incoming edges from the latest sender
+    to the input. Each edge is tried: ``score = m(current without it) - m(current)`` (mean over
+    ``ds``), and it stays removed when ``|score| < tau``. So the kept edges are exactly those
+    with ``|score| >= tau`` (``threshold(graph, tau)``), and the final circuit's metric is
+    ``m(full)`` plus the scores of the removed edges. One patched pass over ``ds`` per real
+    edge, in sequence (each decision depends on the ones before).
+    """
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau >= 0:
+        raise CircuitkitError(f"acdc needs tau >= 0 (the largest metric change an edge may make and still be "
+                              f"pruned), got {tau!r}")
+    spec = GraphSpec.from_model(model)
+    check_dataset(model, ds)
+    current = Graph.full(spec)
+    m_cur = float(metric_with_graph(model, current, ds, ablation, batch_size).mean())
+    scores = torch.zeros(spec.n_src, spec.n_dst)
+    prefix = spec.src_prefix.tolist()
+    order = [(s, d) for d in reversed(range(spec.n_dst)) for s in reversed(range(prefix[d]))]
+    for s, d in tqdm(order, desc="acdc", disable=not progress, leave=False):
+        member = current.in_graph.clone()
+        member[s, d] = False
+        trial = current.with_in_graph(member)
+        m_new = float(metric_with_graph(model, trial, ds, ablation, batch_size).mean())
+        scores[s, d] = m_new - m_cur
+        if abs(m_new - m_cur) < tau:
+            current, m_cur = trial, m_new
+    return scores
+
+
+def _acdc_nodes(model, ds, **_) -> torch.Tensor:
+    raise CircuitkitError("acdc scores edges only; for node scores use patching, eap or eap-ig "
+                          "(node_method in a study config)")
+
+
 # ---------------------------------------------------------------- registry
 
 @dataclass(frozen=True)
@@ -664,6 +705,8 @@ METHODS: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
     Method("eap-ig-senders", "integrated gradients along each sender's own clean -> ablated path "
            "(n_src x steps passes)", _level_fn(_sender_path_scores, "edge", True),
            _level_fn(_sender_path_scores, "node", True), ("steps",)),
+    Method("acdc", "ACDC-style greedy pruning: an edge stays out when removing it moves the metric by < tau",
+           _acdc_edges, _acdc_nodes, ("tau",)),
 )})
 
 

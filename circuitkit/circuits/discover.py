@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from circuitkit import CircuitkitError
-from circuitkit.circuits.attribution import DEFAULT_IG_STEPS, attribute, get_method, method_names
+from circuitkit.circuits.attribution import DEFAULT_ACDC_TAU, DEFAULT_IG_STEPS, attribute, get_method, method_names
 from circuitkit.circuits.interventions import Ablation, faithfulness
 from circuitkit.circuits.selection import greedy, threshold, top_n
 from circuitkit.io import write_json, write_text
@@ -38,7 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="dataset seed")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--ablation", default="patching", choices=[a.value for a in Ablation])
-    parser.add_argument("--steps", type=int, default=DEFAULT_IG_STEPS, help="integration steps for eap-ig")
+    parser.add_argument("--steps", type=int, default=DEFAULT_IG_STEPS,
+                        help="integration steps for eap-ig and eap-ig-senders")
+    parser.add_argument("--tau", type=float, default=DEFAULT_ACDC_TAU,
+                        help="acdc: prune an edge when removing it moves the metric by less than this; the "
+                             "circuit is then the edges it kept (unless --edges/--threshold/--target say otherwise)")
     parser.add_argument("--no-prune", action="store_true", help="keep dangling edges")
     parser.add_argument("--out", default=None, help="output folder (default circuits/<model>-<task>-<method>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -53,10 +57,13 @@ def _task(name: str, model):
 
 def discover(model, ds, *, method: str = "eap-ig", edges: int | None = None, threshold_value: float | None = None,
              target: float | None = None, ablation: str = "patching", batch_size: int = 50, steps: int = 5,
-             prune: bool = True, progress: bool = False):
+             tau: float = DEFAULT_ACDC_TAU, prune: bool = True, progress: bool = False):
     """Attribute, select and verify; returns ``(circuit graph, summary dict)``."""
     t0 = time.perf_counter()
-    options = {"steps": steps} if "steps" in get_method(method).options else {}
+    accepted = get_method(method).options
+    options = {k: v for k, v in (("steps", steps), ("tau", tau)) if k in accepted}
+    if "tau" in accepted and edges is None and threshold_value is None and target is None:
+        threshold_value = tau  # acdc: the edges it kept
     scored = attribute(model, ds, method, ablation=ablation, batch_size=batch_size, progress=progress, **options)
     t_attr = time.perf_counter() - t0
     if threshold_value is not None:
@@ -103,7 +110,7 @@ def run_cli(args: argparse.Namespace) -> int:
     ds = _task(args.task, model).dataset(args.n, seed=args.seed)
     circuit, summary = discover(model, ds, method=args.method, edges=args.edges, threshold_value=args.threshold,
                                 target=args.target, ablation=args.ablation, batch_size=args.batch_size,
-                                steps=args.steps, prune=not args.no_prune, progress=not args.no_progress)
+                                steps=args.steps, tau=args.tau, prune=not args.no_prune, progress=not args.no_progress)
     model_name = Path(str(args.model)).name
     out = Path(args.out) if args.out else Path("circuits") / f"{model_name}-{args.task}-{args.method}"
     summary = {"model": str(args.model), "seed": args.seed, **summary}
