@@ -353,9 +353,13 @@ def _sender_path_scores(model, ds: TaskDataset, *, level: str, steps: int, ablat
     device, d_model = model_device(model), model.cfg.d_model
     out = torch.zeros((spec.n_src, spec.n_dst) if level == "edge" else (spec.n_src,), dtype=torch.float64)
     by_block: dict[int, list[int]] = {}  # block a pass starts at -> senders perturbed there
+    kind: dict[int, str] = {}  # sender -> "input" | "head" | "mlp"
     for g in spec.sender_groups:
         by_block.setdefault(0 if g.layer is None else g.layer, []).extend(range(g.rows.start, g.rows.stop))
-    split = level == "edge" and spec.n_heads > 0
+        kind.update({s: "input" if g.layer is None else "head" if g.per_head else "mlp"
+                     for s in range(g.rows.start, g.rows.stop)})
+    split = level == "edge"
+    width = 3 * spec.n_heads + 2 if split else 2  # residual-sized tensors a copy keeps per block
     n_batches = -(-len(ds) // batch_size)
     with graph_hooks_enabled(model, split_qkv=split), \
             tqdm(total=n_batches * spec.n_src, desc="eap-ig-senders", disable=not progress, leave=False) as bar:
@@ -367,27 +371,20 @@ def _sender_path_scores(model, ds: TaskDataset, *, level: str, steps: int, ablat
                 logits, clean, resid = _clean_run(model, spec, batch.clean)
                 delta = values.permute(2, 0, 1, 3) - clean  # [n_src, b, pos, d_model]
             reference = logits if batch.metric is Metric.NEG_KL else None
-            width = 3 * spec.n_heads + 2 if split else 2  # residual-sized tensors a copy keeps per block
             per_pass = max(1, PATCH_COPY_BUDGET // (b * p * d_model * width))
-            items = [(s, k) for layer in sorted(by_block) for s in by_block[layer] for k in range(steps)]
-            start = 0
-            while start < len(items):
-                layer = _sender_block(spec, items[start][0])
-                chunk = [it for it in items[start: start + per_pass] if _sender_block(spec, it[0]) == layer]
-                start += len(chunk)
-                srcs = torch.tensor([s for s, _ in chunk], device=device)
-                alphas = torch.tensor([(k + 0.5) / steps for _, k in chunk], device=device, dtype=delta.dtype)
-                _SenderPathPass(model, spec, level, out, delta, srcs, alphas, layer).run(
-                    resid[layer], batch, reference, 1.0 / (len(ds) * steps))
-                bar.update(len(chunk) / steps)
+            for layer, senders in by_block.items():
+                items = [(s, k) for s in senders for k in range(steps)]
+                for start in range(0, len(items), per_pass):
+                    chunk = items[start: start + per_pass]
+                    srcs = torch.tensor([s for s, _ in chunk], device=device)
+                    alphas = torch.tensor([(k + 0.5) / steps for _, k in chunk], device=device, dtype=delta.dtype)
+                    kinds = [kind[s] for s, _ in chunk]
+                    _SenderPathPass(model, spec, level, out, delta, srcs, kinds, alphas, layer).run(
+                        resid[layer], batch, reference, 1.0 / (len(ds) * steps))
+                    bar.update(len(chunk) / steps)
     if level == "edge":
         out *= spec.real
     return out.float()
-
-
-def _sender_block(spec: GraphSpec, src: int) -> int:
-    """The block whose forward pass a perturbation of sender ``src`` starts at (0 for the input)."""
-    return 0 if src == 0 else (src - 1) // (spec.n_heads + 1)
 
 
 class _SenderPathPass:
@@ -395,19 +392,19 @@ class _SenderPathPass:
 
     The input's perturbation is added to the starting residual; a head's to ``hook_attn_out``
     and an MLP's to ``hook_mlp_out`` of block ``layer`` (a head's output enters the residual
-    stream only through the block's attention output). A zero tensor requiring grad rides on
-    each perturbation (node level) or on the receivers' inputs (edge level, per-head q/k/v
-    inputs); gradients are contracted with the copy's own ``δ`` as they arrive.
+    stream only through the block's attention output). Node level: a zero tensor requiring
+    grad rides on each perturbation. Edge level: the starting residual requires grad and the
+    receivers' inputs (per-head q/k/v inputs) are watched. Gradients are contracted with the
+    copy's own ``δ``.
     """
 
     def __init__(self, model, spec: GraphSpec, level: str, out: torch.Tensor,  # [n_src, n_dst] or [n_src]
                  delta: torch.Tensor,  # [n_src, batch, pos, d_model]
-                 srcs: torch.Tensor, alphas: torch.Tensor, layer: int):  # [r], [r]
+                 srcs: torch.Tensor, kinds: list[str], alphas: torch.Tensor, layer: int):  # [r], r, [r]
         self.model, self.spec, self.level, self.out, self.layer = model, spec, level, out, layer
         self.srcs, self.r = srcs, len(srcs)
         self.own = delta[srcs]  # [r, b, pos, d_model]: each copy's δ
         move = alphas[:, None, None, None] * self.own
-        kinds = [_sender_kind(spec, s) for s in srcs.tolist()]
         self.of_kind = {k: torch.tensor([x == k for x in kinds], device=srcs.device) for k in set(kinds)}  # [r] bool
         self.moves = {k: move * m[:, None, None, None] for k, m in self.of_kind.items()}  # [r, b, pos, d_model]
         self.leaves: dict[str, torch.Tensor] = {}
@@ -466,12 +463,6 @@ class _SenderPathPass:
                 g = leaf.grad.reshape(self.r, *self.own.shape[1:])  # [r, b, pos, d_model]
                 score = (self.own * g).flatten(1).sum(1).double().cpu() * self.of_kind[kind].cpu()
                 self.out.index_add_(0, self.srcs.cpu(), score * weight)
-
-
-def _sender_kind(spec: GraphSpec, src: int) -> str:
-    if src == 0:
-        return "input"
-    return "mlp" if (src - 1) % (spec.n_heads + 1) == spec.n_heads else "head"
 
 
 # ---------------------------------------------------------------- exact patching
@@ -676,6 +667,10 @@ class Method:
     edge_fn: Callable[..., torch.Tensor]
     node_fn: Callable[..., torch.Tensor]
     options: tuple[str, ...] = ()  # extra keyword options it accepts
+
+    def pick(self, **candidates: Any) -> dict[str, Any]:
+        """Of ``candidates`` (e.g. every option a command line offers), the ones this method takes."""
+        return {k: v for k, v in candidates.items() if k in self.options}
 
     def _check(self, options: Mapping[str, Any]) -> None:
         bad = sorted(set(options) - set(self.options))
