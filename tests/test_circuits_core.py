@@ -205,37 +205,46 @@ def test_eap_matches_plain_autograd(model, ds, spec):
         assert g.edge(name).score == pytest.approx(float(expected), rel=1e-4, abs=1e-6), name
 
 
+def receiver_grads(model, batch, fwd_hooks) -> torch.Tensor:  # [batch, pos, n_dst, d_model]
+    """∂(batch-mean metric)/∂(every receiver's input) of one run with ``fwd_hooks``, read at
+    TransformerLens's split q/k/v inputs, ``hook_mlp_in`` and the last ``hook_resid_post``
+    (zero where a receiver has no path from what requires grad)."""
+    n_layers = model.cfg.n_layers
+    names = [f"blocks.{l}.hook_{x}" for l in range(n_layers) for x in ("q_input", "k_input", "v_input", "mlp_in")]
+    names.append(f"blocks.{n_layers - 1}.hook_resid_post")
+    kept = {}
+
+    def keep(act, hook):
+        if act.requires_grad:
+            act.retain_grad()
+        kept[hook.name] = act
+
+    for flag in FLAGS:
+        setattr(model.cfg, flag, True)
+    try:
+        logits = model.run_with_hooks(batch.clean, fwd_hooks=list(fwd_hooks) + [(n, keep) for n in names])
+        batch.metric_values(logits).mean().backward()
+    finally:
+        for flag in FLAGS:
+            setattr(model.cfg, flag, False)
+        model.zero_grad(set_to_none=True)
+    grads = [torch.zeros_like(kept[n]) if kept[n].grad is None else kept[n].grad for n in names]
+    return torch.cat([g if g.ndim == 4 else g[:, :, None] for g in grads], 2)
+
+
 def reference_eap(model, batch, steps: int | None = None):
     """All EAP scores [n_src, n_dst] with TransformerLens's split q/k/v inputs and plain autograd;
     with ``steps``, EAP-IG: receiver gradients averaged over inputs interpolated k/steps of the
     way from the corrupted to the clean embeddings, k = 1..steps."""
     spec = GraphSpec.from_model(model)
     clean, corrupt = sender_cache(model, batch.clean), sender_cache(model, batch.corrupt)
-    names = [f"blocks.{l}.hook_{x}" for l in range(spec.n_layers) for x in ("q_input", "k_input", "v_input", "mlp_in")]
-    names.append(f"blocks.{spec.n_layers - 1}.hook_resid_post")
     receivers = 0
     for alpha in ([1.0] if steps is None else [k / steps for k in range(1, steps + 1)]):
-        kept = {}
-
-        def keep(act, hook):
-            act.retain_grad()
-            kept[hook.name] = act
-
         def embed(act, hook, alpha=alpha):
             return (corrupt[:, :, 0] + alpha * (clean[:, :, 0] - corrupt[:, :, 0])).requires_grad_(True)
 
-        model.set_use_split_qkv_input(True)
-        model.set_use_hook_mlp_in(True)
-        try:
-            logits = model.run_with_hooks(batch.clean, fwd_hooks=[("blocks.0.hook_resid_pre", embed)] +
-                                          [(n, keep) for n in names])
-            batch.metric_values(logits).mean().backward()
-        finally:
-            model.set_use_split_qkv_input(False)
-            model.set_use_hook_mlp_in(False)
-            model.zero_grad(set_to_none=True)
-        grads = [kept[n].grad if kept[n].grad.ndim == 4 else kept[n].grad[:, :, None] for n in names]
-        receivers = receivers + torch.cat(grads, 2) / (1 if steps is None else steps)  # [b, pos, n_dst, d_model]
+        grads = receiver_grads(model, batch, [("blocks.0.hook_resid_pre", embed)])
+        receivers = receivers + grads / (1 if steps is None else steps)  # [b, pos, n_dst, d_model]
     return torch.einsum("bpsd,bprd->sr", corrupt - clean, receivers) * spec.real
 
 
@@ -302,8 +311,6 @@ def reference_sender_ig(model, batch, steps: int):
     ``corrupt - clean``."""
     spec = GraphSpec.from_model(model)
     clean, corrupt = sender_cache(model, batch.clean), sender_cache(model, batch.corrupt)
-    names = [f"blocks.{l}.hook_{x}" for l in range(spec.n_layers) for x in ("q_input", "k_input", "v_input", "mlp_in")]
-    names.append(f"blocks.{spec.n_layers - 1}.hook_resid_post")
     sites = [("blocks.0.hook_resid_pre", None)] + [
         (f"blocks.{l}.attn.hook_result", h) if h < spec.n_heads else (f"blocks.{l}.hook_mlp_out", None)
         for l in range(spec.n_layers) for h in range(spec.n_heads + 1)]
@@ -311,7 +318,6 @@ def reference_sender_ig(model, batch, steps: int):
     for s, (site, head) in enumerate(sites):
         receivers = 0
         for k in range(steps):
-            kept = {}
             value = (clean[:, :, s] + (k + 0.5) / steps * (corrupt[:, :, s] - clean[:, :, s])).requires_grad_(True)
 
             def move(act, hook, value=value, head=head):
@@ -321,24 +327,7 @@ def reference_sender_ig(model, batch, steps: int):
                 act[:, :, head] = value
                 return act
 
-            def keep(act, hook):  # receivers before the sender carry no gradient
-                if act.requires_grad:
-                    act.retain_grad()
-                kept[hook.name] = act
-
-            for flag in FLAGS:
-                setattr(model.cfg, flag, True)
-            try:
-                tokens = batch.clean
-                logits = model.run_with_hooks(tokens, fwd_hooks=[(site, move)] + [(n, keep) for n in names])
-                batch.metric_values(logits).mean().backward()
-            finally:
-                for flag in FLAGS:
-                    setattr(model.cfg, flag, False)
-                model.zero_grad(set_to_none=True)
-            grads = [torch.zeros_like(kept[n]) if kept[n].grad is None else kept[n].grad for n in names]
-            grads = [g if g.ndim == 4 else g[:, :, None] for g in grads]
-            receivers = receivers + torch.cat(grads, 2) / steps  # [b, pos, n_dst, d_model]
+            receivers = receivers + receiver_grads(model, batch, [(site, move)]) / steps  # [b, pos, n_dst, d_model]
         out[s] = torch.einsum("bpd,bprd->r", corrupt[:, :, s] - clean[:, :, s], receivers)
     return out * spec.real
 

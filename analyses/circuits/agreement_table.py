@@ -56,7 +56,7 @@ for name, task in CASES:
     seconds = {"patching": time.perf_counter() - t}
     scored = {}
     for m in methods:
-        steps = {} if args.ig_steps is None or "steps" not in get_method(m).options else {"steps": args.ig_steps}
+        steps = {} if args.ig_steps is None else get_method(m).pick(steps=args.ig_steps)
         t = time.perf_counter()
         scored[m] = attribute(model, ds, m, batch_size=args.batch_size, **steps)
         seconds[m] = time.perf_counter() - t

@@ -60,9 +60,8 @@ def discover(model, ds, *, method: str = "eap-ig", edges: int | None = None, thr
              tau: float = DEFAULT_ACDC_TAU, prune: bool = True, progress: bool = False):
     """Attribute, select and verify; returns ``(circuit graph, summary dict)``."""
     t0 = time.perf_counter()
-    accepted = get_method(method).options
-    options = {k: v for k, v in (("steps", steps), ("tau", tau)) if k in accepted}
-    if "tau" in accepted and edges is None and threshold_value is None and target is None:
+    options = get_method(method).pick(steps=steps, tau=tau)
+    if "tau" in options and edges is None and threshold_value is None and target is None:
         threshold_value = tau  # acdc: the edges it kept
     scored = attribute(model, ds, method, ablation=ablation, batch_size=batch_size, progress=progress, **options)
     t_attr = time.perf_counter() - t0

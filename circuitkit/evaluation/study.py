@@ -68,7 +68,7 @@ class TaskResult:
 def analyse(model, model_name: str, ds: TaskDataset, cfg: StudyConfig = StudyConfig()) -> TaskResult:
     """Attribute with ``cfg.method``, then verify the minimal circuit at ``cfg.threshold``."""
     ablation = Ablation.parse(cfg.ablation)
-    options = {"steps": cfg.ig_steps} if "steps" in attribution.get_method(cfg.method).options else {}
+    options = attribution.get_method(cfg.method).pick(steps=cfg.ig_steps)
     scored = attribution.attribute(model, ds, cfg.method, ablation=ablation, batch_size=cfg.batch_size, **options)
     kw = dict(ablation=ablation, batch_size=cfg.batch_size)
     curve = edge_curve(model, scored, ds, **kw)
