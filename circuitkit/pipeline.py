@@ -12,17 +12,22 @@ import argparse
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from circuitkit import CircuitkitError
+from circuitkit.circuits.graph import GraphSpec
 from circuitkit.evaluation.compare import overlap_table, pair_table, save_result, write_table
 from circuitkit.evaluation.study import StudyConfig, TaskResult, analyse
 from circuitkit.io import check_keys, read_toml, write_text
 from circuitkit.tasks import TOY_TASKS
 
 REPO = Path(__file__).resolve().parent.parent
+# how the circuits shrink with the size of the graph: one row per (pair, task)
+RATIO_VS_SIZE_COLUMNS = ["base_model", "task", "graph_edges", "graph_heads", "n_prompts", "base_edges",
+                         "sparse_edges", "edge_ratio", "base_heads", "sparse_heads", "head_ratio", "attn_edge_ratio",
+                         "base_f", "sparse_f"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,7 @@ class Pair:
     base: str
     sparse: str
     tasks: tuple[str, ...]
+    n: int | None = None  # prompts per task for this pair (default: the study's n)
 
 
 @dataclass(frozen=True)
@@ -39,13 +45,15 @@ class RunConfig:
     pairs: tuple[Pair, ...] = (
         Pair("toy-addition", "toy-addition-sparse", ("addition",)),
         Pair("toy-multitask", "toy-multitask-sparse", TOY_TASKS),
+        Pair("toy-multitask-6l", "toy-multitask-6l-sparse", TOY_TASKS),
     )
     figures: bool = True
     # figures of the sparse post-training stage, linked into the report when they exist
     sparsity_figures: tuple[str, ...] = ("figures/teaser_attention.png", "figures/sparsity_vs_capability.png")
     # zoo configs rebuilt by --retrain, in order
     retrain: tuple[str, ...] = ("analyses/zoo/toy-addition.toml", "analyses/zoo/toy-multitask.toml",
-                                "analyses/zoo/toy-addition-sparse.toml", "analyses/zoo/toy-multitask-sparse.toml")
+                                "analyses/zoo/toy-multitask-6l.toml", "analyses/zoo/toy-addition-sparse.toml",
+                                "analyses/zoo/toy-multitask-sparse.toml", "analyses/zoo/toy-multitask-6l-sparse.toml")
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "RunConfig":
@@ -61,9 +69,13 @@ class RunConfig:
         if "pairs" in raw:
             pairs = []
             for p in raw.pop("pairs"):
-                if set(p) != {"base", "sparse", "tasks"}:
-                    raise CircuitkitError(f"{source}: each [[pairs]] needs exactly base, sparse and tasks; got {sorted(p)}")
-                pairs.append(Pair(p["base"], p["sparse"], tuple(p["tasks"])))
+                if not {"base", "sparse", "tasks"} <= set(p) <= {"base", "sparse", "tasks", "n"}:
+                    raise CircuitkitError(f"{source}: each [[pairs]] needs base, sparse and tasks (and optionally n, "
+                                          f"the prompts per task for that pair); got {sorted(p)}")
+                n = p.get("n")
+                if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n <= 0):
+                    raise CircuitkitError(f"{source}: [[pairs]] n must be a positive integer, got {n!r}")
+                pairs.append(Pair(p["base"], p["sparse"], tuple(p["tasks"]), n))
             if not pairs:
                 raise CircuitkitError(f"{source}: [[pairs]] is empty; name at least one base/sparse model pair")
             kw["pairs"] = tuple(pairs)
@@ -104,14 +116,17 @@ def run(cfg: RunConfig, progress: bool = True) -> Path:
     tables = []
     for pair in cfg.pairs:
         per_role = {}
+        study = cfg.study if pair.n is None else replace(cfg.study, n=pair.n)
         for role, name in (("base", pair.base), ("sparse", pair.sparse)):
             model = load_model(name)
             label = Path(name).name
+            if role == "base":
+                spec = GraphSpec.from_model(model)
             rs = []
             for task in pair.tasks:
                 t = time.time()
-                ds = task_for_model(task, model).dataset(cfg.study.n, seed=cfg.study.seed)
-                r = analyse(model, label, ds, cfg.study)
+                ds = task_for_model(task, model).dataset(study.n, seed=study.seed)
+                r = analyse(model, label, ds, study)
                 save_result(r, out)
                 rs.append(r)
                 if progress:
@@ -121,12 +136,17 @@ def run(cfg: RunConfig, progress: bool = True) -> Path:
             per_role[role] = rs
         table = pair_table(per_role["base"], per_role["sparse"])
         table.insert(0, "base_model", Path(pair.base).name)
+        # the size of the whole graph the circuits are drawn from, and the prompts they were found on
+        table.insert(2, "graph_edges", spec.n_real_edges)
+        table.insert(3, "graph_heads", spec.n_layers * spec.n_heads)
+        table.insert(4, "n_prompts", study.n)
         tables.append(table)
         pair_rows += [(f"{Path(pair.base).name}: {b.task}", b, s) for b, s in zip(per_role["base"], per_role["sparse"])]
     import pandas as pd
 
     main_table = pd.concat(tables, ignore_index=True)
     write_table(main_table, out / "base_vs_sparse")
+    write_table(main_table[RATIO_VS_SIZE_COLUMNS], out / "ratio_vs_size")
     overlaps = {m: overlap_table(rs) for m, rs in results.items() if len(rs) > 1}
     for m, df in overlaps.items():
         write_table(df, out / f"task_overlap__{m}")
@@ -135,6 +155,7 @@ def run(cfg: RunConfig, progress: bool = True) -> Path:
         from circuitkit import plotting
 
         figs += plotting.faithfulness_figure(pair_rows, out / "figures" / "faithfulness", cfg.study.threshold)
+        figs += plotting.ratio_vs_size_figure(main_table, out / "figures" / "ratio_vs_size", cfg.study.threshold)
         for title, b, s in pair_rows:
             stem = f"circuit__{b.model}__{b.task}"
             figs += plotting.circuit_figure(b.minimal, s.minimal, out / "figures" / stem, title=b.task)
@@ -148,7 +169,7 @@ def report(cfg: RunConfig, table, overlaps, figs: list[Path], out: Path, wall: f
     s = cfg.study
     lines = ["# circuitkit study", "",
              f"Method `{s.method}` (IG steps {s.ig_steps}), ablation `{s.ablation}`, {s.n} prompts per task "
-             f"(seed {s.seed}), minimal circuit = fewest top-scoring edges with explained effect f ≥ {s.threshold}. "
+             f"(seed {s.seed}; a pair may set its own, see `n_prompts`), minimal circuit = fewest top-scoring edges with explained effect f ≥ {s.threshold}. "
              f"Wall time {wall:.0f} s.", "",
              "## Base vs sparse: minimal circuits", "",
              "`edge_ratio` = base edges ÷ sparse edges; `head_ratio` likewise for the heads the minimal edge "
@@ -156,7 +177,9 @@ def report(cfg: RunConfig, table, overlaps, figs: list[Path], out: Path, wall: f
              "input, MLP and logits edges — form a backbone that attention gates cannot remove). Completeness = "
              "share of the effect removed when the circuit is knocked out of the full model; minimality = "
              "share of circuit edges whose single removal lowers f by more than "
-             f"{s.minimality_eps}.", "",
+             f"{s.minimality_eps}"
+             + (f" (estimated on {s.minimality_max_edges} edges drawn at random for larger circuits)."
+                if s.minimality_max_edges else "."), "",
              table.to_markdown(index=False, floatfmt=".3g"), ""]
     for m, df in overlaps.items():
         lines += [f"## Tasks sharing circuit parts in `{m}`", "", df.to_markdown(index=False, floatfmt=".3g"), ""]

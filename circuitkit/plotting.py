@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 from circuitkit.circuits.graph import Graph  # noqa: E402
 from circuitkit.io import atomic_path  # noqa: E402
@@ -74,6 +75,58 @@ def faithfulness_figure(pairs: Sequence[tuple], stem: Path, threshold: float = 0
         ax.legend(fontsize=7, loc="lower right")
     axes[0, 0].set_ylabel("explained effect f")
     axes[1, 0].set_ylabel("explained effect f")
+    fig.tight_layout()
+    return save(fig, stem)
+
+
+# The paper's range on its own graphs (GPT-2 small: about 32k edges, 144 heads; OLMo-7B larger),
+# drawn at GPT-2's size for orientation.
+PAPER_EDGE_RATIOS, PAPER_HEAD_RATIOS = (5.4, 97.0), (1.4, 4.5)
+GPT2_GRAPH_EDGES, GPT2_GRAPH_HEADS = 32_000, 144
+
+
+def ratio_vs_size_figure(table, stem: Path, threshold: float = 0.9) -> list[Path]:
+    """Base ÷ sparse size of the minimal circuit (edges, heads) against the size of the graph.
+
+    ``table``: the study's base-vs-sparse table with ``graph_edges``, ``graph_heads``,
+    ``edge_ratio``, ``head_ratio``, ``task`` and ``base_model`` columns; one point per row,
+    the median per graph size joined by a line, the paper's range at GPT-2's size.
+    """
+    import math
+
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.9))
+    tasks = list(dict.fromkeys(table["task"]))
+    colors = {t: plt.cm.tab10(i % 10) for i, t in enumerate(tasks)}
+    for ax, size_col, ratio_col, paper, gpt2, what in (
+            (axes[0], "graph_edges", "edge_ratio", PAPER_EDGE_RATIOS, GPT2_GRAPH_EDGES, "edges"),
+            (axes[1], "graph_heads", "head_ratio", PAPER_HEAD_RATIOS, GPT2_GRAPH_HEADS, "heads")):
+        finite = table[[math.isfinite(v) and v > 0 for v in table[ratio_col]]]
+        labelled = set()
+        for _, row in finite.iterrows():
+            task = row["task"]
+            ax.scatter(row[size_col], row[ratio_col], color=colors[task], s=28, zorder=3, alpha=0.85,
+                       label=task if what == "edges" and task not in labelled else None)
+            labelled.add(task)
+        med = finite.groupby(size_col)[ratio_col].median().sort_index()
+        ax.plot(med.index, med.values, "-", color="k", lw=1, zorder=2, label="median" if what == "edges" else None)
+        ax.vlines(gpt2, *paper, color="gray", lw=6, alpha=0.4, zorder=1)
+        ax.text(gpt2, paper[1], "paper\n(GPT-2, OLMo)", fontsize=7, ha="center", va="bottom")
+        ax.axhline(1, color="gray", lw=0.6, ls=":")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(sorted({*map(float, table[size_col]), float(gpt2)}))
+        top = 1.5 * max(paper[1], float(finite[ratio_col].max()) if len(finite) else 1.0)
+        ax.set_yticks([t for t in (1, 2, 3, 5, 10, 20, 50, 100, 200, 500) if t <= top])
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,g}"))
+            axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel(f"{what} in the graph")
+        ax.set_ylabel(f"base ÷ sparse {what} (f ≥ {threshold})")
+        for size, models in table.groupby(size_col)["base_model"].unique().items():
+            ax.annotate(", ".join(models), (size, ax.get_ylim()[0]), fontsize=6, rotation=90, va="bottom",
+                        ha="right", color="gray")
+    axes[0].legend(fontsize=7, loc="upper left")
+    fig.suptitle("Minimal circuits: how much smaller the sparse model's are, against graph size", fontsize=10)
     fig.tight_layout()
     return save(fig, stem)
 

@@ -92,6 +92,26 @@ def test_minimality_counts_needed_edges(model, ds, scored):
         g[s, d] = False
         manual += (f0 - f_of(model, [circuit.with_in_graph(g)], ds)[0]) > 0.01
     assert frac == pytest.approx(manual / circuit.n_edges)
+    assert F.minimality(model, circuit, ds, eps=0.01, max_edges=circuit.n_edges) == frac  # no sampling needed
+
+
+def test_minimality_estimated_on_a_sample_of_large_circuits(model, ds, scored):
+    circuit = top_n(scored, 30)
+    f0 = f_of(model, [circuit], ds)[0]
+    edges = circuit.in_graph.nonzero().tolist()
+    needed = []
+    for s, d in edges:
+        g = circuit.in_graph.clone()
+        g[s, d] = False
+        needed.append((f0 - f_of(model, [circuit.with_in_graph(g)], ds)[0]) > 0.01)
+    assert 0 < sum(needed) < len(needed)  # a mixed circuit, so a wrong sample shows
+    for seed in (0, 1):
+        # the documented sample: 10 of the circuit's edges (in index order), torch.randperm(seed)
+        pick = torch.randperm(len(edges), generator=torch.Generator().manual_seed(seed))[:10].tolist()
+        expected = sum(needed[i] for i in pick) / 10
+        assert F.minimality(model, circuit, ds, eps=0.01, max_edges=10, seed=seed) == pytest.approx(expected)
+    with pytest.raises(CircuitkitError, match="max_edges must be >= 1"):
+        F.minimality(model, circuit, ds, max_edges=0)
 
 
 def test_jaccard():

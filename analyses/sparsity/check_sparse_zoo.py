@@ -12,7 +12,11 @@ attention edges / active MLP neurons, and checks the targets:
 - toy-addition-sparse: exact-match accuracy >= 99.9%, held-out CE <= the card's target,
   kept edges <= 2%;
 - toy-addition-sparse-mlp: the same accuracy bar and CE target, active MLP neurons <= 20%;
-- toy-multitask-sparse: every task within 1 point of the base accuracy, kept edges <= 5%.
+- toy-multitask-sparse: every task within 1 point of the base accuracy, kept edges <= 5%;
+- toy-multitask-6l-sparse (and its lever variants, named toy-multitask-6l-sparse-*): every task
+  within 0.5 points of the base accuracy, kept edges <= 1% (stretch 0.5%).
+
+Kept edges are reported over all tasks, per layer, per head, and per task.
 
 Prints JSON; exits 1 when a target is missed.
 """
@@ -34,7 +38,14 @@ TARGETS = {
     "toy-addition-sparse": {"min_accuracy": 0.999, "max_kept_edges": 0.02, "ce_target": True},
     "toy-addition-sparse-mlp": {"min_accuracy": 0.999, "max_mlp_active": 0.20, "ce_target": True},
     "toy-multitask-sparse": {"max_accuracy_drop": 0.01, "max_kept_edges": 0.05},
+    "toy-multitask-6l-sparse": {"max_accuracy_drop": 0.005, "max_kept_edges": 0.01},
 }
+
+
+def targets_for(name: str) -> dict:
+    """The targets of ``name``, or of the zoo model it is a variant of (``NAME-<lever>``)."""
+    matches = [k for k in TARGETS if name == k or name.startswith(k + "-")]
+    return TARGETS[max(matches, key=len)] if matches else {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,11 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     res_s, res_b = evaluate(sparse, tasks, n=n, seed=12345), evaluate(base, tasks, n=n, seed=12345)
     total = sum(cfg["tasks"].values())
     ce = sum(res_s[t]["ce"] * cfg["tasks"][t] for t in tasks) / total
-    rep = measure_sparsity(sparse, [t.dataset(min(n, cfg["measure_n"]), seed=12345) for t in tasks.values()])
+    measure = {t: task.dataset(min(n, cfg["measure_n"]), seed=12345) for t, task in tasks.items()}
+    rep = measure_sparsity(sparse, list(measure.values()))
     out = {"model": args.name, "n_per_task": n, "heldout_ce": ce, "target_ce": card["target_ce"],
            "accuracy": {t: res_s[t]["accuracy"] for t in tasks},
            "accuracy_base": {t: res_b[t]["accuracy"] for t in tasks},
            "kept_edges": rep.kept_edges, "kept_edges_layer": rep.kept_edges_layer,
+           "kept_edges_head": rep.kept_edges_head,
+           "kept_edges_task": {t: measure_sparsity(sparse, ds).kept_edges for t, ds in measure.items()},
            "mlp_active": rep.mlp_active}
     if "addition" in tasks:  # every operand pair once: the held-out ones, and all 10,000
         with torch.no_grad():
@@ -64,13 +78,13 @@ def main(argv: list[str] | None = None) -> int:
                 ds = tasks["addition"].exhaustive(split)
                 acc = torch.cat([b.accuracy(sparse(b.clean)) for b in ds.batches(1000)]).float().mean().item()
                 out[f"addition_exact_match_{split}_pairs"] = {"pairs": len(ds), "accuracy": acc}
-    tg = TARGETS.get(card.get("name", ""), {})
+    tg = targets_for(card.get("name", ""))
     checks = {}
     if "min_accuracy" in tg:
         checks["accuracy"] = all(a >= tg["min_accuracy"] for a in out["accuracy"].values())
     if "max_accuracy_drop" in tg:
-        checks["accuracy_within_1pt"] = all(out["accuracy_base"][t] - out["accuracy"][t] <= tg["max_accuracy_drop"]
-                                            for t in tasks)
+        checks[f"accuracy_within_{tg['max_accuracy_drop'] * 100:g}pt"] = all(
+            out["accuracy_base"][t] - out["accuracy"][t] <= tg["max_accuracy_drop"] for t in tasks)
     if tg.get("ce_target"):
         checks["ce_le_target"] = ce <= card["target_ce"]
     if "max_kept_edges" in tg:

@@ -217,8 +217,11 @@ class _Patcher:
 
     def __init__(self, model, spec: GraphSpec, ablated: torch.Tensor,  # [k, n_src, n_dst] bool
                  values: torch.Tensor):  # [batch or 1, pos, n_src, d_model]
-        self.spec, self.values, self.k = spec, values, ablated.shape[0]
-        self.diff: torch.Tensor | None = None  # [k, batch, pos, n_src, d_model]: a^ablate - a^current
+        self.spec, self.k = spec, ablated.shape[0]
+        self.values = values.permute(2, 0, 1, 3)  # [n_src, batch or 1, pos, d_model] (a view)
+        # a^ablate - a^current, sender-major so that a receiver's senders [0, prefix) are one
+        # contiguous block and its mixture is a plain batched matmul, with no copy of the block
+        self.diff: torch.Tensor | None = None  # [k, n_src, batch, pos, d_model]
         rows_used = ablated.any(2).any(0)  # [n_src]
         self.hooks: list[tuple[str, HookFn]] = [
             hook for g, hook in zip(spec.sender_groups, sender_hooks(model, spec, self._write))
@@ -227,26 +230,29 @@ class _Patcher:
             w = ablated[:, : g.prefix, g.cols]  # [k, prefix, n_cols]
             active = w.flatten(1).any(1).nonzero().squeeze(1)  # [k_active]
             if len(active):
-                w = w[active].to(device=values.device, dtype=values.dtype)
+                w = w[active].to(device=values.device, dtype=values.dtype).transpose(1, 2)  # [k_active, n_cols, prefix]
                 self.hooks.append((g.hook, self._receiver(g.prefix, g.per_head, active.to(values.device), w)))
 
     def _write(self, rows: slice, a: torch.Tensor) -> None:  # a: current outputs [n_rows, k*b, pos, d_model]
         b = a.shape[1] // self.k
         if self.diff is None:
-            self.diff = torch.zeros(self.k, b, a.shape[2], self.spec.n_src, a.shape[-1], device=a.device, dtype=a.dtype)
-        current = a.reshape(a.shape[0], self.k, b, *a.shape[2:]).permute(1, 2, 3, 0, 4)  # [k, b, pos, n_rows, d_model]
-        self.diff[:, :, :, rows] = self.values[:, :, rows].unsqueeze(0) - current
+            self.diff = torch.zeros(self.k, self.spec.n_src, b, a.shape[2], a.shape[-1], device=a.device,
+                                    dtype=a.dtype)
+        current = a.reshape(a.shape[0], self.k, b, *a.shape[2:]).transpose(0, 1)  # [k, n_rows, b, pos, d_model]
+        self.diff[:, rows] = self.values[rows].unsqueeze(0) - current
 
     def _receiver(self, prefix: int, per_head: bool, active: torch.Tensor,  # [k_active]
-                  w: torch.Tensor) -> HookFn:  # [k_active, prefix, n_cols]
+                  w: torch.Tensor) -> HookFn:  # [k_active, n_cols, prefix]
         everyone = len(active) == self.k
 
         def hook(act, hook):
             # act: [k*b, pos, n_heads, d_model] (per head) or [k*b, pos, d_model]
-            diff = self.diff[:, :, :, :prefix]
+            diff = self.diff[:, :prefix]  # [k, prefix, b, pos, d_model]
             if not everyone:
                 diff = diff[active]
-            delta = torch.einsum("kbpsd,ksr->kbprd", diff, w)  # [k_active, b, pos, n_cols, d_model]
+            k, _, b, pos, d = diff.shape
+            delta = torch.bmm(w, diff.reshape(k, prefix, -1))  # [k_active, n_cols, b*pos*d_model]
+            delta = delta.view(k, -1, b, pos, d).permute(0, 2, 3, 1, 4)  # [k_active, b, pos, n_cols, d_model]
             if not per_head:
                 delta = delta.squeeze(3)
             x = act.reshape(self.k, -1, *act.shape[1:])

@@ -182,11 +182,24 @@ def completeness(model, circuit: Graph, ds: TaskDataset, ablation: Ablation | st
 
 
 def minimality(model, circuit: Graph, ds: TaskDataset, eps: float = 0.01,
-               ablation: Ablation | str = Ablation.PATCHING, batch_size: int = DEFAULT_BATCH_SIZE) -> float:
-    """The fraction of circuit edges whose single removal lowers f by more than ``eps``."""
+               ablation: Ablation | str = Ablation.PATCHING, batch_size: int = DEFAULT_BATCH_SIZE,
+               max_edges: int | None = None, seed: int = 0) -> float:
+    """The fraction of circuit edges whose single removal lowers f by more than ``eps``.
+
+    Each edge tested costs one ablated evaluation of ``ds``. With ``max_edges``, a circuit
+    larger than that is estimated from a uniform sample of ``max_edges`` of its edges drawn
+    without replacement (``seed``): the standard error of the fraction is at most
+    ``0.5 / sqrt(max_edges)``. Circuits no larger than ``max_edges`` are measured exactly.
+    """
     edges = circuit.in_graph.nonzero()  # [n_edges, 2]
     if len(edges) == 0:
         return float("nan")
+    if max_edges is not None:
+        if max_edges < 1:
+            raise CircuitkitError(f"minimality: max_edges must be >= 1 (or None for every edge), got {max_edges}")
+        if len(edges) > max_edges:
+            pick = torch.randperm(len(edges), generator=torch.Generator().manual_seed(seed))[:max_edges]
+            edges = edges[pick.sort().values]
     graphs = [circuit]
     for s, d in edges.tolist():
         member = circuit.in_graph.clone()

@@ -32,6 +32,8 @@ class StudyConfig:
     seed: int = 0
     batch_size: int = DEFAULT_BATCH_SIZE
     minimality_eps: float = 0.01
+    # circuits with more edges get minimality estimated on this many of them (None: every edge)
+    minimality_max_edges: int | None = 100
     node_method: str = "eap"
 
 
@@ -84,7 +86,8 @@ def analyse(model, model_name: str, ds: TaskDataset, cfg: StudyConfig = StudyCon
         model=model_name, task=ds.task, scored=scored, minimal=circuit, f_minimal=minimal.f,
         reached=minimal.reached, edge_curve=curve, head_curve=hcurve, heads_minimal=min(reach) if reach else None,
         cpr=mib.cpr, cmd=mib.cmd, completeness=completeness(model, circuit, ds, **kw),
-        minimality=minimality(model, circuit, ds, cfg.minimality_eps, **kw),
+        minimality=minimality(model, circuit, ds, cfg.minimality_eps, max_edges=cfg.minimality_max_edges,
+                              seed=cfg.seed, **kw),
         m_full=curve.m_full, m_empty=curve.m_empty)
 
 
