@@ -33,9 +33,6 @@ class Agreement:
     pearson: float
     n_edges: int
 
-    def passes(self, min_overlap: float = 0.8, min_pearson: float = 0.9) -> bool:
-        return self.top_k_overlap >= min_overlap and self.pearson >= min_pearson
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
