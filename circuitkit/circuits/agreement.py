@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
-import torch
-
 from circuitkit import CircuitkitError
 from circuitkit.circuits.attribution import attribute
 from circuitkit.circuits.graph import Graph
