@@ -15,6 +15,7 @@ from circuitkit import CircuitkitError
 from circuitkit.models import build_model, load_model, resolve_path, toy_config
 from circuitkit.tasks import get_task, task_for_model
 
+
 PARTS = ("attribution", "peer", "patching", "sparsity", "scaling")
 
 

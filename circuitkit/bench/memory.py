@@ -18,6 +18,7 @@ from circuitkit.bench.config import _dataset, _load, resolve_model_spec
 from circuitkit.bench.peer import PeerRunner
 from circuitkit.bench.timing import floor_fns, method_fns
 
+
 MEMORY_METHOD = ("peak resident memory growth in a fresh subprocess per measurement: after loading the model and a "
                  "1-example warm-up, freed heap is returned to the OS (malloc_trim) and the kernel's peak RSS is "
                  "reset (/proc/self/clear_refs = 5); value = VmHWM after the run - VmRSS before it, MiB")

@@ -20,6 +20,7 @@ from circuitkit.bench.timing import _ratio, floor_fns, interleaved, method_fns
 from circuitkit.circuits import attribute
 from circuitkit.circuits.graph import GraphSpec
 
+
 def attribution_part(model, ds, cfg: Mapping[str, Any], model_spec: str) -> dict[str, Any]:
     fns = {**floor_fns(model, ds), **method_fns(model, ds, cfg["ig_steps"])}
     t = interleaved(fns, cfg["repeats"], cfg["warmup"])

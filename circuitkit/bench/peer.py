@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from circuitkit import CircuitkitError
 from circuitkit.bench.config import PEER, PEER_VERSION
 
+
 class PeerUnavailable(RuntimeError):
     """auto-circuit cannot run here; the message says exactly why."""
 

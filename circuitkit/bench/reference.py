@@ -14,6 +14,7 @@ import torch
 
 from circuitkit.bench.config import TOP_K
 
+
 def reference_eap_scores(model, ds) -> dict[str, float]:
     """EAP written directly: cache sender outputs on both prompts, keep the gradients of every
     receiver input, and sum ``(a_corrupt - a_clean) · grad`` edge by edge (names built here)."""

@@ -19,6 +19,7 @@ from circuitkit.bench.peer import _version
 from circuitkit.bench.scaling import SCALING_SERIES
 from circuitkit.io import write_json, write_text
 
+
 def environment() -> dict[str, Any]:
     return {"circuitkit": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "transformer_lens": _version("transformer-lens"), PEER: _version(PEER),

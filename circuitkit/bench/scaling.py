@@ -19,6 +19,7 @@ from circuitkit.bench.steps import step_variants, time_step_variants
 from circuitkit.bench.timing import _ratio, floor_fns, interleaved, method_fns
 from circuitkit.models import TOY_CONFIGS, build_model, toy_config
 
+
 def scaling_points(cfg: Mapping[str, Any]) -> list[tuple[int, int]]:
     """(n_layers, seq multiple): sequence sweep at 4 layers (or the middle layer count), then depth sweep."""
     base_layers = 4 if 4 in cfg["layers"] else cfg["layers"][len(cfg["layers"]) // 2]

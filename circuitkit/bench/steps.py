@@ -29,6 +29,7 @@ from circuitkit.sparsity.objective import Geco, GecoState
 from circuitkit.tasks import get_task
 from circuitkit.training import masked_ce
 
+
 TARGET_RATIO = 1.5
 BENCH_LR = 1e-5  # small: the weights barely move over the timed steps
 VARIANTS = {"plain": None, "attn": GateConfig(attn=True, mlp=False), "attn+mlp": GateConfig(attn=True, mlp=True)}
@@ -114,9 +115,9 @@ def sparsity_part(cfg: Mapping[str, Any], model_spec: str) -> dict[str, Any]:
     spec = resolve_model_spec(model_spec)
     which = {"arch": spec.split(":", 1)[1]} if spec.startswith("random:") else {"model": spec}
     out = measure_steps(**which, batch=cfg["sparsity_batch"], steps=cfg["sparsity_steps"], threads=cfg["threads"])
-    flags = [f"--{k} {v}" for k, v in which.items()]
-    out["command"] = ("python scripts/bench_sparsity_step.py " + " ".join(
-        flags + [f"--batch {cfg['sparsity_batch']}", f"--steps {cfg['sparsity_steps']}", f"--threads {cfg['threads']}"]))
+    flags = [f"--{k} {v}" for k, v in which.items()] + [
+        f"--batch {cfg['sparsity_batch']}", f"--steps {cfg['sparsity_steps']}", f"--threads {cfg['threads']}"]
+    out["command"] = "python scripts/bench_sparsity_step.py " + " ".join(flags)
     return out
 
 

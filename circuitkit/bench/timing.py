@@ -16,6 +16,7 @@ import torch
 from circuitkit.circuits import attribute
 from circuitkit.circuits.interventions import temporary_hooks
 
+
 def interleaved(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, dict[str, Any]]:
     """Run every function once per round, ``warmup + repeats`` rounds; medians of the timed rounds (ms)."""
     samples: dict[str, list[float]] = {k: [] for k in fns}
