@@ -188,3 +188,18 @@ def test_report_links_only_the_figures_of_studied_models(tmp_path):
     assert "teaser_attention" not in other and "sparsity_vs_capability" not in other
     with pytest.raises(CircuitkitError, match="path and models"):
         RunConfig.from_dict({"sparsity_figures": ["figures/teaser_attention.png"]})
+
+
+def test_compare_runs_the_shared_loop_and_checks_its_options(toy_dir, tmp_path, capsys):
+    sparse = tmp_path / "other"
+    save_model(build_model(toy_config("toy-2l", seed=5)), sparse)
+    out = tmp_path / "cmp"
+    assert main(["compare", "--base", str(toy_dir), "--sparse", str(sparse), "--tasks", "addition", "--method", "eap",
+                 "--n", "8", "--batch-size", "8", "--no-progress", "--out", str(out)]) == 0
+    table = pd.read_csv(out / "base_vs_sparse.csv")
+    assert list(table["task"]) == ["addition"]
+    assert (out / "circuits" / "toy__addition.json").exists() and (out / "summaries" / "other__addition.json").exists()
+    capsys.readouterr()
+    assert main(["compare", "--base", str(toy_dir), "--sparse", str(sparse), "--tasks", "addition", "--method", "acdc",
+                 "--tau", "0.5", "--out", str(tmp_path / "no")]) == 2
+    assert "cannot pass tau" in capsys.readouterr().err and not (tmp_path / "no").exists()
