@@ -3,7 +3,7 @@
 Architecture, read top to bottom: ``tasks`` (datasets and metrics) → ``models`` (the one
 place that builds or loads a model) → ``sparsity`` (gates and constrained finetuning) →
 ``circuits`` (graph, interventions, attribution, selection) → ``evaluation`` (faithfulness,
-comparison) → ``plotting``, with ``cli`` on top.
+comparison) → ``plotting``, with ``commands`` (and ``cli``, which lists them) on top.
 """
 
 __version__ = "0.1.0"

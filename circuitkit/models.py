@@ -2,7 +2,8 @@
 
 Every ``HookedTransformer`` in circuitkit comes from here: toy models built from a named
 configuration, checkpoints saved by circuitkit (safetensors weights + ``card.json``, and
-``sparsity.json`` for a sparse model), the zoo shipped inside the package, and
+``sparsity.json`` for a sparse model, whose gates :func:`circuitkit.sparsity.load_model`
+attaches), the zoo shipped inside the package, and
 TransformerLens pretrained names such as ``gpt2``. A move to ``TransformerBridge`` touches
 this file only.
 
@@ -24,13 +25,12 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from circuitkit import CircuitkitError
 from circuitkit.io import atomic_path, read_json, write_json
-from circuitkit.tasks.vocab import VOCAB, VOCAB_VERSION
+from circuitkit.tasks.vocab import TOY_VOCAB, VOCAB, is_toy  # noqa: F401  (is_toy: re-exported)
 
 ZOO_DIR = Path(__file__).parent / "zoo"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
 SPARSITY_FILE = "sparsity.json"
-TOY_VOCAB = f"toy-v{VOCAB_VERSION}"
 
 # Named toy architectures. All are pre-LN GPT-style with learned positions.
 TOY_CONFIGS: dict[str, dict[str, Any]] = {
@@ -163,8 +163,9 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
                gates: bool = True) -> HookedTransformer:
     """Load (a) a zoo name, (b) a circuitkit checkpoint folder, (c) a pretrained name (``gpt2``).
 
-    A checkpoint with ``sparsity.json`` comes back with its gates attached in evaluation
-    mode (pass ``gates=False`` for the bare base weights).
+    The dense loader: a checkpoint with ``sparsity.json`` is refused unless ``gates=False``
+    (its finetuned weights without gates); :func:`circuitkit.sparsity.load_model` loads any
+    model and attaches a sparse model's gates in evaluation mode.
     """
     path = resolve_path(name_or_path)
     if path is None:
@@ -192,10 +193,10 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
         model.circuitkit_vocab = card.get("vocab")
         model.circuitkit_card = card
         check_supported(model)
-        if gates and (path / SPARSITY_FILE).exists():
-            from circuitkit.sparsity import attach_from_file  # sparsity builds on models, not the reverse
-
-            attach_from_file(model, path / SPARSITY_FILE)
+        if gates and (path / SPARSITY_FILE).exists():  # gates are sparsity's, which builds on this module
+            raise CircuitkitError(f"{path} is a sparse model (it holds {SPARSITY_FILE}); load it with "
+                                  "circuitkit.sparsity.load_model to get its gates attached, or pass gates=False "
+                                  "for its finetuned weights without gates")
     model.eval()
     return model
 
@@ -225,9 +226,3 @@ def _load_pretrained(name: str, device: str | torch.device) -> HookedTransformer
     model.circuitkit_card = {"pretrained": name}
     check_supported(model)
     return model
-
-
-def is_toy(model: HookedTransformer) -> bool:
-    """True for models on circuitkit's toy vocabulary (toy tasks apply)."""
-    return getattr(model, "circuitkit_vocab", None) == TOY_VOCAB or (
-        model.tokenizer is None and model.cfg.d_vocab == VOCAB.d_vocab)

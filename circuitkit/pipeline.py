@@ -1,14 +1,14 @@
 """``circuitkit run``: the whole study — for each (base, sparse) model pair and task:
 discover (eap-ig), verify, compare — written as one results folder with ``report.md``.
 
-Owns the run config (TOML; defaults = the shipped zoo, :data:`DEFAULT_CONFIG`), the
+Owns the run config (TOML; defaults = the shipped zoo, :class:`RunConfig`), the
 optional ``--retrain`` of the zoo, and the report. The science lives in the modules it
-calls; this file only orders the work and writes it down.
+calls (the base-vs-sparse loop is :func:`circuitkit.evaluation.compare.study_pair`); this
+file only orders the work and writes it down. The flags are in :mod:`circuitkit.commands.run`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import time
@@ -16,12 +16,15 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from circuitkit import CircuitkitError
-from circuitkit.circuits.graph import GraphSpec
-from circuitkit.evaluation.compare import overlap_table, pair_table, save_result, write_table
-from circuitkit.evaluation.study import StudyConfig, TaskResult, analyse
+import pandas as pd
+
+from circuitkit import CircuitkitError, plotting
+from circuitkit.evaluation.compare import overlap_table, pair_table, study_pair, write_table
+from circuitkit.evaluation.study import StudyConfig, TaskResult
 from circuitkit.io import check_keys, read_toml, write_text
+from circuitkit.sparsity.finetune import SparsifyConfig, finetune
 from circuitkit.tasks import TOY_TASKS
+from circuitkit.training import TrainConfig, train
 
 REPO = Path(__file__).resolve().parent.parent
 # how the circuits shrink with the size of the graph: one row per (pair, task)
@@ -39,6 +42,15 @@ class Pair:
 
 
 @dataclass(frozen=True)
+class SparsityFigure:
+    """A figure of the sparse post-training stage and the models it shows; the report links it
+    only when the study looked at every one of them."""
+
+    path: str  # relative to the repository
+    models: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class RunConfig:
     out: str = "results/default"
     study: StudyConfig = field(default_factory=StudyConfig)
@@ -48,8 +60,12 @@ class RunConfig:
         Pair("toy-multitask-6l", "toy-multitask-6l-sparse", TOY_TASKS),
     )
     figures: bool = True
-    # figures of the sparse post-training stage, linked into the report when they exist
-    sparsity_figures: tuple[str, ...] = ("figures/teaser_attention.png", "figures/sparsity_vs_capability.png")
+    # figures of the sparse post-training stage, linked into the report when they exist and show studied models
+    sparsity_figures: tuple[SparsityFigure, ...] = (
+        SparsityFigure("figures/teaser_attention.png", ("toy-addition", "toy-addition-sparse")),
+        # the sweep finetunes toy-addition with the recipe of toy-addition-sparse
+        SparsityFigure("figures/sparsity_vs_capability.png", ("toy-addition", "toy-addition-sparse")),
+    )
     # zoo configs rebuilt by --retrain, in order
     retrain: tuple[str, ...] = ("analyses/zoo/toy-addition.toml", "analyses/zoo/toy-multitask.toml",
                                 "analyses/zoo/toy-multitask-6l.toml", "analyses/zoo/toy-addition-sparse.toml",
@@ -79,35 +95,36 @@ class RunConfig:
             if not pairs:
                 raise CircuitkitError(f"{source}: [[pairs]] is empty; name at least one base/sparse model pair")
             kw["pairs"] = tuple(pairs)
-        for k in ("sparsity_figures", "retrain"):
-            if k in raw:
-                kw[k] = tuple(raw.pop(k))
+        if "sparsity_figures" in raw:
+            figs = []
+            for f in raw.pop("sparsity_figures"):
+                if not isinstance(f, dict) or set(f) != {"path", "models"}:
+                    raise CircuitkitError(f"{source}: each sparsity_figures entry needs exactly path and models "
+                                          f"(the models the figure shows), e.g. {{path = \"figures/x.png\", "
+                                          f"models = [\"toy-addition\"]}}; got {f!r}")
+                figs.append(SparsityFigure(str(f["path"]), tuple(f["models"])))
+            kw["sparsity_figures"] = tuple(figs)
+        if "retrain" in raw:
+            kw["retrain"] = tuple(raw.pop("retrain"))
         kw.update(raw)
         return cls(**kw)
 
 
 def retrain(cfg: RunConfig, progress: bool = True) -> None:
     """Rebuild the zoo from its configs (needs a checkout: the configs live in analyses/)."""
-    from circuitkit.sparsity import finetune
-    from circuitkit.training import TrainConfig, train
-
     for rel in cfg.retrain:
         path = REPO / rel
         if not path.exists():
             raise CircuitkitError(f"--retrain needs {rel}; run it from a checkout of the circuitkit repository")
         print(f"[retrain] {rel}", flush=True)
         if "sparse" in path.stem:
-            finetune.finetune(finetune.SparsifyConfig.from_toml(path), progress=progress,
-                              command=f"circuitkit sparsify --config {rel}")
+            finetune(SparsifyConfig.from_toml(path), progress=progress, command=f"circuitkit sparsify --config {rel}")
         else:
             train(TrainConfig.from_toml(path), progress=progress, command=f"circuitkit train --config {rel}")
 
 
 def run(cfg: RunConfig, progress: bool = True) -> Path:
     """Run the study; return the results folder."""
-    from circuitkit.models import load_model
-    from circuitkit.tasks import task_for_model
-
     t0 = time.time()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -115,35 +132,18 @@ def run(cfg: RunConfig, progress: bool = True) -> Path:
     pair_rows: list[tuple[str, TaskResult, TaskResult]] = []
     tables = []
     for pair in cfg.pairs:
-        per_role = {}
         study = cfg.study if pair.n is None else replace(cfg.study, n=pair.n)
-        for role, name in (("base", pair.base), ("sparse", pair.sparse)):
-            model = load_model(name)
-            label = Path(name).name
-            if role == "base":
-                spec = GraphSpec.from_model(model)
-            rs = []
-            for task in pair.tasks:
-                t = time.time()
-                ds = task_for_model(task, model).dataset(study.n, seed=study.seed)
-                r = analyse(model, label, ds, study)
-                save_result(r, out)
-                rs.append(r)
-                if progress:
-                    print(f"  {label:24s} {task:13s} edges={r.n_edges:4d} heads={r.minimal.n_heads:2d} "
-                          f"f={r.f_minimal:.3f} completeness={r.completeness:.3f} ({time.time() - t:.1f}s)", flush=True)
-            results[label] = rs
-            per_role[role] = rs
-        table = pair_table(per_role["base"], per_role["sparse"])
+        base, sparse = study_pair(pair.base, pair.sparse, pair.tasks, study, out, progress=progress)
+        results[Path(pair.base).name], results[Path(pair.sparse).name] = base, sparse
+        table = pair_table(base, sparse)
+        spec = base[0].scored.spec
         table.insert(0, "base_model", Path(pair.base).name)
         # the size of the whole graph the circuits are drawn from, and the prompts they were found on
         table.insert(2, "graph_edges", spec.n_real_edges)
         table.insert(3, "graph_heads", spec.n_layers * spec.n_heads)
         table.insert(4, "n_prompts", study.n)
         tables.append(table)
-        pair_rows += [(f"{Path(pair.base).name}: {b.task}", b, s) for b, s in zip(per_role["base"], per_role["sparse"])]
-    import pandas as pd
-
+        pair_rows += [(f"{Path(pair.base).name}: {b.task}", b, s) for b, s in zip(base, sparse)]
     main_table = pd.concat(tables, ignore_index=True)
     write_table(main_table, out / "base_vs_sparse")
     write_table(main_table[RATIO_VS_SIZE_COLUMNS], out / "ratio_vs_size")
@@ -152,8 +152,6 @@ def run(cfg: RunConfig, progress: bool = True) -> Path:
         write_table(df, out / f"task_overlap__{m}")
     figs: list[Path] = []
     if cfg.figures:
-        from circuitkit import plotting
-
         figs += plotting.faithfulness_figure(pair_rows, out / "figures" / "faithfulness", cfg.study.threshold)
         figs += plotting.ratio_vs_size_figure(main_table, out / "figures" / "ratio_vs_size", cfg.study.threshold)
         for title, b, s in pair_rows:
@@ -190,9 +188,10 @@ def report(cfg: RunConfig, table, overlaps, figs: list[Path], out: Path, wall: f
                 lines.append(f"![{f.stem}]({f.relative_to(out).as_posix()})")
         lines.append("")
     linked = []
-    for rel in cfg.sparsity_figures:
-        src = REPO / rel
-        if src.exists():
+    studied = {Path(name).name for pair in cfg.pairs for name in (pair.base, pair.sparse)}
+    for fig in cfg.sparsity_figures:
+        src = REPO / fig.path
+        if src.exists() and studied.issuperset(fig.models):
             dst = out / "figures" / src.name
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dst)
@@ -201,23 +200,3 @@ def report(cfg: RunConfig, table, overlaps, figs: list[Path], out: Path, wall: f
         lines += ["## Sparse post-training", "", *linked, ""]
     lines += ["Circuits: `circuits/<model>__<task>.json`; per-task summaries with the curves: `summaries/`.", ""]
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- CLI
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="run config TOML (default: the shipped zoo, see analyses/run/default.toml)")
-    p.add_argument("--out", help="results folder (overrides the config)")
-    p.add_argument("--retrain", action="store_true", help="rebuild the zoo from analyses/zoo/*.toml first")
-    p.add_argument("--no-progress", action="store_true")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    cfg = RunConfig.from_toml(args.config) if args.config else RunConfig()
-    if args.out:
-        cfg = RunConfig(**{**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, "out": args.out})
-    if args.retrain:
-        retrain(cfg, progress=not args.no_progress)
-    out = run(cfg, progress=not args.no_progress)
-    print(f"report: {out / 'report.md'}")
-    return 0

@@ -131,3 +131,31 @@ def test_run_bench_output_structure(tmp_path):
     for heading in ("Attribution cost vs floor", "auto-circuit", "Exact patching", "Sparse post-training step",
                     "Scaling"):
         assert heading in md
+
+
+def test_the_gated_step_benchmark_runs_the_training_loops_step(monkeypatch):
+    from circuitkit.bench import steps
+    from circuitkit.models import build_model, toy_config
+    from circuitkit.sparsity import GateConfig, GateMode, attach
+    from circuitkit.sparsity import finetune as ft
+
+    assert steps.sparse_step is ft.sparse_step  # not a copy of the Lagrangian
+    calls = []
+
+    def counted(*args, **kw):
+        calls.append(kw["step"])
+        return ft.sparse_step(*args, **kw)
+
+    monkeypatch.setattr(steps, "sparse_step", counted)
+    model = build_model(toy_config("toy-2l", seed=0))
+    model.train()
+    attach(model, GateConfig(attn=True, mlp=True), GateMode.TRAIN).collect = True
+    before = [p.detach().clone() for p in model.parameters()]
+    tokens, mask = steps.make_batch(model, 4, 0)
+    times = steps.time_steps(model, tokens, mask, n=2, gated=True, warmup=1)
+    assert len(times) == 2 and calls == [0, 1, 2]
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    plain = build_model(toy_config("toy-2l", seed=0))
+    plain.train()
+    steps.time_steps(plain, tokens, mask, n=1, gated=False, warmup=0)
+    assert calls == [0, 1, 2]  # the plain step does not go through the gated one

@@ -22,7 +22,8 @@ import json
 import pytest
 
 from circuitkit.circuits import Graph, agreement, faithfulness
-from circuitkit.models import CARD_FILE, ZOO_DIR, load_model
+from circuitkit.models import CARD_FILE, ZOO_DIR
+from circuitkit.sparsity import load_model
 from circuitkit.tasks import TOY_TASKS, get_task
 
 N_EXAMPLES = 1024

@@ -473,11 +473,15 @@ def test_discover_cli(tmp_path, model):
     assert {"m_full", "m_empty", "m_circuit", "explained_effect"} <= set(summary)
     assert "explained effect" in (out / "summary.md").read_text()
     assert circuit.metadata["steps"] == 2
-    # every method that takes steps gets --steps; one that takes none is not handed it
+    # every method that takes steps gets --ig-steps; one that takes none is refused it, not silently
     for method, steps in (("eap-ig-senders", 2), ("eap", None), ("acdc", None)):
+        flags = ["--ig-steps", "2"] if steps else []
         assert main(["discover", "--model", str(tmp_path / "toy"), "--task", "addition", "--method", method,
-                     "--edges", "25", "--n", "8", "--steps", "2", "--out", str(out / method), "--no-progress"]) == 0
+                     "--edges", "25", "--n", "8", *flags, "--out", str(out / method), "--no-progress"]) == 0
         assert Graph.load(out / method / "circuit.json").metadata.get("steps") == steps
+        if not steps:
+            assert main(["discover", "--model", str(tmp_path / "toy"), "--task", "addition", "--method", method,
+                         "--ig-steps", "2", "--out", str(out / "no"), "--no-progress"]) == 2
     assert main(["discover", "--model", str(tmp_path / "toy"), "--task", "no-such-task", "--out", str(out)]) == 2
 
 
@@ -492,7 +496,7 @@ def test_unknown_method_and_ablation(model, ds):
         attribute(model, ds, "eap", steps=3)
     with pytest.raises(CircuitkitError, match="steps >= 1"):
         attribute(model, ds, "eap-ig", steps=0)
-    with pytest.raises(CircuitkitError, match="steps >= 1"):
+    with pytest.raises(CircuitkitError, match=r"steps \(--ig-steps\) must be int, got 2.5"):
         attribute(model, ds, "eap-ig-senders", steps=2.5)
 
 

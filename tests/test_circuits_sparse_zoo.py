@@ -8,7 +8,8 @@ import torch
 from circuitkit.circuits.attribution import attribute
 from circuitkit.circuits.graph import GraphSpec
 from circuitkit.circuits.selection import top_n
-from circuitkit.models import ZOO_DIR, load_model
+from circuitkit.models import ZOO_DIR
+from circuitkit.sparsity import load_model
 from circuitkit.sparsity import get_gates
 from circuitkit.tasks import get_task
 

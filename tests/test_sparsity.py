@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from circuitkit import CircuitkitError
-from circuitkit.models import build_model, load_model, save_model, toy_config
+from circuitkit.models import build_model, save_model, toy_config
+from circuitkit.sparsity import load_model
 from circuitkit.sparsity import (GateConfig, GateMode, attach, attach_from_file, detach, gate_mode, get_gates,
                                  measure_sparsity, save_sparse_model)
 from circuitkit.sparsity.gates import gate, uniform_noise
@@ -225,6 +226,12 @@ def test_save_and_load_sparse_model(tmp_path, tokens):
     other = load_model(tmp_path / "sparse", gates=False)
     attach_from_file(other, tmp_path / "sparse" / "sparsity.json")
     assert torch.equal(other(tokens), expected)
+    # the dense loader of circuitkit.models never hands back a sparse model without its gates
+    from circuitkit import models
+
+    with pytest.raises(CircuitkitError, match="sparse model.*circuitkit.sparsity.load_model"):
+        models.load_model(tmp_path / "sparse")
+    assert torch.equal(models.load_model(tmp_path / "sparse", gates=False)(tokens), bare(tokens))
 
 
 def test_sparsity_file_errors(tmp_path):

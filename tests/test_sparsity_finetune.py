@@ -9,7 +9,8 @@ import torch
 
 from circuitkit import CircuitkitError
 from circuitkit.cli import main as cli_main
-from circuitkit.models import build_model, load_model, save_model, toy_config
+from circuitkit.models import build_model, save_model, toy_config
+from circuitkit.sparsity import load_model
 from circuitkit.sparsity import GateMode, get_gates
 from circuitkit.sparsity import finetune as ft
 from circuitkit.sparsity.corpus import TextCorpus, chunk_tokens

@@ -13,7 +13,7 @@ import time
 import torch
 
 from circuitkit.circuits import attribute, faithfulness, threshold, top_n
-from circuitkit.models import load_model
+from circuitkit.sparsity import load_model
 from circuitkit.tasks import get_task
 
 p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -21,7 +21,7 @@ import torch
 
 from circuitkit import CircuitkitError
 from circuitkit.circuits import Graph, attribute, compare_scores, edge_order, faithfulness, get_method
-from circuitkit.models import load_model
+from circuitkit.sparsity import load_model
 from circuitkit.tasks import TOY_TASKS, get_task
 
 CASES = [("toy-addition", "addition")] + [("toy-multitask", t) for t in TOY_TASKS]

@@ -3,7 +3,7 @@
     python analyses/sparsity/check_sparse_zoo.py toy-addition-sparse [--n 10000]
     python analyses/sparsity/check_sparse_zoo.py toy-multitask-sparse --n 2000
 
-Loads the sparse model with ``circuitkit.models.load_model`` (gates restored in evaluation
+Loads the sparse model with ``circuitkit.sparsity.load_model`` (gates restored in evaluation
 mode) and its base model (``card["base_model"]``), evaluates both on held-out data
 (``get_task(t).dataset(n, seed=12345)``: for addition, sums drawn from the held-out operand
 pairs; also every held-out pair and every one of the 10,000 pairs once), measures kept
@@ -29,7 +29,8 @@ import sys
 
 import torch
 
-from circuitkit.models import load_card, load_model
+from circuitkit.models import load_card
+from circuitkit.sparsity import load_model
 from circuitkit.sparsity import measure_sparsity
 from circuitkit.tasks import get_task
 from circuitkit.training import evaluate

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from circuitkit.io import write_json
-from circuitkit.models import load_model
+from circuitkit.sparsity import load_model
 from circuitkit.plotting import attention_edges, attention_figure, plt, save
 from circuitkit.tasks.addition import encode
 from circuitkit.tasks.vocab import VOCAB

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from circuitkit.models import load_card, load_model, zoo_names
+from circuitkit.models import load_card, zoo_names
+from circuitkit.sparsity import load_model
 from circuitkit.tasks import get_task
 
 OUT = Path(__file__).with_name("zoo_eval.json")

@@ -14,7 +14,8 @@ Typical use::
 """
 
 from circuitkit.circuits.agreement import Agreement, agreement, compare_scores
-from circuitkit.circuits.attribution import METHODS, Method, attribute, attribute_nodes, get_method, method_names
+from circuitkit.circuits.attribution import (METHODS, Method, Option, attribute, attribute_nodes, get_method, method_names,
+                                             register_method)
 from circuitkit.circuits.graph import Edge, Graph, GraphSpec, Node, check_graph_support
 from circuitkit.circuits.interventions import (
     Ablation, AblationValues, Faithfulness, capture_senders, explained_effect, faithfulness, graph_hooks_enabled, metric_with_graph,
@@ -26,8 +27,8 @@ from circuitkit.circuits.selection import (
 
 __all__ = [
     "Ablation", "AblationValues", "Agreement", "Edge", "Faithfulness", "Graph", "GraphSpec", "METHODS", "Method",
-    "Node", "agreement", "attribute", "attribute_nodes", "capture_senders", "check_graph_support", "compare_scores",
+    "Node", "Option", "agreement", "attribute", "attribute_nodes", "capture_senders", "check_graph_support", "compare_scores",
     "edge_order", "explained_effect", "faithfulness", "from_nodes", "get_method", "graph_hooks_enabled", "greedy",
-    "method_names", "metric_with_graph", "metric_with_graphs", "patched", "patched_masks", "remove_dangling",
-    "run_with_graph", "threshold", "top_heads", "top_n",
+    "method_names", "metric_with_graph", "metric_with_graphs", "patched", "patched_masks", "register_method",
+    "remove_dangling", "run_with_graph", "threshold", "top_heads", "top_n",
 ]

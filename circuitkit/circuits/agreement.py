@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
-import torch
-
 from circuitkit import CircuitkitError
 from circuitkit.circuits.attribution import attribute
 from circuitkit.circuits.graph import Graph
@@ -32,9 +30,6 @@ class Agreement:
     top_k_overlap: float
     pearson: float
     n_edges: int
-
-    def passes(self, min_overlap: float = 0.8, min_pearson: float = 0.9) -> bool:
-        return self.top_k_overlap >= min_overlap and self.pearson >= min_pearson
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

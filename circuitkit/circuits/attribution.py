@@ -659,62 +659,157 @@ def _acdc_nodes(model, ds, **_) -> torch.Tensor:
 # ---------------------------------------------------------------- registry
 
 @dataclass(frozen=True)
+class Option:
+    """A keyword option of an attribution method; the command line offers it as ``flag``.
+
+    Methods that share an option (eap-ig and eap-ig-senders take ``steps``) declare it
+    alike, so one flag serves them all.
+    """
+
+    name: str  # the keyword the method's functions take
+    type: type  # int, float, str or bool
+    default: Any
+    help: str
+    flag: str | None = None  # command-line flag; default ``--<name>`` with dashes
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    def check(self, method: str, value: Any) -> Any:
+        """``value`` if it has this option's type (an int passes for a float); else a clear error."""
+        ok = isinstance(value, self.type) and not (isinstance(value, bool) and self.type is not bool)
+        if self.type is float and isinstance(value, int) and not isinstance(value, bool):
+            ok, value = True, float(value)
+        if not ok:
+            raise CircuitkitError(f"method {method!r}: option {self.name} ({self.cli_flag}) must be "
+                                  f"{self.type.__name__}, got {value!r}")
+        return value
+
+
+IG_STEPS = Option("steps", int, DEFAULT_IG_STEPS, "integration steps (eap-ig, eap-ig-senders)", flag="--ig-steps")
+ACDC_TAU = Option("tau", float, DEFAULT_ACDC_TAU,
+                  "acdc: prune an edge when removing it moves the metric by less than this; the circuit is then "
+                  "the edges it kept (unless an explicit selection is asked for)")
+
+
+@dataclass(frozen=True)
 class Method:
-    """An attribution method: edge scores [n_src, n_dst] and node scores [n_src]."""
+    """An attribution method: edge scores [n_src, n_dst] and node scores [n_src].
+
+    ``edge_fn(model, ds, *, ablation, batch_size, progress, **options)`` returns the edge
+    scores [n_src, n_dst] (``GraphSpec.from_model(model)`` numbering), ``node_fn`` the node
+    scores [n_src]; ``options`` declares the keyword options both take.
+    """
 
     name: str
     summary: str
     edge_fn: Callable[..., torch.Tensor]
     node_fn: Callable[..., torch.Tensor]
-    options: tuple[str, ...] = ()  # extra keyword options it accepts
+    options: tuple[Option, ...] = ()
+
+    @property
+    def option_names(self) -> tuple[str, ...]:
+        return tuple(o.name for o in self.options)
+
+    def defaults(self) -> dict[str, Any]:
+        return {o.name: o.default for o in self.options}
 
     def pick(self, **candidates: Any) -> dict[str, Any]:
         """Of ``candidates`` (e.g. every option a command line offers), the ones this method takes."""
-        return {k: v for k, v in candidates.items() if k in self.options}
+        return {k: v for k, v in candidates.items() if k in self.option_names}
 
-    def _check(self, options: Mapping[str, Any]) -> None:
-        bad = sorted(set(options) - set(self.options))
+    def _check(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        bad = sorted(set(options) - set(self.option_names))
         if bad:
             raise CircuitkitError(f"method {self.name!r} takes no option(s) {', '.join(bad)}; it accepts "
-                                  f"{', '.join(self.options) or 'none'}")
+                                  f"{', '.join(self.option_names) or 'none'}")
+        by_name = {o.name: o for o in self.options}
+        return {k: by_name[k].check(self.name, v) for k, v in options.items()}
 
     def edge_scores(self, model, ds: TaskDataset, *, ablation: Ablation | str = Ablation.PATCHING,
                     batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False,
                     **options) -> torch.Tensor:  # [n_src, n_dst]
-        self._check(options)
+        options = self._check(options)
         return self.edge_fn(model, ds, ablation=ablation, batch_size=batch_size, progress=progress, **options)
 
     def node_scores(self, model, ds: TaskDataset, *, ablation: Ablation | str = Ablation.PATCHING,
                     batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False,
                     **options) -> torch.Tensor:  # [n_src]
-        self._check(options)
+        options = self._check(options)
         return self.node_fn(model, ds, ablation=ablation, batch_size=batch_size, progress=progress, **options)
 
 
-METHODS: Mapping[str, Method] = MappingProxyType({m.name: m for m in (
-    Method("patching", "exact: metric change when ablating each edge alone", _patching_edges, _patching_nodes),
-    Method("eap", "edge attribution patching: (a_ablate - a_clean) . dm/d(receiver input)",
-           _level_fn(_gradient_scores, "edge", False), _level_fn(_gradient_scores, "node", False)),
-    Method("eap-ig", "EAP with integrated gradients over interpolated input embeddings",
-           _level_fn(_gradient_scores, "edge", True), _level_fn(_gradient_scores, "node", True), ("steps",)),
-    Method("eap-ig-senders", "integrated gradients along each sender's own clean -> ablated path "
-           "(n_src x steps passes)", _level_fn(_sender_path_scores, "edge", True),
-           _level_fn(_sender_path_scores, "node", True), ("steps",)),
-    Method("acdc", "ACDC-style greedy pruning: an edge stays out when removing it moves the metric by < tau",
-           _acdc_edges, _acdc_nodes, ("tau",)),
-)})
+_REGISTRY: dict[str, Method] = {}
+METHODS: Mapping[str, Method] = MappingProxyType(_REGISTRY)  # read-only view; add with register_method
+
+
+def register_method(name: str, summary: str, edge_fn: Callable[..., torch.Tensor],
+                    node_fn: Callable[..., torch.Tensor] | None = None, options: tuple[Option, ...] = (),
+                    *, replace: bool = False) -> Method:
+    """Add an attribution method to the registry, so that :func:`attribute`, the study and the
+    command line (``--method NAME`` and a flag per option) reach it by name.
+
+    ``node_fn`` may be None for a method that scores edges only. An option that another
+    method already declares must be declared alike (same type, default and flag).
+    """
+    if not isinstance(name, str) or not name or name != name.strip():
+        raise CircuitkitError(f"a method name must be a non-empty string without surrounding spaces, got {name!r}")
+    if name in _REGISTRY and not replace:
+        raise CircuitkitError(f"an attribution method named {name!r} is already registered; pick another name "
+                              "or pass replace=True")
+    if not callable(edge_fn) or (node_fn is not None and not callable(node_fn)):
+        raise CircuitkitError(f"method {name!r}: edge_fn and node_fn must be callables")
+    options = tuple(options)
+    for o in options:
+        if not isinstance(o, Option):
+            raise CircuitkitError(f"method {name!r}: options must be Option(name, type, default, help), got {o!r}")
+        if o.name in ("ablation", "batch_size", "progress"):
+            raise CircuitkitError(f"method {name!r}: option name {o.name!r} is taken by attribute() itself")
+        other = next((p for m in _REGISTRY.values() if m.name != name for p in m.options
+                      if p.name == o.name or p.cli_flag == o.cli_flag), None)
+        if other is not None and other != o:
+            raise CircuitkitError(f"method {name!r}: option {o.name!r} ({o.cli_flag}) clashes with {other}; "
+                                  "declare a shared option identically or give it another name and flag")
+    if node_fn is None:
+        def node_fn(model, ds, **_):
+            raise CircuitkitError(f"method {name!r} scores edges only; for node scores use patching, eap or eap-ig")
+    method = Method(name, summary, edge_fn, node_fn, options)
+    _REGISTRY[name] = method
+    return method
+
+
+def all_options() -> list[Option]:
+    """Every option some registered method takes, once each (the command line's method flags)."""
+    seen: dict[str, Option] = {}
+    for m in _REGISTRY.values():
+        for o in m.options:
+            seen.setdefault(o.name, o)
+    return list(seen.values())
+
+
+register_method("patching", "exact: metric change when ablating each edge alone", _patching_edges, _patching_nodes)
+register_method("eap", "edge attribution patching: (a_ablate - a_clean) . dm/d(receiver input)",
+                _level_fn(_gradient_scores, "edge", False), _level_fn(_gradient_scores, "node", False))
+register_method("eap-ig", "EAP with integrated gradients over interpolated input embeddings",
+                _level_fn(_gradient_scores, "edge", True), _level_fn(_gradient_scores, "node", True), (IG_STEPS,))
+register_method("eap-ig-senders", "integrated gradients along each sender's own clean -> ablated path "
+                "(n_src x steps passes)", _level_fn(_sender_path_scores, "edge", True),
+                _level_fn(_sender_path_scores, "node", True), (IG_STEPS,))
+register_method("acdc", "ACDC-style greedy pruning: an edge stays out when removing it moves the metric by < tau",
+                _acdc_edges, _acdc_nodes, (ACDC_TAU,))
 
 
 def method_names() -> list[str]:
-    return list(METHODS)
+    return list(_REGISTRY)
 
 
 def get_method(name: str) -> Method:
     try:
-        return METHODS[name]
+        return _REGISTRY[name]
     except (KeyError, TypeError):
         raise CircuitkitError(f"unknown attribution method {name!r}; known methods: "
-                              f"{', '.join(METHODS)}") from None
+                              f"{', '.join(_REGISTRY)}") from None
 
 
 def attribute(model, ds: TaskDataset, method: str = "eap", *, ablation: Ablation | str = Ablation.PATCHING,

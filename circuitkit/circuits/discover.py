@@ -1,68 +1,42 @@
-"""``circuitkit discover``: find one task's circuit in one model and verify it.
+"""Find one task's circuit in one model and verify it (what ``circuitkit discover`` runs).
 
-Why: the command line entry to the circuits package. It loads a model and a task,
-scores every edge with an attribution method, selects a circuit (top-n edges, a
-threshold, or greedily to a target explained effect), removes dangling edges, measures
-m(full), m(ablated), m(circuit), and writes ``circuit.json`` (the graph, see
-:meth:`Graph.to_dict`), ``summary.json`` and ``summary.md`` into ``--out``.
+Why: the one sequence the circuits package offers end to end. :func:`discover` scores
+every edge with an attribution method, selects a circuit (top-n edges, a threshold, or
+greedily to a target explained effect), removes dangling edges and measures m(full),
+m(ablated), m(circuit); :func:`write_discovery` writes ``circuit.json`` (the graph, see
+:meth:`Graph.to_dict`), ``summary.json`` and ``summary.md``. Wall times go to the
+summaries only, so two identical runs write byte-identical ``circuit.json`` files.
+The flags are in :mod:`circuitkit.commands.discover`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import os
 import time
 from pathlib import Path
 from typing import Any
 
-from circuitkit import CircuitkitError
-from circuitkit.circuits.attribution import DEFAULT_ACDC_TAU, DEFAULT_IG_STEPS, attribute, get_method, method_names
-from circuitkit.circuits.interventions import Ablation, faithfulness
+from circuitkit.circuits.attribution import attribute, get_method
+from circuitkit.circuits.graph import Graph
+from circuitkit.circuits.interventions import DEFAULT_BATCH_SIZE, Ablation, faithfulness
 from circuitkit.circuits.selection import greedy, threshold, top_n
 from circuitkit.io import write_json, write_text
 
 DEFAULT_EDGES = 200
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="zoo name, checkpoint folder, or pretrained name (gpt2)")
-    parser.add_argument("--task", required=True, help="task name, e.g. addition, ioi, greater-than")
-    parser.add_argument("--method", default="eap-ig", choices=method_names(), help="attribution method")
-    pick = parser.add_mutually_exclusive_group()
-    pick.add_argument("--edges", type=int, default=None,
-                      help=f"keep the N edges with the largest |score| (default {DEFAULT_EDGES})")
-    pick.add_argument("--threshold", type=float, default=None, help="keep edges with |score| >= X")
-    pick.add_argument("--target", type=float, default=None,
-                      help="greedy: fewest edges whose circuit explains this fraction of the effect (e.g. 0.9)")
-    parser.add_argument("--n", type=int, default=200, help="number of task examples")
-    parser.add_argument("--seed", type=int, default=0, help="dataset seed")
-    parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument("--ablation", default="patching", choices=[a.value for a in Ablation])
-    parser.add_argument("--steps", type=int, default=DEFAULT_IG_STEPS,
-                        help="integration steps for eap-ig and eap-ig-senders")
-    parser.add_argument("--tau", type=float, default=DEFAULT_ACDC_TAU,
-                        help="acdc: prune an edge when removing it moves the metric by less than this; the "
-                             "circuit is then the edges it kept (unless --edges/--threshold/--target say otherwise)")
-    parser.add_argument("--no-prune", action="store_true", help="keep dangling edges")
-    parser.add_argument("--out", default=None, help="output folder (default circuits/<model>-<task>-<method>)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def _task(name: str, model):
-    import circuitkit.tasks as tasks
-
-    finder = getattr(tasks, "task_for_model", None)
-    return finder(name, model) if finder is not None else tasks.get_task(name)
-
-
 def discover(model, ds, *, method: str = "eap-ig", edges: int | None = None, threshold_value: float | None = None,
-             target: float | None = None, ablation: str = "patching", batch_size: int = 50, steps: int = 5,
-             tau: float = DEFAULT_ACDC_TAU, prune: bool = True, progress: bool = False):
-    """Attribute, select and verify; returns ``(circuit graph, summary dict)``."""
+             target: float | None = None, ablation: str = "patching", batch_size: int = DEFAULT_BATCH_SIZE,
+             prune: bool = True, progress: bool = False, **options) -> tuple[Graph, dict[str, Any]]:
+    """Attribute, select and verify; returns ``(circuit graph, summary dict)``.
+
+    ``options`` are the method's own (``steps`` for eap-ig, ``tau`` for acdc; its defaults
+    otherwise). The summary holds the wall times; the graph's metadata does not.
+    """
     t0 = time.perf_counter()
-    options = get_method(method).pick(steps=steps, tau=tau)
+    options = {**get_method(method).defaults(), **options}
     if "tau" in options and edges is None and threshold_value is None and target is None:
-        threshold_value = tau  # acdc: the edges it kept
+        threshold_value = options["tau"]  # acdc: the edges it kept
     scored = attribute(model, ds, method, ablation=ablation, batch_size=batch_size, progress=progress, **options)
     t_attr = time.perf_counter() - t0
     if threshold_value is not None:
@@ -78,10 +52,10 @@ def discover(model, ds, *, method: str = "eap-ig", edges: int | None = None, thr
         "selection": circuit.metadata.get("selection"), "edges": circuit.n_edges, "heads": circuit.n_heads,
         "mlps": circuit.n_mlps, "real_edges": circuit.spec.n_real_edges,
         "heads_total": circuit.spec.n_layers * circuit.spec.n_heads,
-        "metric": ds.metric.value, **faith.to_dict(), "attribution_seconds": round(t_attr, 3),
-        "total_seconds": round(time.perf_counter() - t0, 3),
+        "metric": ds.metric.value, **faith.to_dict(),
     }
-    return circuit.with_metadata(summary=summary), summary
+    timing = {"attribution_seconds": round(t_attr, 3), "total_seconds": round(time.perf_counter() - t0, 3)}
+    return circuit.with_metadata(summary=summary), {**summary, **timing}
 
 
 def summary_markdown(summary: dict[str, Any], model_name: str) -> str:
@@ -98,25 +72,10 @@ def summary_markdown(summary: dict[str, Any], model_name: str) -> str:
     return "\n".join(lines + [f"| {k} | {v} |" for k, v in rows]) + "\n"
 
 
-def run_cli(args: argparse.Namespace) -> int:
-    from circuitkit.models import load_model
-
-    if args.n <= 0 or args.batch_size <= 0:
-        raise CircuitkitError("--n and --batch-size must be positive")
-    if args.edges is not None and args.edges < 0:
-        raise CircuitkitError("--edges must be a non-negative number of edges")
-    model = load_model(args.model)
-    ds = _task(args.task, model).dataset(args.n, seed=args.seed)
-    circuit, summary = discover(model, ds, method=args.method, edges=args.edges, threshold_value=args.threshold,
-                                target=args.target, ablation=args.ablation, batch_size=args.batch_size,
-                                steps=args.steps, tau=args.tau, prune=not args.no_prune, progress=not args.no_progress)
-    model_name = Path(str(args.model)).name
-    out = Path(args.out) if args.out else Path("circuits") / f"{model_name}-{args.task}-{args.method}"
-    summary = {"model": str(args.model), "seed": args.seed, **summary}
-    circuit.with_metadata(model=str(args.model), seed=args.seed).save(out / "circuit.json")
-    write_json(out / "summary.json", summary)
-    write_text(out / "summary.md", summary_markdown(summary, model_name))
-    print(json.dumps({k: summary[k] for k in ("edges", "heads", "m_full", "m_empty", "m_circuit",
-                                              "explained_effect")}, indent=2))
-    print(f"wrote {out / 'circuit.json'}, {out / 'summary.json'}, {out / 'summary.md'}")
-    return 0
+def write_discovery(out: str | os.PathLike, circuit: Graph, summary: dict[str, Any], model_name: str) -> list[Path]:
+    """``circuit.json``, ``summary.json`` and ``summary.md`` in ``out``, each written atomically."""
+    out = Path(out)
+    paths = [circuit.save(out / "circuit.json"), out / "summary.json", out / "summary.md"]
+    write_json(paths[1], summary)
+    write_text(paths[2], summary_markdown(summary, model_name))
+    return paths

@@ -31,6 +31,8 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from circuitkit import CircuitkitError
+from circuitkit.io import write_json
+from circuitkit.models import check_supported
 
 GRAPH_FORMAT = "circuitkit.graph"
 GRAPH_VERSION = 1
@@ -283,8 +285,6 @@ class GraphSpec:
 
 def check_graph_support(model) -> None:
     """Raise :class:`CircuitkitError` unless the graph describes ``model`` exactly."""
-    from circuitkit.models import check_supported  # models builds on tasks only; import late
-
     check_supported(model)
     cfg = model.cfg
     if getattr(cfg, "n_key_value_heads", None) is not None and not getattr(cfg, "ungroup_grouped_query_attention", False):
@@ -593,8 +593,6 @@ class Graph:
             raise CircuitkitError(f"graph JSON does not parse: {e}") from None
 
     def save(self, path: str | os.PathLike) -> Path:
-        from circuitkit.io import write_json
-
         write_json(path, self.to_dict())
         return Path(path)
 

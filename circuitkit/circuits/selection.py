@@ -13,6 +13,7 @@ Pruning never changes what a circuit computes under PATCHING: a node cut off fro
 from __future__ import annotations
 
 import math
+from typing import Callable, Sequence
 
 import torch
 
@@ -76,43 +77,71 @@ def threshold(graph: Graph, value: float, *, absolute: bool = True, prune: bool 
     return remove_dangling(out) if prune else out
 
 
+def log_sizes(n_max: int, n_points: int = 24) -> list[int]:
+    """Integer sizes 1..n_max, log-spaced, always including 1..8 and n_max (ascending)."""
+    if n_max < 1:
+        raise CircuitkitError(f"need at least one edge to build a curve, got {n_max}")
+    grid = {int(round(x)) for x in torch.logspace(0, math.log10(n_max), n_points).tolist()}
+    return sorted(grid | set(range(1, min(8, n_max) + 1)) | {n_max})
+
+
+def bisect_top_n(sizes: Sequence[int], f: Sequence[float], target: float,
+                 effect: Callable[[int], float]) -> tuple[int, float, bool]:
+    """The fewest top-n edges whose explained effect reaches ``target``: ``(n, f(n), reached)``.
+
+    ``f`` holds the explained effect at each of the ascending grid ``sizes``; the first grid
+    size that reaches ``target`` is refined by bisection against the grid size before it
+    (or 0), calling ``effect(n)`` for each size tried. When no grid size reaches it, the
+    answer is the last grid size, not reached. The one search behind :func:`greedy` and
+    :func:`circuitkit.evaluation.faithfulness.minimal_circuit`.
+    """
+    if len(sizes) != len(f) or not sizes:
+        raise CircuitkitError(f"need one explained effect per grid size, got {len(sizes)} sizes and {len(f)} values")
+    if any(b <= a for a, b in zip(sizes, sizes[1:])):
+        raise CircuitkitError(f"grid sizes must be strictly ascending, got {list(sizes)}")
+    first = next((i for i, v in enumerate(f) if v >= target), None)
+    if first is None:
+        return int(sizes[-1]), float(f[-1]), False
+    lo, hi, f_hi = (int(sizes[first - 1]) if first else 0), int(sizes[first]), float(f[first])
+    while hi - lo > 1:  # invariant: hi reaches the target, lo did not
+        mid = (lo + hi) // 2
+        f_mid = float(effect(mid))
+        if f_mid >= target:
+            hi, f_hi = mid, f_mid
+        else:
+            lo = mid
+    return hi, f_hi, True
+
+
 def greedy(model, graph: Graph, ds: TaskDataset, target: float = 0.9, *, absolute: bool = True,
            ablation: Ablation | str = Ablation.PATCHING, batch_size: int = DEFAULT_BATCH_SIZE,
            prune: bool = True, progress: bool = False) -> Graph:
     """The fewest top-scoring edges whose circuit recovers ``target`` of the full model's effect.
 
-    Edges are added in score order. Sizes on a geometric grid are evaluated together, then
-    the first size that reaches ``target`` is refined by bisection against the grid point
-    before it. If no size reaches it, every real edge is kept.
+    Edges are added in score order. The sizes of :func:`log_sizes` are evaluated together,
+    then :func:`bisect_top_n` refines the first that reaches ``target``. If no size reaches
+    it, every real edge is kept.
     """
     if not 0.0 < target <= 1.0:
         raise CircuitkitError(f"target must be a fraction in (0, 1], got {target}")
     n_real = graph.spec.n_real_edges
-    sizes = sorted({int(round(x)) for x in torch.logspace(0, math.log10(n_real), 24).tolist()} | {n_real})
+    sizes = log_sizes(n_real)
 
     def candidate(n: int) -> Graph:
         return top_n(graph, n, absolute=absolute, prune=prune)
 
-    def effects(ns: list[int]) -> list[float]:
-        graphs = [Graph.full(graph.spec), Graph.empty(graph.spec)] + [candidate(n) for n in ns]
-        m = metric_with_graphs(model, graphs, ds, ablation, batch_size, progress).mean(1)
-        return explained_effect(m[2:], float(m[0]), float(m[1])).tolist()
+    graphs = [Graph.full(graph.spec), Graph.empty(graph.spec)] + [candidate(n) for n in sizes]
+    m = metric_with_graphs(model, graphs, ds, ablation, batch_size, progress).mean(1)  # [2 + n_sizes]
+    m_full, m_empty = float(m[0]), float(m[1])
+    f_grid = explained_effect(m[2:], m_full, m_empty).tolist()
 
-    f_grid = effects(sizes)
-    first = next((i for i, f in enumerate(f_grid) if f >= target), None)
-    if first is None:
-        return candidate(n_real).with_metadata(selection="greedy", target=target, reached=False,
-                                               explained_effect=f_grid[-1])
-    lo, hi, f_hi = (sizes[first - 1] if first else 0), sizes[first], f_grid[first]
-    while hi - lo > 1:  # invariant: hi reaches the target, lo did not
-        mid = (lo + hi) // 2
-        f_mid = effects([mid])[0]
-        if f_mid >= target:
-            hi, f_hi = mid, f_mid
-        else:
-            lo = mid
-    return candidate(hi).with_metadata(selection="greedy", target=target, reached=True, explained_effect=f_hi,
-                                       requested_edges=hi)
+    def effect(n: int) -> float:
+        m_n = metric_with_graphs(model, [candidate(n)], ds, ablation, batch_size, progress).mean(1)  # [1]
+        return float(explained_effect(m_n, m_full, m_empty)[0])
+
+    n, f, reached = bisect_top_n(sizes, f_grid, target, effect)
+    meta = dict(selection="greedy", target=target, reached=reached, explained_effect=f)
+    return candidate(n).with_metadata(**meta, **({"requested_edges": n} if reached else {}))
 
 
 def from_nodes(spec_or_graph: GraphSpec | Graph, heads: torch.Tensor,  # [n_layers, n_heads] bool

@@ -1,21 +1,27 @@
 """Comparison tables: base vs sparse per task, and tasks against each other within a model.
 
 Owns the columns of the paper's headline table (minimal-circuit edges and heads and their
-ratios, CPR/CMD, completeness, minimality, base/sparse overlap) and the ``circuitkit
-compare`` command. Tables are pandas DataFrames, written as CSV and markdown.
+ratios, CPR/CMD, completeness, minimality, base/sparse overlap) and the one loop that
+analyses a base and a sparse model task by task (:func:`study_pair`), which both
+``circuitkit compare`` and ``circuitkit run`` use. Tables are pandas DataFrames, written as
+CSV and markdown; the flags are in :mod:`circuitkit.commands.compare`.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
+import time
 from pathlib import Path
+from typing import Sequence
 
 import pandas as pd
+from tqdm.auto import tqdm
 
 from circuitkit import CircuitkitError
 from circuitkit.evaluation.study import StudyConfig, TaskResult, analyse, jaccard
 from circuitkit.io import write_json, write_text
+from circuitkit.sparsity import load_model
+from circuitkit.tasks import task_for_model
 
 PAIR_COLUMNS = ["task", "base_edges", "sparse_edges", "edge_ratio", "base_heads", "sparse_heads", "head_ratio",
                 "base_attn_edges", "sparse_attn_edges", "attn_edge_ratio",
@@ -85,36 +91,30 @@ def save_result(r: TaskResult, folder: Path) -> None:
     write_json(folder / "summaries" / f"{stem}.json", r.summary())
 
 
-# ---------------------------------------------------------------- CLI
+def study_pair(base: str, sparse: str, tasks: Sequence[str], cfg: StudyConfig, out: Path | None = None,
+               progress: bool = False) -> tuple[list[TaskResult], list[TaskResult]]:
+    """:func:`~circuitkit.evaluation.study.analyse` every task in the base and in the sparse model.
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base", required=True, help="base model (zoo name, folder, or pretrained name)")
-    p.add_argument("--sparse", required=True, help="sparse model")
-    p.add_argument("--tasks", required=True, help="comma-separated task names")
-    p.add_argument("--method", default="eap-ig")
-    p.add_argument("--ablation", default="patching", choices=["patching", "mean", "zero"])
-    p.add_argument("--threshold", type=float, default=0.9)
-    p.add_argument("--n", type=int, default=200, help="examples per task")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="results/compare")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    from circuitkit.models import load_model
-    from circuitkit.tasks import task_for_model
-
-    cfg = StudyConfig(method=args.method, ablation=args.ablation, threshold=args.threshold, n=args.n, seed=args.seed)
-    out = Path(args.out)
-    results = {}
-    for role, name in (("base", args.base), ("sparse", args.sparse)):
-        model = load_model(name)
-        results[role] = []
-        for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
-            ds = task_for_model(task, model).dataset(cfg.n, seed=cfg.seed)
-            r = analyse(model, Path(name).name, ds, cfg)
-            save_result(r, out)
-            results[role].append(r)
-    table = pair_table(results["base"], results["sparse"])
-    write_table(table, out / "base_vs_sparse")
-    print(table.to_markdown(index=False, floatfmt=".3g"))
-    return 0
+    Both models are loaded first; each result is saved into ``out`` (``circuits/`` and
+    ``summaries/``, see :func:`save_result`) as soon as it is done. Returns the base and the
+    sparse results, in the order of ``tasks``.
+    """
+    models = {role: load_model(name) for role, name in (("base", base), ("sparse", sparse))}
+    results: dict[str, list[TaskResult]] = {"base": [], "sparse": []}
+    with tqdm(total=2 * len(tasks), desc=f"{Path(base).name} vs {Path(sparse).name}", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for role, name in (("base", base), ("sparse", sparse)):
+            model, label = models[role], Path(name).name
+            for task in tasks:
+                bar.set_postfix_str(f"{label} / {task}")
+                t = time.time()
+                ds = task_for_model(task, model).dataset(cfg.n, seed=cfg.seed)
+                r = analyse(model, label, ds, cfg)
+                if out is not None:
+                    save_result(r, out)
+                results[role].append(r)
+                bar.update(1)
+                if progress:
+                    bar.write(f"  {label:24s} {task:13s} edges={r.n_edges:4d} heads={r.minimal.n_heads:2d} "
+                              f"f={r.f_minimal:.3f} completeness={r.completeness:.3f} ({time.time() - t:.1f}s)")
+    return results["base"], results["sparse"]

@@ -9,8 +9,7 @@ effect ``f(C) = (m(C) − m(∅)) / (m(N) − m(∅))`` of the task metric ``m``
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -18,7 +17,7 @@ import torch
 from circuitkit import CircuitkitError
 from circuitkit.circuits.graph import Graph
 from circuitkit.circuits.interventions import DEFAULT_BATCH_SIZE, Ablation, explained_effect, metric_with_graphs
-from circuitkit.circuits.selection import top_heads, top_n
+from circuitkit.circuits.selection import bisect_top_n, log_sizes, top_heads, top_n
 from circuitkit.tasks.base import TaskDataset
 
 # MIB's edge fractions for CPR / CMD, as fractions of the real edges.
@@ -40,14 +39,6 @@ class Curve:
     def to_dict(self) -> dict:
         return {"unit": self.unit, "sizes": list(self.sizes), "kept": list(self.kept), "f": list(self.f),
                 "m_full": self.m_full, "m_empty": self.m_empty}
-
-
-def log_sizes(n_max: int, n_points: int = 24) -> list[int]:
-    """Integer sizes 1..n_max, log-spaced, always including 1..8 and n_max."""
-    if n_max < 1:
-        raise CircuitkitError(f"need at least one edge to build a curve, got {n_max}")
-    grid = {int(round(x)) for x in torch.logspace(0, math.log10(n_max), n_points).tolist()}
-    return sorted(grid | set(range(1, min(8, n_max) + 1)) | {n_max})
 
 
 def _evaluate(model, graphs: Sequence[Graph], ds: TaskDataset, ablation, batch_size,
@@ -104,7 +95,6 @@ class Minimal:
     f: float
     reached: bool
     threshold: float
-    n_evaluated: int = field(default=0)
 
     @property
     def n_edges(self) -> int:
@@ -117,29 +107,20 @@ class Minimal:
 
 def minimal_circuit(model, scored: Graph, ds: TaskDataset, threshold: float = 0.9, curve: Curve | None = None,
                     ablation: Ablation | str = Ablation.PATCHING, batch_size: int = DEFAULT_BATCH_SIZE) -> Minimal:
-    """Smallest top-n circuit with f ≥ ``threshold``: the first grid point of the edge curve that
-    reaches it, refined by bisection against the grid point before it."""
+    """Smallest top-n circuit with f ≥ ``threshold``: :func:`~circuitkit.circuits.selection.bisect_top_n`
+    on the edge curve (the first grid point that reaches it, refined by bisection); every real
+    edge when none does."""
     if not 0.0 < threshold <= 1.0:
         raise CircuitkitError(f"threshold must be in (0, 1], got {threshold}")
     curve = curve or edge_curve(model, scored, ds, ablation=ablation, batch_size=batch_size)
-    hit = smallest_reaching(curve.sizes, curve.f, threshold)
-    evaluated = len(curve.sizes)
-    if hit is None:
+
+    def effect(n: int) -> float:
+        return _evaluate(model, [top_n(scored, n)], ds, ablation, batch_size, known=(curve.m_full, curve.m_empty))[2][0]
+
+    n, f, reached = bisect_top_n(curve.sizes, curve.f, threshold, effect)
+    if not reached:
         n = scored.spec.n_real_edges
-        return Minimal(top_n(scored, n), n, curve.f[-1], False, threshold, evaluated)
-    i = curve.sizes.index(hit)
-    lo = curve.sizes[i - 1] if i > 0 else 0
-    hi, f_hi = hit, curve.f[i]
-    while hi - lo > 1:  # invariant: hi reaches the threshold, lo does not
-        mid = (lo + hi) // 2
-        f_mid = _evaluate(model, [top_n(scored, mid)], ds, ablation, batch_size,
-                          known=(curve.m_full, curve.m_empty))[2][0]
-        evaluated += 1
-        if f_mid >= threshold:
-            hi, f_hi = mid, f_mid
-        else:
-            lo = mid
-    return Minimal(top_n(scored, hi), hi, f_hi, True, threshold, evaluated)
+    return Minimal(top_n(scored, n), n, f, reached, threshold)
 
 
 def area(x: Sequence[float], y: Sequence[float]) -> float:

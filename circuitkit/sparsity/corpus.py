@@ -18,6 +18,7 @@ from typing import Iterable
 import torch
 
 from circuitkit import CircuitkitError
+from circuitkit.training import masked_ce
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 
@@ -149,8 +150,6 @@ class TextCorpus:
     @torch.no_grad()
     def heldout_ce(self, model, n: int | None = None, batch_size: int = 16) -> float:
         """Mean next-token CE over the held-out rows (the first ``n`` of them)."""
-        from circuitkit.training import masked_ce
-
         rows = self.heldout if n is None else self.heldout[:n]
         was = model.training
         model.eval()

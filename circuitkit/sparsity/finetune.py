@@ -307,6 +307,92 @@ def task_nll(logits: torch.Tensor, tokens: torch.Tensor, loss_mask: torch.Tensor
     return sums, counts
 
 
+@dataclass(frozen=True)
+class StepOutput:
+    """What one sparse training step measured, reduced over data-parallel ranks."""
+
+    states: list[GecoState]  # the constraints' GECO states after the step
+    ce: float  # the task-weighted mixture CE of the global batch
+    sparsity: float  # the sparsity objective (global mean)
+    ce_task: torch.Tensor  # [n_tasks] float64, each task's masked CE
+    present: torch.Tensor  # [n_tasks] bool, tasks with scored positions in the batch
+    lams: torch.Tensor  # [n_constraints] float64, the λ this step used
+    offset: float  # Σ λ (CE − target): the logged loss is w_scale · sparsity + offset
+    packed: torch.Tensor  # [2 n_tasks + 1 + Σ density lengths] float64, the reduced statistics
+    flat_keys: list[str]  # the density-report keys packed after the first 2 n_tasks + 1 numbers
+    density: dict[str, Any]  # this rank's gate density report
+
+
+def sparse_step(ddp_model, model, gates, opt, sched, tokens: torch.Tensor, mask: torch.Tensor,
+                row_task: torch.Tensor, *, gecos: list[Geco], states: list[GecoState], targets: list[float],
+                task_w: torch.Tensor, per_task: bool, w_attn: float, w_mlp: float, w_scale: float = 1.0,
+                grad_clip: float = 1.0, log_heads: bool = True, dd: _Dist | None = None, step: int = 0,
+                run_dir: str | os.PathLike = "the run folder", lr: float | None = None) -> StepOutput:
+    """One step of sparse post-training, the one ``circuitkit sparsify`` runs (and ``circuitkit bench`` times).
+
+    tokens, mask [batch, pos] (this rank's rows); row_task [batch] (task index of each row);
+    task_w [n_tasks] mixture weights. Clears the gate statistics, runs ``ddp_model`` on the
+    batch, forms the GECO Lagrangian ``w_scale · sparsity + Σ_c λ_c (CE_c − target_c)``
+    (CE_c the mixture CE, or ŵ_t·CE_t per task with ``per_task``), backpropagates, clips the
+    gradient to ``grad_clip``, steps ``opt`` (and ``sched`` unless None) and updates each
+    constraint's GECO state. The gates' mode and noise generator are the caller's to set.
+    """
+    dd = dd or _Dist()
+    n_tasks = task_w.shape[0]
+    gates.clear_stats()
+    logits = ddp_model(tokens)
+    sums, counts = task_nll(logits, tokens, mask, row_task, n_tasks)
+    sp = gates.sparsity()
+    s_total = sparsity_objective(sp["attn"], sp["mlp"], w_attn, w_mlp)
+    dens = gates.density_report(heads=log_heads)
+    # one reduction for everything the constraint and the log need
+    flat_keys = sorted(k for k in dens if isinstance(dens[k], list))
+    stats = [sums.detach(), counts, s_total.detach()]
+    stats += [torch.tensor(_flatten(dens[k])) for k in flat_keys]
+    packed = torch.cat([x.reshape(-1).to("cpu", torch.float64) for x in stats])
+    if dd.on:
+        packed = packed.to(sums.device)  # the training device
+        dist.all_reduce(packed)
+        packed = packed.cpu()
+        packed[2 * n_tasks:] /= dd.world
+    sums_g, counts_g = packed[:n_tasks], packed[n_tasks:2 * n_tasks]
+    present = counts_g > 0
+    ce_task = sums_g / counts_g.clamp(min=1)  # each task's masked CE over the global batch
+    w_hat = torch.where(present, task_w / task_w[present].sum(), 0.0)  # [n_tasks]
+    ce_g = float((w_hat * ce_task).sum())  # the task-weighted mixture CE
+    s_g = float(packed[2 * n_tasks])
+    lams = torch.tensor([st.lam for st in states], dtype=torch.float64)
+    # CE part of the Lagrangian: Σ_c λ_c (CE_c − target_c), with CE_c the mixture CE (one constraint)
+    # or ŵ_t·CE_t (one constraint per task); coef_t multiplies task t's summed NLL
+    lam_t = lams.expand(n_tasks) if not per_task else lams
+    coef = torch.where(present, lam_t * w_hat / counts_g.clamp(min=1), 0.0)
+    values = [ce_g] if not per_task else ce_task.tolist()
+    tgt = torch.tensor(targets, dtype=torch.float64)
+    offset = float(lams[0] * (ce_g - tgt[0])) if not per_task else float(
+        (torch.where(present, lams * w_hat * (ce_task - tgt), 0.0)).sum())
+    if not (math.isfinite(ce_g) and math.isfinite(s_g)):
+        raise CircuitkitError(
+            f"loss became non-finite (CE {ce_g}, sparsity {s_g}) at step {step}; nothing from this step "
+            f"was applied and the last good checkpoint in {run_dir} is intact. Lower lr (now {lr}) or "
+            "eta and rerun with --resume")
+    # this rank's share of it (DDP averages the gradients over ranks); the constant −λ·target is left out
+    ce_term = (sums * (coef * dd.world).to(sums.device, sums.dtype)).sum()
+    loss = (s_total * w_scale if w_scale != 1.0 else s_total) + ce_term
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if not torch.isfinite(gnorm):
+        raise CircuitkitError(
+            f"the gradient became non-finite at step {step} (CE {ce_g}); the weights were not updated and "
+            f"the last good checkpoint in {run_dir} is intact. Lower lr (now {lr}) and rerun with --resume")
+    opt.step()
+    if sched is not None:
+        sched.step()
+    states = [g.update(st, v) if (not per_task or bool(present[i])) else st
+              for i, (g, st, v) in enumerate(zip(gecos, states, values))]
+    return StepOutput(states, ce_g, s_g, ce_task, present, lams, offset, packed, flat_keys, dens)
+
+
 def _params_finite(model: torch.nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
@@ -410,7 +496,6 @@ def _finetune(cfg, dd: _Dist, resume, max_steps, progress, command, device, on_b
             gates.mode = GateMode.HARD_ST if final else GateMode.TRAIN
             w_scale = cfg.final_sparsity_weight if final else 1.0
             noise_gen.manual_seed(_noise_seed(cfg.seed, step))
-            gates.clear_stats()
             tokens, mask, row_task = data.sample(cfg.batch_size, data_gen)
             if on_batch is not None:
                 tokens, mask = on_batch(step, tokens, mask)
@@ -418,55 +503,12 @@ def _finetune(cfg, dd: _Dist, resume, max_steps, progress, command, device, on_b
                 rows = slice(dd.rank * local_b, (dd.rank + 1) * local_b)
                 tokens, mask, row_task = tokens[rows], mask[rows], row_task[rows]
             tokens, mask, row_task = tokens.to(device), mask.to(device), row_task.to(device)
-            logits = ddp_model(tokens)
-            sums, counts = task_nll(logits, tokens, mask, row_task, n_tasks)
-            sp = gates.sparsity()
-            s_total = sparsity_objective(sp["attn"], sp["mlp"], cfg.w_attn, cfg.w_mlp)
-            dens = gates.density_report(heads=cfg.log_heads)
-            # one reduction for everything the constraint and the log need
-            flat_keys = sorted(k for k in dens if isinstance(dens[k], list))
-            stats = [sums.detach(), counts, s_total.detach()]
-            stats += [torch.tensor(_flatten(dens[k])) for k in flat_keys]
-            packed = torch.cat([x.reshape(-1).to("cpu", torch.float64) for x in stats])
-            if dd.on:
-                packed = packed.to(device)
-                dist.all_reduce(packed)
-                packed = packed.cpu()
-                packed[2 * n_tasks:] /= dd.world
-            sums_g, counts_g = packed[:n_tasks], packed[n_tasks:2 * n_tasks]
-            present = counts_g > 0
-            ce_task = sums_g / counts_g.clamp(min=1)  # each task's masked CE over the global batch
-            w_hat = torch.where(present, task_w / task_w[present].sum(), 0.0)  # [n_tasks]
-            ce_g = float((w_hat * ce_task).sum())  # the task-weighted mixture CE
-            s_g = float(packed[2 * n_tasks])
-            lams = torch.tensor([st.lam for st in states], dtype=torch.float64)
-            # CE part of the Lagrangian: Σ_c λ_c (CE_c − target_c), with CE_c the mixture CE (one constraint)
-            # or ŵ_t·CE_t (one constraint per task); coef_t multiplies task t's summed NLL
-            lam_t = lams.expand(n_tasks) if not per_task else lams
-            coef = torch.where(present, lam_t * w_hat / counts_g.clamp(min=1), 0.0)
-            values = [ce_g] if not per_task else ce_task.tolist()
-            tgt = torch.tensor(targets, dtype=torch.float64)
-            offset = float(lams[0] * (ce_g - tgt[0])) if not per_task else float(
-                (torch.where(present, lams * w_hat * (ce_task - tgt), 0.0)).sum())
-            if not (math.isfinite(ce_g) and math.isfinite(s_g)):
-                raise CircuitkitError(
-                    f"loss became non-finite (CE {ce_g}, sparsity {s_g}) at step {step}; nothing from this step "
-                    f"was applied and the last good checkpoint in {run_dir} is intact. Lower lr (now {cfg.lr}) or "
-                    "eta and rerun with --resume")
-            # this rank's share of it (DDP averages the gradients over ranks); the constant −λ·target is left out
-            ce_term = (sums * (coef * dd.world).to(sums.device, sums.dtype)).sum()
-            loss = (s_total * w_scale if w_scale != 1.0 else s_total) + ce_term
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            if not torch.isfinite(gnorm):
-                raise CircuitkitError(
-                    f"the gradient became non-finite at step {step} (CE {ce_g}); the weights were not updated and "
-                    f"the last good checkpoint in {run_dir} is intact. Lower lr (now {cfg.lr}) and rerun with --resume")
-            opt.step()
-            sched.step()
-            states = [g.update(st, v) if (not per_task or bool(present[i])) else st
-                      for i, (g, st, v) in enumerate(zip(gecos, states, values))]
+            out = sparse_step(ddp_model, model, gates, opt, sched, tokens, mask, row_task, gecos=gecos, states=states,
+                              targets=targets, task_w=task_w, per_task=per_task, w_attn=cfg.w_attn, w_mlp=cfg.w_mlp,
+                              w_scale=w_scale, grad_clip=cfg.grad_clip, log_heads=cfg.log_heads, dd=dd, step=step,
+                              run_dir=run_dir, lr=cfg.lr)
+            states, ce_g, s_g, ce_task, present = out.states, out.ce, out.sparsity, out.ce_task, out.present
+            lams, offset, packed, flat_keys, dens = out.lams, out.offset, out.packed, out.flat_keys, out.density
             step += 1
             lam = float(lams.max())
             rec: dict[str, Any] = {"step": step, "ce": ce_g, "target": targets[0] if not per_task else None,

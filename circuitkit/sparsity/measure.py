@@ -9,7 +9,7 @@ A model without gates is dense: every fraction is 1.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
@@ -17,7 +17,7 @@ from transformer_lens import HookedTransformer
 
 from circuitkit import CircuitkitError
 from circuitkit.sparsity.gates import GateMode, _edge_count, gate_mode, get_gates
-from circuitkit.tasks import TaskDataset
+from circuitkit.tasks.base import TaskDataset
 
 
 @dataclass
@@ -32,18 +32,6 @@ class SparsityReport:
     n_edges: int = 0  # causal edges counted (sequences × heads × layers × T(T+1)/2)
     dense: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self, digits: int = 6) -> dict[str, Any]:
-        r = lambda x: None if x is None else round(float(x), digits)  # noqa: E731
-        d = asdict(self)
-        d["kept_edges"] = r(self.kept_edges)
-        d["kept_edges_layer"] = [r(x) for x in self.kept_edges_layer]
-        d["kept_edges_head"] = [[r(x) for x in row] for row in self.kept_edges_head]
-        d["mlp_active"] = r(self.mlp_active)
-        d["mlp_ever_active"] = r(self.mlp_ever_active)
-        if self.mlp_active_layer is not None:
-            d["mlp_active_layer"] = [r(x) for x in self.mlp_active_layer]
-        return d
 
 
 def _token_batches(data: Any, batch_size: int) -> Iterable[torch.Tensor]:

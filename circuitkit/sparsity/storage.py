@@ -1,9 +1,11 @@
 """A sparse model on disk: the base checkpoint (finetuned weights) plus ``sparsity.json``.
 
 ``sparsity.json`` records the :class:`~circuitkit.sparsity.gates.GateConfig`, the gate
-mode to restore (``eval``) and which families are on. :func:`circuitkit.models.load_model`
-calls :func:`attach_from_file` when a checkpoint folder holds it, so a loaded sparse model
-comes back with its gates attached in evaluation mode.
+mode to restore (``eval``) and which families are on. :func:`load_model` is the loader
+every command uses: :func:`circuitkit.models.load_model` for the weights, then
+:func:`attach_from_file` when the checkpoint folder holds ``sparsity.json``, so a loaded
+sparse model comes back with its gates attached in evaluation mode. It lives here, above
+the model layer, so that ``circuitkit.models`` never imports ``circuitkit.sparsity``.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformer_lens import HookedTransformer
 
 from circuitkit import CircuitkitError
+from circuitkit import models
 from circuitkit.io import read_json, write_json
 from circuitkit.sparsity.gates import GateConfig, GateMode, Gates, attach, get_gates
 
@@ -56,17 +60,27 @@ def attach_from_file(model: HookedTransformer, path: str | os.PathLike) -> Gates
     return attach(model, config, mode)
 
 
+def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cpu",
+               gates: bool = True) -> HookedTransformer:
+    """Any model :func:`circuitkit.models.load_model` loads, with a sparse checkpoint's gates
+    attached in evaluation mode (``gates=False``: its finetuned weights alone)."""
+    model = models.load_model(name_or_path, device, gates=False)
+    path = models.resolve_path(name_or_path)
+    if gates and path is not None and (path / models.SPARSITY_FILE).exists():
+        attach_from_file(model, path / models.SPARSITY_FILE)
+        model.eval()
+    return model
+
+
 def save_sparse_model(model: HookedTransformer, directory: str | os.PathLike,
                       card: dict[str, Any] | None = None, mode: GateMode | str = GateMode.EVAL) -> Path:
     """Write the (finetuned) weights and card via :func:`circuitkit.models.save_model`, plus
     ``sparsity.json`` (atomically). ``mode`` is the mode the loader restores (default eval)."""
-    from circuitkit.models import SPARSITY_FILE, save_model
-
     gates = get_gates(model)
     if gates is None:
         raise CircuitkitError("save_sparse_model: the model has no gates attached; use circuitkit.models.save_model "
                               "for a dense model, or attach gates first")
     full_card = {"sparse": True, "sparsity": sparsity_dict(gates.config, mode), **(card or {})}
-    directory = save_model(model, directory, full_card)
-    write_json(Path(directory) / SPARSITY_FILE, sparsity_dict(gates.config, mode))
+    directory = models.save_model(model, directory, full_card)
+    write_json(Path(directory) / models.SPARSITY_FILE, sparsity_dict(gates.config, mode))
     return Path(directory)

@@ -14,6 +14,7 @@ from typing import Any
 from circuitkit import CircuitkitError
 from circuitkit.tasks.base import Metric, Task, TaskDataset, check_n, get_task, register_task, task_names
 from circuitkit.tasks import addition, docstring, greater_than, induction, ioi, nl  # noqa: F401  (registers)
+from circuitkit.tasks.vocab import is_toy
 
 NL_SUFFIX = "-nl"
 # The five shipped toy tasks, in the order the study reports them.
@@ -31,8 +32,6 @@ def task_for_model(name: str, model: Any, **options) -> Task:
     natural-language variant (``ioi-nl``) built with ``tokenizer=model.tokenizer`` and
     ``d_vocab=model.cfg.d_vocab``. ``name`` may be given with or without the ``-nl`` suffix.
     """
-    from circuitkit.models import is_toy  # models imports tasks.vocab: import lazily
-
     base = name[: -len(NL_SUFFIX)] if name.endswith(NL_SUFFIX) else name
     known = task_names()
     if base not in known and base + NL_SUFFIX not in known:
@@ -56,5 +55,5 @@ def task_for_model(name: str, model: Any, **options) -> Task:
     return get_task(nl_name, tokenizer=model.tokenizer, **options)
 
 
-__all__ = ["Metric", "Task", "TaskDataset", "check_n", "get_task", "register_task", "task_for_model",
+__all__ = ["Metric", "Task", "TaskDataset", "check_n", "get_task", "is_toy", "register_task", "task_for_model",
            "task_names", "toy_task_names"]

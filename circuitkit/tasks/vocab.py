@@ -16,6 +16,8 @@ import torch
 from circuitkit import CircuitkitError
 
 VOCAB_VERSION = 1
+# The vocabulary tag a checkpoint card records for a model on this vocabulary.
+TOY_VOCAB = f"toy-v{VOCAB_VERSION}"
 
 SPECIALS = ["<pad>", "<bos>"]
 DIGITS = [str(d) for d in range(10)]
@@ -90,3 +92,13 @@ class ToyVocab:
 
 
 VOCAB = ToyVocab()
+
+
+def is_toy(model) -> bool:
+    """True for models on circuitkit's toy vocabulary (toy tasks apply).
+
+    ``model`` is a ``HookedTransformer``; it is read duck-typed (``circuitkit_vocab``,
+    ``tokenizer``, ``cfg.d_vocab``) so that tasks need not import the model layer.
+    """
+    return getattr(model, "circuitkit_vocab", None) == TOY_VOCAB or (
+        getattr(model, "tokenizer", None) is None and model.cfg.d_vocab == VOCAB.d_vocab)

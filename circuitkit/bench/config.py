@@ -1,0 +1,118 @@
+"""What ``circuitkit bench`` measures on: the parts, the targets, the settings, the model and the batch.
+
+Owns the benchmark settings (:func:`config_from_args` checks them; the flags are in
+:mod:`circuitkit.commands.bench`) and how a model spec (zoo name, folder, ``random:ARCH``)
+becomes a model and a task batch, here and in the memory subprocesses alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from typing import Any
+
+from circuitkit import CircuitkitError
+from circuitkit.models import build_model, load_model, resolve_path, toy_config
+from circuitkit.tasks import get_task, task_for_model
+
+
+PARTS = ("attribution", "peer", "patching", "sparsity", "scaling")
+
+
+DEFAULT_MODEL = "toy-multitask"
+
+
+FALLBACK_ARCH = "toy-4l"
+
+
+PEER = "auto-circuit"
+
+
+PEER_VERSION = "1.0.1"
+
+
+TARGETS = {"eap_vs_floor": 1.5, "eap_ig_vs_floor": 1.5, "peer_time_ratio": 1.0, "peer_pearson": 0.999,
+           "peer_top50": 50, "gated_vs_plain": 1.5}
+
+
+TOP_K = 50
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        vals = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise CircuitkitError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise CircuitkitError(f"expected positive integers, got {text!r}")
+    return vals
+
+
+def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    parts = [x.strip() for x in str(args.parts).split(",") if x.strip()]
+    bad = sorted(set(parts) - set(PARTS))
+    if bad or not parts:
+        raise CircuitkitError(f"unknown part(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(PARTS)}")
+    cfg = dict(parts=parts, model=args.model, task=args.task, batch=args.batch, ig_steps=args.ig_steps,
+               repeats=args.repeats, warmup=args.warmup, patching_repeats=args.patching_repeats,
+               threads=args.threads, memory=args.memory, seq_mults=_ints(args.seq_mults),
+               layers=_ints(args.layers), scaling_arch=args.scaling_arch, sparsity_batch=args.sparsity_batch,
+               sparsity_steps=args.sparsity_steps, quick=args.quick)
+    if args.quick:
+        cfg.update(batch=min(cfg["batch"], 4), repeats=1, warmup=1, patching_repeats=1, memory=False,
+                   seq_mults=[1, 2], layers=[1, 2], sparsity_batch=4, sparsity_steps=3, ig_steps=min(cfg["ig_steps"], 2))
+    for key in ("batch", "ig_steps", "repeats", "patching_repeats", "threads", "sparsity_batch", "sparsity_steps"):
+        if cfg[key] < 1:
+            raise CircuitkitError(f"--{key.replace('_', '-')} must be at least 1, got {cfg[key]}")
+    if cfg["warmup"] < 0:
+        raise CircuitkitError(f"--warmup must be 0 or more, got {cfg['warmup']}")
+    return cfg
+
+
+def _load(model_spec: str):
+    """(model, description) for a zoo name / folder, or a random toy model for 'random:ARCH'."""
+    if model_spec.startswith("random:"):
+        arch = model_spec.split(":", 1)[1]
+        return build_model(toy_config(arch, seed=0)).eval(), f"{arch} (random weights)"
+    try:
+        found = resolve_path(model_spec) is not None
+    except CircuitkitError:
+        found = False
+    if not found and model_spec == DEFAULT_MODEL:
+        return build_model(toy_config(FALLBACK_ARCH, seed=0)).eval(), \
+            f"{FALLBACK_ARCH} (random weights; zoo model {DEFAULT_MODEL} not found)"
+    return load_model(model_spec, gates=False), model_spec
+
+
+def resolve_model_spec(model_spec: str) -> str:
+    """The spec a subprocess should load to get the same model as :func:`_load` here."""
+    if model_spec.startswith("random:"):
+        return model_spec
+    try:
+        found = resolve_path(model_spec) is not None
+    except CircuitkitError:
+        found = False
+    return f"random:{FALLBACK_ARCH}" if (not found and model_spec == DEFAULT_MODEL) else model_spec
+
+
+def _dataset(model, task: str, n: int, seed: int = 0):
+    try:
+        return task_for_model(task, model).dataset(n, seed)
+    except (CircuitkitError, TypeError, AttributeError):
+        return get_task(task).dataset(n, seed)
+
+
+def tiled(ds, k: int):
+    """``ds`` with every prompt repeated ``k`` times along the sequence, answers at the end (scaling)."""
+    if k == 1:
+        return ds
+    t = ds.seq_len
+    return replace(ds, clean=ds.clean.repeat(1, k), corrupt=ds.corrupt.repeat(1, k),
+                   answer_pos=ds.answer_pos + (k - 1) * t)
+
+
+def _model_summary(model, description: str) -> dict[str, Any]:
+    cfg = model.cfg
+    return {"name": description, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "d_model": cfg.d_model,
+            "d_mlp": cfg.d_mlp, "d_vocab": cfg.d_vocab, "n_ctx": cfg.n_ctx,
+            "n_params": int(sum(p.numel() for p in model.parameters()))}

@@ -1,0 +1,78 @@
+"""Timing: interleaved medians, and the work being timed — the bare model's floor and our methods.
+
+Owns how a time is taken (every variant once per round, medians of the timed rounds, so
+background load hits all variants alike) and the functions each part times.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from typing import Any, Callable, Mapping
+
+import torch
+
+from circuitkit.circuits import attribute
+from circuitkit.circuits.interventions import temporary_hooks
+
+
+def interleaved(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, dict[str, Any]]:
+    """Run every function once per round, ``warmup + repeats`` rounds; medians of the timed rounds (ms)."""
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(warmup + repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            if r >= warmup:
+                samples[name].append(dt * 1e3)
+    return {k: {"median_ms": round(statistics.median(v), 3), "samples_ms": [round(x, 3) for x in v]}
+            for k, v in samples.items()}
+
+
+def _ratio(a: float, b: float) -> float:
+    return round(a / b, 3) if b else math.nan
+
+
+def floor_fns(model, ds) -> dict[str, Callable[[], None]]:
+    """The bare model's work: a no-grad forward; forward + backward to the input activations;
+    forward + backward with parameter gradients (a training backward)."""
+    def forward_nograd():
+        with torch.no_grad():
+            model(ds.corrupt)
+
+    def fwd_bwd_inputs():
+        leaf = []
+
+        def grab(act, hook):
+            x = act.detach().requires_grad_(True)
+            leaf.append(x)
+            return x
+
+        with torch.enable_grad(), temporary_hooks(model, [("blocks.0.hook_resid_pre", grab)]):
+            logits = model(ds.clean)
+        ds.metric_values(logits).mean().backward(inputs=leaf)
+
+    params = [p for p in model.parameters()]
+
+    def fwd_bwd_params():
+        before = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                logits = model(ds.clean)
+                ds.metric_values(logits).mean().backward()
+        finally:
+            for p, rg in zip(params, before):
+                p.grad = None
+                p.requires_grad_(rg)
+
+    return {"forward_nograd": forward_nograd, "fwd_bwd_inputs": fwd_bwd_inputs, "fwd_bwd_params": fwd_bwd_params}
+
+
+def method_fns(model, ds, ig_steps: int) -> dict[str, Callable[[], Any]]:
+    b = len(ds)
+    return {"eap": lambda: attribute(model, ds, "eap", batch_size=b),
+            "eap-ig": lambda: attribute(model, ds, "eap-ig", batch_size=b, steps=ig_steps)}

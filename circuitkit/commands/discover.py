@@ -1,0 +1,53 @@
+"""``circuitkit discover``: one task's circuit in one model, verified, written to a folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from circuitkit import CircuitkitError
+from circuitkit.circuits.discover import DEFAULT_EDGES, discover, write_discovery
+from circuitkit.commands.options import (add_ablation_flag, add_batch_size_flag, add_method_flags, add_progress_flag,
+                                         method_options, positive)
+from circuitkit.sparsity import load_model
+from circuitkit.tasks import task_for_model
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="zoo name, checkpoint folder, or pretrained name (gpt2)")
+    parser.add_argument("--task", required=True, help="task name, e.g. addition, ioi, greater-than")
+    add_method_flags(parser, aliases={"steps": ["--steps"]})
+    pick = parser.add_mutually_exclusive_group()
+    pick.add_argument("--edges", type=int, default=None,
+                      help=f"keep the N edges with the largest |score| (default {DEFAULT_EDGES})")
+    pick.add_argument("--threshold", type=float, default=None, help="keep edges with |score| >= X")
+    pick.add_argument("--target", type=float, default=None,
+                      help="greedy: fewest edges whose circuit explains this fraction of the effect (e.g. 0.9)")
+    parser.add_argument("--n", type=int, default=200, help="number of task examples (default 200)")
+    parser.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
+    add_batch_size_flag(parser)
+    add_ablation_flag(parser)
+    parser.add_argument("--no-prune", action="store_true", help="keep dangling edges")
+    parser.add_argument("--out", default=None, help="output folder (default circuits/<model>-<task>-<method>)")
+    add_progress_flag(parser)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    positive(args, "n", "batch_size")
+    if args.edges is not None and args.edges < 0:
+        raise CircuitkitError("--edges must be a non-negative number of edges")
+    options = method_options(args)
+    model = load_model(args.model)
+    ds = task_for_model(args.task, model).dataset(args.n, seed=args.seed)
+    circuit, summary = discover(model, ds, method=args.method, edges=args.edges, threshold_value=args.threshold,
+                                target=args.target, ablation=args.ablation, batch_size=args.batch_size,
+                                prune=not args.no_prune, progress=not args.no_progress, **options)
+    model_name = Path(str(args.model)).name
+    out = Path(args.out) if args.out else Path("circuits") / f"{model_name}-{args.task}-{args.method}"
+    summary = {"model": str(args.model), "seed": args.seed, **summary}
+    paths = write_discovery(out, circuit.with_metadata(model=str(args.model), seed=args.seed), summary, model_name)
+    print(json.dumps({k: summary[k] for k in ("edges", "heads", "m_full", "m_empty", "m_circuit",
+                                              "explained_effect")}, indent=2))
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+    return 0
