@@ -168,7 +168,7 @@ def test_a_closed_pipe_ends_quietly():
     os.close(r)  # the reader is gone before the first write, as with `circuitkit zoo | head -0`
     try:
         p = subprocess.run([sys.executable, "-m", "circuitkit", "zoo"], stdout=w, stderr=subprocess.PIPE, text=True,
-                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
     finally:
         os.close(w)
     assert p.returncode == 141 and "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr

@@ -17,24 +17,12 @@ from circuitkit.tasks import get_task, task_for_model
 
 
 PARTS = ("attribution", "peer", "patching", "sparsity", "scaling")
-
-
 DEFAULT_MODEL = "toy-multitask"
-
-
 FALLBACK_ARCH = "toy-4l"
-
-
 PEER = "auto-circuit"
-
-
 PEER_VERSION = "1.0.1"
-
-
 TARGETS = {"eap_vs_floor": 1.5, "eap_ig_vs_floor": 1.5, "peer_time_ratio": 1.0, "peer_pearson": 0.999,
            "peer_top50": 50, "gated_vs_plain": 1.5}
-
-
 TOP_K = 50
 
 

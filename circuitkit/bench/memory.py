@@ -22,8 +22,6 @@ from circuitkit.bench.timing import floor_fns, method_fns
 MEMORY_METHOD = ("peak resident memory growth in a fresh subprocess per measurement: after loading the model and a "
                  "1-example warm-up, freed heap is returned to the OS (malloc_trim) and the kernel's peak RSS is "
                  "reset (/proc/self/clear_refs = 5); value = VmHWM after the run - VmRSS before it, MiB")
-
-
 MEMORY_METHOD_FALLBACK = ("ru_maxrss growth (resource.getrusage) in a fresh subprocess per measurement, from its "
                           "value after loading the model and a 1-example warm-up, MiB (a lower bound: the peak could "
                           "not be reset here)")

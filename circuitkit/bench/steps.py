@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from circuitkit.bench.config import resolve_model_spec
+from circuitkit.bench.config import TARGETS, resolve_model_spec
 from circuitkit.io import write_json
 from circuitkit.models import build_model, load_model, toy_config
 from circuitkit.sparsity import GateConfig, GateMode, attach, detach, get_gates
@@ -30,7 +30,7 @@ from circuitkit.tasks import get_task
 from circuitkit.training import masked_ce
 
 
-TARGET_RATIO = 1.5
+TARGET_RATIO = TARGETS["gated_vs_plain"]
 BENCH_LR = 1e-5  # small: the weights barely move over the timed steps
 VARIANTS = {"plain": None, "attn": GateConfig(attn=True, mlp=False), "attn+mlp": GateConfig(attn=True, mlp=True)}
 
