@@ -391,7 +391,7 @@ class PeerUnavailable(RuntimeError):
 
 
 def alias_kv_cache() -> None:
-    """Make auto-circuit 1.0.1 importable beside TransformerLens 3.9 (design.md §8).
+    """Make auto-circuit 1.0.1 importable beside TransformerLens 3.9 (docs/method.md §8).
 
     auto-circuit imports ``transformer_lens.past_key_value_caching.HookedTransformerKeyValueCache``
     and ``transformer_lens.HookedTransformerKeyValueCache``; TransformerLens 3.9 has the class
@@ -410,7 +410,7 @@ def alias_kv_cache() -> None:
         importlib.import_module(name)
     except ImportError:
         mod = types.ModuleType(name)
-        mod.__doc__ = "alias made by circuitkit.bench for auto-circuit (design.md §8)"
+        mod.__doc__ = "alias made by circuitkit.bench for auto-circuit (docs/method.md §8)"
         mod.HookedTransformerKeyValueCache = TransformerLensKeyValueCache
         sys.modules[name] = mod
         transformer_lens.past_key_value_caching = mod
