@@ -7,8 +7,11 @@ attaches), the zoo shipped inside the package, and
 TransformerLens pretrained names such as ``gpt2``. A move to ``TransformerBridge`` touches
 this file only.
 
-Only pre-LayerNorm transformers with MLPs are supported (GPT-2, Pythia, the toy models):
-the circuit graph assumes each block reads the residual stream through its own LayerNorm.
+Supported: decoder-only transformers whose blocks read the residual stream directly, through
+a pre-norm (LayerNorm or RMSNorm, with or without weights) or no normalisation at all, with an
+MLP in every block (sequential or parallel to attention) or none (attention-only), and one key
+and value input per head (GPT-2, Pythia, TransformerLens's ``attn-only-*`` models, the toy
+zoo). :func:`check_supported` refuses the rest; ``docs/method.md`` §2 says why.
 """
 
 from __future__ import annotations
@@ -77,13 +80,14 @@ def check_supported(model: HookedTransformer) -> None:
     arch = cfg.original_architecture or ""
     if arch in POST_LN_ARCHITECTURES:
         raise CircuitkitError(f"{cfg.model_name} ({arch}) is a post-LayerNorm model; circuitkit supports "
-                              "pre-LayerNorm decoder models only (GPT-2, Pythia, the toy zoo)")
-    if cfg.attn_only:
-        raise CircuitkitError(f"{cfg.model_name} is attention-only; circuitkit's graph needs an MLP in every "
-                              "block (build the toy config with d_mlp > 0 and attn_only=False)")
+                              "decoder models with pre-norm blocks or no normalisation (GPT-2, Pythia, "
+                              "attn-only-*, the toy zoo)")
+    if cfg.attn_only and cfg.parallel_attn_mlp:
+        raise CircuitkitError(f"{cfg.model_name} sets both attn_only and parallel_attn_mlp; an attention-only "
+                              "model has no MLP to run in parallel (set parallel_attn_mlp=False)")
     if cfg.normalization_type not in ("LN", "LNPre", "RMS", "RMSPre", None):
         raise CircuitkitError(f"unsupported normalization_type {cfg.normalization_type!r}: circuitkit supports "
-                              "pre-LayerNorm models (LN, LNPre, RMS, RMSPre)")
+                              "pre-norm models (LN, LNPre, RMS, RMSPre) and models without normalisation (None)")
 
 
 # ---------------------------------------------------------------- saving and loading

@@ -139,7 +139,8 @@ def _node_xy(graph: Graph) -> dict[int, tuple[float, float]]:
     for l in range(L):
         for h in range(H):
             pos[spec.head_src(l, h)] = (float(h), l - 0.25)
-        pos[spec.mlp_src(l)] = (H + 0.6, l + 0.2)
+        if spec.has_mlp:
+            pos[spec.mlp_src(l)] = (H + 0.6, l + 0.2)
     return pos
 
 

@@ -51,14 +51,21 @@ def sender_cache(model, tokens):
         model.set_use_attn_result(False)
     parts = [cache["blocks.0.hook_resid_pre"][:, :, None]]
     for layer in range(model.cfg.n_layers):
-        parts += [cache[f"blocks.{layer}.attn.hook_result"], cache[f"blocks.{layer}.hook_mlp_out"][:, :, None]]
+        parts.append(cache[f"blocks.{layer}.attn.hook_result"])
+        if not model.cfg.attn_only:
+            parts.append(cache[f"blocks.{layer}.hook_mlp_out"][:, :, None])
     return torch.cat(parts, 2)
+
+
+def sender_hook_names(model) -> list[str]:
+    """TransformerLens hook names of the sender outputs, in sender order (no MLPs when attention-only)."""
+    per_block = ("attn.hook_result",) if model.cfg.attn_only else ("attn.hook_result", "hook_mlp_out")
+    return ["blocks.0.hook_resid_pre"] + [f"blocks.{l}.{h}" for l in range(model.cfg.n_layers) for h in per_block]
 
 
 def replaced_run(model, tokens, value_of):
     """Logits with every sender output replaced by ``value_of(hook_name, act)``."""
-    names = ["blocks.0.hook_resid_pre"] + [f"blocks.{l}.{h}" for l in range(model.cfg.n_layers)
-                                           for h in ("attn.hook_result", "hook_mlp_out")]
+    names = sender_hook_names(model)
     model.set_use_attn_result(True)
     try:
         with torch.no_grad():
@@ -210,7 +217,8 @@ def receiver_grads(model, batch, fwd_hooks) -> torch.Tensor:  # [batch, pos, n_d
     TransformerLens's split q/k/v inputs, ``hook_mlp_in`` and the last ``hook_resid_post``
     (zero where a receiver has no path from what requires grad)."""
     n_layers = model.cfg.n_layers
-    names = [f"blocks.{l}.hook_{x}" for l in range(n_layers) for x in ("q_input", "k_input", "v_input", "mlp_in")]
+    inputs = ("q_input", "k_input", "v_input") + (() if model.cfg.attn_only else ("mlp_in",))
+    names = [f"blocks.{l}.hook_{x}" for l in range(n_layers) for x in inputs]
     names.append(f"blocks.{n_layers - 1}.hook_resid_post")
     kept = {}
 
@@ -313,7 +321,7 @@ def reference_sender_ig(model, batch, steps: int):
     clean, corrupt = sender_cache(model, batch.clean), sender_cache(model, batch.corrupt)
     sites = [("blocks.0.hook_resid_pre", None)] + [
         (f"blocks.{l}.attn.hook_result", h) if h < spec.n_heads else (f"blocks.{l}.hook_mlp_out", None)
-        for l in range(spec.n_layers) for h in range(spec.n_heads + 1)]
+        for l in range(spec.n_layers) for h in range(spec.src_per_layer)]
     out = torch.zeros(spec.n_src, spec.n_dst)
     for s, (site, head) in enumerate(sites):
         receivers = 0
@@ -456,6 +464,182 @@ def test_greedy_and_faithfulness(model, ds):
     assert full.explained == pytest.approx(1.0, abs=1e-5) and full.m_circuit == pytest.approx(full.m_full, abs=1e-5)
 
 
+# ---------------------------------------------------------------- attention-only and LayerNorm-free models
+
+@pytest.fixture(scope="module", params=["LN", None], ids=["attn-only", "attn-only-no-norm"])
+def attn_model(request):
+    """A random 2-layer attention-only toy (TransformerLens ``attn_only=True``), with LayerNorm or none."""
+    return build_model(toy_config("toy-2l", seed=7, attn_only=True, normalization_type=request.param))
+
+
+@pytest.fixture(scope="module")
+def attn_ds():
+    return get_task("addition").dataset(10, seed=4)
+
+
+def single_edge_graphs(spec: GraphSpec) -> list[Graph]:
+    """The full graph, then one graph per real edge (sender-major) with only that edge ablated."""
+    graphs = [Graph.full(spec)]
+    for s, d in spec.real.nonzero().tolist():
+        member = spec.real.clone()
+        member[s, d] = False
+        graphs.append(Graph.full(spec).with_in_graph(member))
+    return graphs
+
+
+def test_attn_only_graph_describes_the_model(attn_model):
+    spec = GraphSpec.from_model(attn_model)
+    L, H = attn_model.cfg.n_layers, attn_model.cfg.n_heads
+    assert spec.attn_only and spec.n_src == 1 + L * H and spec.n_dst == L * 3 * H + 1
+    assert spec.mlp_rows.numel() == 0 and not any(n.startswith("m") for n in spec.node_names)
+    assert spec != GraphSpec(L, H)  # a graph of the MLP model of the same size is refused
+    with pytest.raises(CircuitkitError, match="attn_only=False"):
+        Graph.full(GraphSpec(L, H)).check_model(attn_model)
+
+
+def test_attn_only_interventions(attn_model, attn_ds):
+    """The full graph is the model, the fully ablated graph the corrupted / zero / mean run, and a
+    single edge ablation adds (a_u^corrupt - a_u^clean) to that receiver's input only."""
+    m, ds = attn_model, attn_ds
+    with torch.no_grad():
+        clean, corrupt = m(ds.clean), m(ds.corrupt)
+    for ablation in Ablation:
+        assert torch.allclose(run_with_graph(m, Graph.full(m), ds, ablation, batch_size=4), clean, atol=1e-5)
+    assert torch.allclose(run_with_graph(m, Graph.empty(m), ds, "patching", batch_size=4), corrupt, atol=1e-5)
+    zero = replaced_run(m, ds.clean, lambda name, act: torch.zeros_like(act))
+    assert torch.allclose(run_with_graph(m, Graph.empty(m), ds, "zero"), zero, atol=1e-5)
+    m.set_use_attn_result(True)
+    try:
+        _, tl_cache = m.run_with_cache(ds.clean)
+    finally:
+        m.set_use_attn_result(False)
+    mean = replaced_run(m, ds.clean, lambda name, act: tl_cache[name].mean(0, keepdim=True).expand_as(act))
+    assert torch.allclose(run_with_graph(m, Graph.empty(m), ds, "mean", batch_size=3), mean, atol=1e-5)
+    spec = GraphSpec.from_model(m)
+    cache = sender_cache(m, ds.clean)  # [b, pos, n_src, d_model]
+    corrupt_senders = sender_cache(m, ds.corrupt)
+    for name, hook_name, head in [("a0.h2->a1.h1<k>", "blocks.1.hook_k_input", 1),
+                                  ("input->a1.h3<v>", "blocks.1.hook_v_input", 3),
+                                  ("a0.h0->logits", "blocks.1.hook_resid_post", None)]:
+        s, d = spec.parse_edge(name)
+        delta = corrupt_senders[:, :, s] - cache[:, :, s]
+
+        def hook(act, hook, delta=delta, head=head):
+            act = act.clone()
+            if head is None:
+                act += delta
+            else:
+                act[:, :, head] += delta
+            return act
+
+        m.set_use_split_qkv_input(True)
+        try:
+            with torch.no_grad():
+                expected = m.run_with_hooks(ds.clean, fwd_hooks=[(hook_name, hook)])
+        finally:
+            m.set_use_split_qkv_input(False)
+        member = spec.real.clone()
+        member[s, d] = False
+        with patched(m, Graph.full(m).with_in_graph(member), corrupt_senders), torch.no_grad():
+            assert torch.allclose(m(ds.clean), expected, atol=1e-5), name
+
+
+@pytest.mark.parametrize("ablation", list(Ablation))
+def test_attn_only_exact_patching_every_edge_and_node(attn_model, attn_ds, ablation):
+    """Single-edge patching (which starts each pass at the receiver's block) equals the general
+    intervention with that one edge ablated, for every real edge and every ablation; node patching
+    equals ablating every outgoing edge of the node."""
+    m, ds = attn_model, attn_ds
+    spec = GraphSpec.from_model(m)
+    graphs = single_edge_graphs(spec)
+    metric = metric_with_graphs(m, graphs, ds, ablation).mean(1)  # [1 + n_real]
+    got = attribute(m, ds, "patching", ablation=ablation, batch_size=4).scores[spec.real]  # sender-major
+    assert torch.allclose(got, metric[1:] - metric[0], atol=1e-5)
+    nodes = [Graph.full(spec)]
+    for u in range(spec.n_src):
+        member = spec.real.clone()
+        member[u] = False
+        nodes.append(Graph.full(spec).with_in_graph(member))
+    metric = metric_with_graphs(m, nodes, ds, ablation).mean(1)
+    assert torch.allclose(attribute_nodes(m, ds, "patching", ablation=ablation), metric[1:] - metric[0], atol=1e-5)
+
+
+def test_attn_only_gradient_methods_match_plain_autograd(attn_model, attn_ds):
+    m, ds = attn_model, attn_ds[:6]
+    for method, steps in (("eap", None), ("eap-ig", 3)):
+        expected = reference_eap(m, ds, steps=steps)
+        got = attribute(m, ds, method, **({} if steps is None else {"steps": steps})).scores
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max())), method
+        nodes = attribute_nodes(m, ds, method, **({} if steps is None else {"steps": steps}))
+        assert torch.allclose(nodes, got.sum(1), rtol=1e-4, atol=1e-6 * float(expected.abs().max())), method
+    expected = reference_sender_ig(m, ds, steps=2)
+    got = attribute(m, ds, "eap-ig-senders", steps=2).scores
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_attn_only_methods_against_patching(attn_model, attn_ds):
+    """eap and eap-ig estimate patching; eap-ig-senders' node scores tend to node patching."""
+    m, ds = attn_model, attn_ds
+    exact = attribute(m, ds, "patching")
+    for method, options in (("eap", {}), ("eap-ig", {"steps": 5})):
+        a = compare_scores(exact, attribute(m, ds, method, **options), k=10)
+        assert a.pearson > 0.9, (method, a)
+    nodes = attribute_nodes(m, ds, "eap-ig-senders", steps=16)
+    exact_nodes = attribute_nodes(m, ds, "patching")
+    assert (nodes - exact_nodes).abs().max() <= 2e-3 * float(exact_nodes.abs().max())
+
+
+def test_layernorm_free_linear_receivers_are_exact():
+    """Without normalisation the logits are linear in the final residual and the last block's value
+    inputs enter the logits linearly (the attention pattern does not depend on them), and the addition
+    metric (one distractor) is linear in the logits: there eap equals exact patching for every
+    ablation. Elsewhere (queries, keys, earlier blocks) it is only an estimate."""
+    m = build_model(toy_config("toy-2l", seed=3, attn_only=True, normalization_type=None))
+    with torch.no_grad():  # sharper attention than at initialisation, so that queries and keys act nonlinearly
+        for block in m.blocks:
+            block.attn.W_Q.mul_(4)
+            block.attn.W_K.mul_(4)
+    ds = get_task("addition").dataset(8, seed=6)
+    spec = GraphSpec.from_model(m)
+    last = spec.n_layers - 1
+    linear = torch.zeros(spec.n_dst, dtype=torch.bool)
+    linear[spec.logits_dst] = True
+    linear[[spec.head_dst(last, h, "v") for h in range(spec.n_heads)]] = True
+    for ablation in Ablation:
+        exact = attribute(m, ds, "patching", ablation=ablation).scores
+        eap = attribute(m, ds, "eap", ablation=ablation).scores
+        scale = float(exact.abs().max())
+        assert torch.allclose(eap[:, linear], exact[:, linear], atol=1e-5 * scale), ablation
+        assert (eap[:, ~linear] - exact[:, ~linear]).abs().max() > 1e-2 * float(exact[:, ~linear].abs().max())
+
+
+def test_attn_only_acdc_discover_and_faithfulness(attn_model, attn_ds):
+    """ACDC's bookkeeping identity; m(N) and m(∅) are the clean and the corrupted run; a discovered
+    circuit's f is recomputed from its own forward."""
+    m, ds = attn_model, attn_ds
+    spec = GraphSpec.from_model(m)
+    keep_all = attribute(m, ds, "acdc", tau=0.0)
+    tau = float(keep_all.scores.abs()[spec.real].median())
+    scored = attribute(m, ds, "acdc", tau=tau)
+    circuit = threshold(scored, tau, prune=False)
+    pruned = spec.real & ~circuit.in_graph
+    assert 0 < int(pruned.sum()) < spec.n_real_edges
+    metric = metric_with_graphs(m, [Graph.full(m), circuit], ds).mean(1)
+    assert float(metric[1]) == pytest.approx(float(metric[0]) + float(scored.scores[pruned].sum()), abs=1e-4)
+    with torch.no_grad():
+        m_clean, m_corrupt = float(ds.metric_values(m(ds.clean)).mean()), float(ds.metric_values(m(ds.corrupt)).mean())
+    full, empty = faithfulness(m, Graph.full(m), ds), faithfulness(m, Graph.empty(m), ds)
+    assert full.m_full == pytest.approx(m_clean, abs=1e-5) and full.m_empty == pytest.approx(m_corrupt, abs=1e-5)
+    assert full.explained == pytest.approx(1.0, abs=1e-5) and empty.explained == pytest.approx(0.0, abs=1e-5)
+    from circuitkit.circuits.discover import discover
+
+    found, _ = discover(m, ds, method="eap-ig", steps=2, edges=12, batch_size=5)
+    assert 0 < found.n_edges <= 12 and found.n_mlps == 0
+    f = faithfulness(m, found, ds)
+    m_found = float(metric_with_graphs(m, [found], ds).mean())
+    assert f.explained == pytest.approx((m_found - m_corrupt) / (m_clean - m_corrupt), rel=1e-4)
+
+
 # ---------------------------------------------------------------- CLI
 
 def test_discover_cli(tmp_path, model):
@@ -519,7 +703,7 @@ def test_graph_model_mismatch(model, ds):
 
 
 @pytest.mark.parametrize("change,match", [
-    (dict(attn_only=True), "attention-only"),
+    (dict(attn_only=True, parallel_attn_mlp=True), "no MLP to run in parallel"),
     (dict(original_architecture="BertForMaskedLM"), "post-LayerNorm"),
     (dict(n_key_value_heads=2), "grouped-query"),
 ])

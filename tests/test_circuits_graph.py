@@ -36,6 +36,69 @@ def test_sizes_match_formulas(L, H, parallel):
     assert spec.n_real_edges == int(spec.real.sum()) == n
 
 
+@pytest.mark.parametrize("L,H", [(1, 1), (2, 4), (12, 12)])
+def test_attn_only_sizes_match_formulas(L, H):
+    spec = GraphSpec(L, H, attn_only=True)
+    assert spec.n_src == 1 + L * H and spec.n_dst == L * 3 * H + 1
+    assert len(spec.src_names) == spec.n_src and len(spec.dst_names) == spec.n_dst
+    # q/k/v of layer l read the input and every head of earlier layers; the logits read every sender
+    n = sum(3 * H * (1 + layer * H) for layer in range(L)) + spec.n_src
+    assert spec.n_real_edges == int(spec.real.sum()) == n
+    # every edge touches a head, except input -> logits
+    assert Graph.full(spec).n_attention_edges == n - 1
+
+
+def test_attn_only_layout_names_and_errors():
+    spec = GraphSpec(2, 2, attn_only=True)
+    assert spec.node_names == ("input", "a0.h0", "a0.h1", "a1.h0", "a1.h1", "logits")
+    assert spec.dst_names == ("a0.h0<q>", "a0.h1<q>", "a0.h0<k>", "a0.h1<k>", "a0.h0<v>", "a0.h1<v>",
+                              "a1.h0<q>", "a1.h1<q>", "a1.h0<k>", "a1.h1<k>", "a1.h0<v>", "a1.h1<v>", "logits")
+    assert spec.head_src(1, 1) == 4 and spec.head_dst(1, 0, "k") == 8 and spec.logits_dst == 12
+    assert [g.hook for g in spec.sender_groups] == ["blocks.0.hook_resid_pre", "blocks.0.attn.hook_z",
+                                                    "blocks.1.attn.hook_z"]
+    assert not any("mlp" in g.hook for g in spec.receiver_groups)
+    assert spec.parse_edge("a0.h1->a1.h0<v>") == (2, 10)
+    assert not spec.real[spec.head_src(1, 0), spec.head_dst(1, 1, "q")]  # a head does not feed its own layer
+    with pytest.raises(CircuitkitError, match="attention-only"):
+        spec.parse_edge("input->m0")
+    with pytest.raises(CircuitkitError, match="attention-only"):
+        spec.mlp_src(0)
+    with pytest.raises(CircuitkitError, match="attention-only"):
+        Graph.full(spec).node("m1")
+    assert spec != GraphSpec(2, 2) and spec == GraphSpec(2, 2, attn_only=True, model_name="other")
+
+
+def test_attn_only_round_trips_and_selection(tmp_path):
+    spec = GraphSpec(3, 2, attn_only=True, model_name="attn-only-3l")
+    g = random_graph(spec, seed=4)
+    back = Graph.load(g.save(tmp_path / "c.json"))
+    assert back.spec == spec and back.spec.attn_only
+    assert torch.equal(back.scores, g.scores) and torch.equal(back.in_graph, g.in_graph)
+    nxg = Graph.from_networkx(g.to_networkx())
+    assert nxg.spec == spec and torch.equal(nxg.in_graph, g.in_graph)
+    # a file from before attention-only support has no attn_only key: it describes a model with MLPs
+    old = GraphSpec(2, 2).summary()
+    del old["attn_only"]
+    assert GraphSpec.from_summary(old) == GraphSpec(2, 2)
+    # a summary whose attn_only disagrees with its node list is refused
+    d = g.to_dict()
+    d["model"]["attn_only"] = False
+    with pytest.raises(CircuitkitError, match="node list does not match"):
+        Graph.from_dict(d)
+    heads = torch.tensor([[True, False], [False, False], [False, True]])
+    kept = from_nodes(spec, heads)
+    assert torch.equal(kept.head_mask, heads) and kept.n_mlps == 0 and kept.mlp_mask.shape == (0,)
+    assert kept.edge("a0.h0->a2.h1<q>").in_graph and not kept.edge("a0.h1->a2.h1<q>").in_graph
+    scores = torch.zeros(spec.n_src)
+    scores[spec.head_src(2, 0)] = 3.0
+    assert top_heads(Graph.full(spec), 1, scores).head_mask.nonzero().tolist() == [[2, 0]]
+    path = ["input->a0.h1<k>", "a0.h1->a2.h0<v>", "a2.h0->logits", "a1.h0->logits"]  # a1.h0 gets no input
+    member = torch.zeros_like(spec.real)
+    for name in path:
+        member[spec.parse_edge(name)] = True
+    assert sorted(remove_dangling(g.with_in_graph(member)).edge_names()) == sorted(path[:3])
+
+
 def test_479_edges_like_auto_circuit():
     assert GraphSpec(4, 4).n_real_edges == 479
 

@@ -8,11 +8,11 @@ import torch
 
 from circuitkit import CircuitkitError
 from circuitkit.circuits.attribution import attribute
-from circuitkit.circuits.graph import Graph
+from circuitkit.circuits.graph import Graph, GraphSpec
 from circuitkit.circuits.selection import top_n
 from circuitkit.evaluation import faithfulness as F
-from circuitkit.evaluation.compare import OVERLAP_COLUMNS, PAIR_COLUMNS, overlap_table, pair_table
-from circuitkit.evaluation.study import StudyConfig, analyse, jaccard
+from circuitkit.evaluation.compare import OVERLAP_COLUMNS, PAIR_COLUMNS, overlap_table, pair_row, pair_table
+from circuitkit.evaluation.study import StudyConfig, TaskResult, analyse, jaccard
 from circuitkit.models import build_model, save_model, toy_config
 from circuitkit.tasks import get_task
 
@@ -121,15 +121,144 @@ def test_jaccard():
     assert jaccard(torch.zeros(3, dtype=torch.bool), torch.zeros(3, dtype=torch.bool)) == 1.0
 
 
-def test_tables_have_documented_columns(model, ds):
-    cfg = StudyConfig(method="eap", n=16, batch_size=64)
-    r1 = analyse(model, "m", ds, cfg)
-    r2 = analyse(model, "m", get_task("ioi").dataset(16, seed=0), cfg)
-    t = pair_table([r1], [r1])
-    assert list(t.columns) == PAIR_COLUMNS and len(t) == 1
-    assert t.loc[0, "edge_ratio"] == 1.0 and t.loc[0, "edge_jaccard"] == 1.0
-    o = overlap_table([r1, r2])
-    assert list(o.columns) == OVERLAP_COLUMNS and o.loc[0, "task_b"] == "ioi"
+# ---------------------------------------------------------------- the headline table, on hand-built results
+
+HAND_SPEC = GraphSpec(2, 2)  # nodes: input, a0.h0, a0.h1, m0, a1.h0, a1.h1, m1, logits
+
+
+def hand_result(model: str, task: str, edges: list[str], *, f: float = 0.9, completeness: float = 0.95,
+                cpr: float = 0.8, cmd: float = 0.2, minimality: float = 0.5) -> TaskResult:
+    """A TaskResult whose minimal circuit holds exactly ``edges``; the other numbers are given."""
+    member = torch.zeros(HAND_SPEC.n_src, HAND_SPEC.n_dst, dtype=torch.bool)
+    for name in edges:
+        member[HAND_SPEC.parse_edge(name)] = True
+    circuit = Graph.full(HAND_SPEC).with_in_graph(member)
+    curve = F.Curve("edges", (len(edges),), (len(edges),), (f,), 2.0, -1.0)
+    return TaskResult(model=model, task=task, scored=Graph.full(HAND_SPEC), minimal=circuit, f_minimal=f,
+                      reached=True, edge_curve=curve, head_curve=F.Curve("heads", (1,), (1,), (f,), 2.0, -1.0),
+                      heads_minimal=1, cpr=cpr, cmd=cmd, completeness=completeness, minimality=minimality,
+                      m_full=2.0, m_empty=-1.0)
+
+
+# base ioi: 6 edges, heads {a0.h0, a1.h1}, 3 of the edges at a head
+BASE_IOI = ["input->a0.h0<q>", "a0.h0->a1.h1<k>", "a1.h1->logits", "input->m0", "m0->m1", "m1->logits"]
+# sparse ioi: 2 edges, heads {a0.h0}, both at a head; shares input->a0.h0<q> with the base
+SPARSE_IOI = ["input->a0.h0<q>", "a0.h0->logits"]
+# docstring: both circuits use head a0.h1 only; 4 edges against 3, sharing 2
+BASE_DOC = ["input->a0.h1<v>", "a0.h1->logits", "input->logits", "m1->logits"]
+SPARSE_DOC = ["input->a0.h1<k>", "a0.h1->logits", "input->logits"]
+
+
+def test_pair_table_values_on_hand_built_results():
+    base = [hand_result("base", "ioi", BASE_IOI, f=0.91, completeness=0.97, cpr=0.7, cmd=0.3, minimality=0.5),
+            hand_result("base", "docstring", BASE_DOC, completeness=0.6),
+            hand_result("base", "only-in-base", BASE_DOC)]
+    sparse = [hand_result("sparse", "docstring", SPARSE_DOC, completeness=0.99),
+              hand_result("sparse", "ioi", SPARSE_IOI, f=0.93, completeness=0.88, cpr=0.9, cmd=0.1, minimality=1.0)]
+    t = pair_table(base, sparse)
+    assert list(t.columns) == PAIR_COLUMNS and list(t["task"]) == ["ioi", "docstring"]  # base order, shared tasks
+    ioi = t.iloc[0].to_dict()
+    assert (ioi["base_edges"], ioi["sparse_edges"], ioi["edge_ratio"]) == (6, 2, 3.0)  # base / sparse
+    assert (ioi["base_heads"], ioi["sparse_heads"], ioi["head_ratio"]) == (2, 1, 2.0)
+    assert (ioi["base_attn_edges"], ioi["sparse_attn_edges"], ioi["attn_edge_ratio"]) == (3, 2, 1.5)
+    assert ioi["edge_jaccard"] == pytest.approx(1 / 7)  # 1 shared of 6 + 2 - 1
+    assert ioi["head_jaccard"] == pytest.approx(1 / 2)  # {a0.h0} of {a0.h0, a1.h1}
+    assert (ioi["base_f"], ioi["sparse_f"]) == (0.91, 0.93)
+    assert (ioi["base_completeness"], ioi["sparse_completeness"]) == (0.97, 0.88)
+    assert (ioi["base_cpr"], ioi["sparse_cpr"], ioi["base_cmd"], ioi["sparse_cmd"]) == (0.7, 0.9, 0.3, 0.1)
+    assert (ioi["base_minimality"], ioi["sparse_minimality"]) == (0.5, 1.0)
+    doc = t.iloc[1].to_dict()
+    assert doc["edge_ratio"] == pytest.approx(4 / 3) and doc["head_ratio"] == 1.0
+    assert doc["edge_jaccard"] == pytest.approx(2 / 5) and doc["head_jaccard"] == 1.0
+    assert (doc["base_completeness"], doc["sparse_completeness"]) == (0.6, 0.99)
+
+
+def test_pair_table_ratio_edge_cases():
+    t = pair_table([hand_result("b", "ioi", BASE_IOI)], [hand_result("s", "ioi", [])])
+    assert t.loc[0, "edge_ratio"] == math.inf and t.loc[0, "head_ratio"] == math.inf
+    assert t.loc[0, "edge_jaccard"] == 0.0 and t.loc[0, "head_jaccard"] == 0.0
+    with pytest.raises(CircuitkitError, match="cannot compare task"):
+        pair_row(hand_result("b", "ioi", BASE_IOI), hand_result("s", "docstring", SPARSE_DOC))
+
+
+def test_overlap_table_values_on_hand_built_results():
+    results = [hand_result("base", "ioi", BASE_IOI), hand_result("base", "docstring", BASE_DOC),
+               hand_result("base", "induction", ["input->a0.h0<q>", "a0.h0->a1.h1<k>", "a1.h1->logits", "m1->logits"])]
+    o = overlap_table(results)
+    assert list(o.columns) == OVERLAP_COLUMNS
+    assert [(r.task_a, r.task_b) for r in o.itertuples()] == [("ioi", "docstring"), ("ioi", "induction"),
+                                                               ("docstring", "induction")]
+    ioi_doc, ioi_ind, doc_ind = (o.iloc[i].to_dict() for i in range(3))
+    assert (ioi_doc["edges_a"], ioi_doc["edges_b"], ioi_doc["shared_edges"]) == (6, 4, 1)  # m1->logits
+    assert ioi_doc["edge_jaccard"] == pytest.approx(1 / 9)
+    assert (ioi_doc["heads_a"], ioi_doc["heads_b"], ioi_doc["shared_heads"], ioi_doc["head_jaccard"]) == (2, 1, 0, 0.0)
+    assert (ioi_ind["shared_edges"], ioi_ind["edge_jaccard"]) == (4, pytest.approx(4 / 6))
+    assert (ioi_ind["shared_heads"], ioi_ind["head_jaccard"]) == (2, 1.0)
+    assert (doc_ind["shared_edges"], doc_ind["edge_jaccard"]) == (1, pytest.approx(1 / 7))
+    assert doc_ind["model"] == "base"
+
+
+def test_completeness_is_one_minus_f_of_the_knocked_out_model(model, ds):
+    """C = every output of m0 and a1.h0. Knocking C out of the full model is patching those two nodes'
+    outputs to their corrupted values, done here with TransformerLens's own hooks; completeness is
+    1 − f(N ∖ C), which differs from f(C) on this model."""
+    spec = GraphSpec.from_model(model)
+    member = torch.zeros(spec.n_src, spec.n_dst, dtype=torch.bool)
+    member[spec.mlp_src(0)] = spec.real[spec.mlp_src(0)]
+    member[spec.head_src(1, 0)] = spec.real[spec.head_src(1, 0)]
+    circuit = Graph.full(spec).with_in_graph(member)
+    model.set_use_attn_result(True)
+    try:
+        with torch.no_grad():
+            _, corrupt = model.run_with_cache(ds.corrupt)
+
+            def mlp0(act, hook):
+                return corrupt["blocks.0.hook_mlp_out"]
+
+            def head0(act, hook):
+                act = act.clone()
+                act[:, :, 0] = corrupt["blocks.1.attn.hook_result"][:, :, 0]
+                return act
+
+            knocked = model.run_with_hooks(ds.clean, fwd_hooks=[("blocks.0.hook_mlp_out", mlp0),
+                                                                ("blocks.1.attn.hook_result", head0)])
+            m_clean, m_corrupt = (float(ds.metric_values(model(t)).mean()) for t in (ds.clean, ds.corrupt))
+    finally:
+        model.set_use_attn_result(False)
+    m_knocked = float(ds.metric_values(knocked).mean())
+    expected = 1 - (m_knocked - m_corrupt) / (m_clean - m_corrupt)
+    got = F.completeness(model, circuit, ds, batch_size=64)
+    assert got == pytest.approx(expected, abs=1e-4)
+    assert abs(got - f_of(model, [circuit], ds)[0]) > 0.05  # not f(C)
+
+
+@pytest.fixture(scope="module")
+def analysed(model, ds):
+    return analyse(model, "m", ds, StudyConfig(method="eap", n=16, batch_size=64, threshold=0.8))
+
+
+def test_analyse_heads_minimal_is_the_fewest_heads_reaching_the_threshold(model, ds, analysed):
+    """Checked against fresh forwards, not against the result's own curve: the top heads_minimal heads
+    reach the threshold and one head fewer does not."""
+    from circuitkit.circuits.attribution import attribute_nodes
+    from circuitkit.circuits.selection import top_heads
+
+    r = analysed
+    n = r.heads_minimal
+    assert n is not None and 0 < n < model.cfg.n_layers * model.cfg.n_heads
+    nodes = attribute_nodes(model, ds, "eap", batch_size=64)
+    f_n, f_fewer = f_of(model, [top_heads(r.scored, n, nodes), top_heads(r.scored, n - 1, nodes)], ds)
+    assert f_n >= 0.8 > f_fewer
+    assert r.completeness == pytest.approx(F.completeness(model, r.minimal, ds, batch_size=64), abs=1e-6)
+
+
+def test_tables_from_analysed_results(model, ds, analysed):
+    """Two different results of one model: a self-comparison would say nothing."""
+    other = analyse(model, "m", get_task("ioi").dataset(16, seed=0), StudyConfig(method="eap", n=16, batch_size=64))
+    o = overlap_table([analysed, other])
+    assert list(o.columns) == OVERLAP_COLUMNS and (o.loc[0, "task_a"], o.loc[0, "task_b"]) == ("addition", "ioi")
+    shared = int((analysed.minimal.in_graph & other.minimal.in_graph).sum())
+    assert o.loc[0, "shared_edges"] == shared < min(analysed.n_edges, other.n_edges)
 
 
 def test_run_on_tiny_config_writes_report(tmp_path):

@@ -445,7 +445,7 @@ class _SenderPathPass:
             hooks.append((f"blocks.{self.layer}.hook_mlp_out", self._add("mlp")))
         if self.level == "edge":
             hooks += [(g.hook, self._receiver(g.cols, g.per_head)) for g in self.spec.receiver_groups
-                      if g.cols.start >= self.layer * (3 * self.spec.n_heads + 1)]
+                      if g.cols.start >= self.layer * self.spec.dst_per_layer]
         x = resid.unsqueeze(0).expand(self.r, *resid.shape)  # [r, b, pos, d_model]
         if "input" in self.moves:
             x = x + self.moves["input"]
@@ -493,8 +493,8 @@ def _edge_sites(spec: GraphSpec) -> tuple[torch.Tensor, list[_Site]]:  # ([n_rea
     where = {}
     for g in spec.receiver_groups:
         for col in range(g.cols.start, g.cols.stop):
-            layer = col // (3 * spec.n_heads + 1)
-            if col == spec.logits_dst:
+            layer = spec.dst_layer(col)
+            if layer is None:
                 where[col] = _Site(spec.n_layers, None, None)
             elif g.per_head:  # blocks.{l}.hook_{q}_input -> blocks.{l}.attn.hook_{q}
                 where[col] = _Site(layer, f"blocks.{layer}.attn.hook_{g.hook.split('_')[-2][-1]}", col - g.cols.start)

@@ -1,4 +1,4 @@
-"""The computational graph of a pre-LN transformer, as two dense tensors.
+"""The computational graph of a pre-norm transformer, as two dense tensors.
 
 Why: every circuit method (attribution, ablation, selection, comparison, plotting) talks
 about the same edges. This module owns their numbering and names, and a :class:`Graph`
@@ -6,12 +6,14 @@ holding one score tensor and one membership tensor, both ``[n_src, n_dst]`` — 
 source of truth (EAP-IG style). :class:`Node` and :class:`Edge` are thin read-only views
 into those tensors. It also owns export and import (JSON as plain data, networkx).
 
-Numbering (L layers, H heads):
+Numbering (L layers, H heads, M = 1 MLP per block, or M = 0 for attention-only models):
 
-- senders: ``0 = input``; layer ``l``: head ``h`` at ``1 + l*(H+1) + h``, MLP at ``1 + l*(H+1) + H``.
-  Sender ``i`` is also node ``i``; ``logits`` is node ``n_src``.
-- receivers: layer ``l``: q of head ``h`` at ``l*(3H+1) + h``, k at ``+H+h``, v at ``+2H+h``,
-  MLP at ``l*(3H+1) + 3H``; ``logits`` last at ``L*(3H+1)``.
+- senders: ``0 = input``; layer ``l``: head ``h`` at ``1 + l*(H+M) + h``, MLP at ``1 + l*(H+M) + H``.
+  Sender ``i`` is also node ``i``; ``logits`` is node ``n_src``. So ``n_src = 1 + L*(H+M)``.
+- receivers: layer ``l``: q of head ``h`` at ``l*(3H+M) + h``, k at ``+H+h``, v at ``+2H+h``,
+  MLP at ``l*(3H+M) + 3H``; ``logits`` last at ``L*(3H+M)``. So ``n_dst = L*(3H+M) + 1``.
+
+See ``docs/method.md`` §2 for the graph in words and equations.
 
 A real edge goes from a sender computed before its receiver reads the residual stream.
 For every receiver the real senders form a prefix of the sender order, which the
@@ -71,13 +73,16 @@ class SenderGroup:
 class GraphSpec:
     """The shape of a model's graph: what decides node and edge numbering.
 
-    Equality compares the structure only (layers, heads, parallel attention/MLP); the model
-    name and width ride along for summaries.
+    Equality compares the structure only (layers, heads, parallel attention/MLP, whether
+    blocks have MLPs); the model name and width ride along for summaries. An attention-only
+    spec (``attn_only=True``, TransformerLens's flag of the same name) has no MLP nodes and no
+    MLP receivers.
     """
 
     n_layers: int
     n_heads: int
     parallel_attn_mlp: bool = False
+    attn_only: bool = False
     model_name: str = field(default="", compare=False)
     d_model: int | None = field(default=None, compare=False)
 
@@ -97,17 +102,19 @@ class GraphSpec:
     def from_config(cls, cfg) -> "GraphSpec":
         return cls(n_layers=int(cfg.n_layers), n_heads=int(cfg.n_heads),
                    parallel_attn_mlp=bool(getattr(cfg, "parallel_attn_mlp", False)),
+                   attn_only=bool(getattr(cfg, "attn_only", False)),
                    model_name=str(getattr(cfg, "model_name", "") or ""), d_model=int(cfg.d_model))
 
     def summary(self) -> dict[str, Any]:
         return {"model_name": self.model_name, "n_layers": self.n_layers, "n_heads": self.n_heads,
-                "d_model": self.d_model, "parallel_attn_mlp": self.parallel_attn_mlp}
+                "d_model": self.d_model, "parallel_attn_mlp": self.parallel_attn_mlp, "attn_only": self.attn_only}
 
     @classmethod
     def from_summary(cls, d: Mapping[str, Any]) -> "GraphSpec":
         try:
             return cls(n_layers=int(d["n_layers"]), n_heads=int(d["n_heads"]),
                        parallel_attn_mlp=bool(d.get("parallel_attn_mlp", False)),
+                       attn_only=bool(d.get("attn_only", False)),  # absent in files from before attn-only support
                        model_name=str(d.get("model_name", "") or ""),
                        d_model=None if d.get("d_model") is None else int(d["d_model"]))
         except (KeyError, TypeError, ValueError) as e:
@@ -115,28 +122,51 @@ class GraphSpec:
 
     # -- sizes and indices
     @property
+    def has_mlp(self) -> bool:
+        """Whether every block has an MLP node (False for attention-only models)."""
+        return not self.attn_only
+
+    @property
+    def src_per_layer(self) -> int:  # senders per block: its heads, then its MLP if any
+        return self.n_heads + int(self.has_mlp)
+
+    @property
+    def dst_per_layer(self) -> int:  # receivers per block: q, k, v of each head, then the MLP input if any
+        return 3 * self.n_heads + int(self.has_mlp)
+
+    @property
     def n_src(self) -> int:
-        return 1 + self.n_layers * (self.n_heads + 1)
+        return 1 + self.n_layers * self.src_per_layer
 
     @property
     def n_dst(self) -> int:
-        return self.n_layers * (3 * self.n_heads + 1) + 1
+        return self.n_layers * self.dst_per_layer + 1
 
     @property
     def n_nodes(self) -> int:
         return self.n_src + 1
 
     def head_src(self, layer: int, head: int) -> int:
-        return 1 + layer * (self.n_heads + 1) + head
+        return 1 + layer * self.src_per_layer + head
 
     def mlp_src(self, layer: int) -> int:
-        return 1 + layer * (self.n_heads + 1) + self.n_heads
+        self._need_mlp()
+        return 1 + layer * self.src_per_layer + self.n_heads
 
     def head_dst(self, layer: int, head: int, qkv: str) -> int:
-        return layer * (3 * self.n_heads + 1) + QKV.index(qkv) * self.n_heads + head
+        return layer * self.dst_per_layer + QKV.index(qkv) * self.n_heads + head
 
     def mlp_dst(self, layer: int) -> int:
-        return layer * (3 * self.n_heads + 1) + 3 * self.n_heads
+        self._need_mlp()
+        return layer * self.dst_per_layer + 3 * self.n_heads
+
+    def dst_layer(self, dst: int) -> int | None:
+        """The block whose input receiver ``dst`` is (None for the logits)."""
+        return None if dst == self.logits_dst else dst // self.dst_per_layer
+
+    def _need_mlp(self) -> None:
+        if not self.has_mlp:
+            raise CircuitkitError("this model is attention-only (attn_only=True): its graph has no MLP nodes")
 
     @property
     def logits_dst(self) -> int:
@@ -151,7 +181,7 @@ class GraphSpec:
     def node_names(self) -> tuple[str, ...]:
         names = ["input"]
         for layer in range(self.n_layers):
-            names += [f"a{layer}.h{h}" for h in range(self.n_heads)] + [f"m{layer}"]
+            names += [f"a{layer}.h{h}" for h in range(self.n_heads)] + ([f"m{layer}"] if self.has_mlp else [])
         return tuple(names + ["logits"])
 
     @property
@@ -164,7 +194,8 @@ class GraphSpec:
         for layer in range(self.n_layers):
             for c in QKV:
                 names += [f"a{layer}.h{h}<{c}>" for h in range(self.n_heads)]
-            names.append(f"m{layer}")
+            if self.has_mlp:
+                names.append(f"m{layer}")
         return tuple(names + ["logits"])
 
     @cached_property
@@ -181,7 +212,8 @@ class GraphSpec:
         for layer in range(self.n_layers):
             for _ in QKV:
                 idx += [self.head_src(layer, h) for h in range(self.n_heads)]
-            idx.append(self.mlp_src(layer))
+            if self.has_mlp:
+                idx.append(self.mlp_src(layer))
         return torch.tensor(idx + [self.logits_node], dtype=torch.long)
 
     def edge_name(self, src: int, dst: int) -> str:
@@ -196,11 +228,11 @@ class GraphSpec:
         src = self.node_index.get(src_name)
         if src is None or src == self.logits_node:
             raise CircuitkitError(f"unknown sender {src_name!r} in edge {name!r}; senders are 'input', "
-                                  f"'a{{l}}.h{{h}}' and 'm{{l}}' with l < {self.n_layers}, h < {self.n_heads}")
+                                  f"'a{{l}}.h{{h}}'{self._mlp_words} with l < {self.n_layers}, h < {self.n_heads}")
         dst = self.dst_index.get(dst_name)
         if dst is None:
             raise CircuitkitError(f"unknown receiver {dst_name!r} in edge {name!r}; receivers are "
-                                  f"'a{{l}}.h{{h}}<q|k|v>', 'm{{l}}' and 'logits' with l < {self.n_layers}, "
+                                  f"'a{{l}}.h{{h}}<q|k|v>'{self._mlp_words} and 'logits' with l < {self.n_layers}, "
                                   f"h < {self.n_heads}")
         if not bool(self.real[src, dst]):
             raise CircuitkitError(f"{name!r} is not an edge of this model: {src_name} is computed after "
@@ -210,18 +242,23 @@ class GraphSpec:
     def node_id(self, name: str) -> int:
         idx = self.node_index.get(name)
         if idx is None:
-            raise CircuitkitError(f"unknown node {name!r}; nodes are 'input', 'a{{l}}.h{{h}}', 'm{{l}}', 'logits' "
-                                  f"with l < {self.n_layers}, h < {self.n_heads}")
+            raise CircuitkitError(f"unknown node {name!r}; nodes are 'input', 'a{{l}}.h{{h}}'{self._mlp_words}, "
+                                  f"'logits' with l < {self.n_layers}, h < {self.n_heads}")
         return idx
+
+    @property
+    def _mlp_words(self) -> str:
+        return ", 'm{l}'" if self.has_mlp else " (no MLPs: the model is attention-only)"
 
     # -- structure
     @cached_property
     def src_prefix(self) -> torch.Tensor:  # [n_dst] long: receiver j reads senders [0, src_prefix[j])
         out = []
         for layer in range(self.n_layers):
-            before = 1 + layer * (self.n_heads + 1)
+            before = 1 + layer * self.src_per_layer
             out += [before] * (3 * self.n_heads)
-            out.append(before if self.parallel_attn_mlp else before + self.n_heads)
+            if self.has_mlp:
+                out.append(before if self.parallel_attn_mlp else before + self.n_heads)
         return torch.tensor(out + [self.n_src], dtype=torch.long)
 
     @cached_property
@@ -237,12 +274,13 @@ class GraphSpec:
         groups = []
         h = self.n_heads
         for layer in range(self.n_layers):
-            base = layer * (3 * h + 1)
+            base = layer * self.dst_per_layer
             for i, c in enumerate(QKV):
                 groups.append(ReceiverGroup(f"blocks.{layer}.hook_{c}_input", slice(base + i * h, base + (i + 1) * h),
                                             int(self.src_prefix[base]), True))
-            groups.append(ReceiverGroup(f"blocks.{layer}.hook_mlp_in", slice(base + 3 * h, base + 3 * h + 1),
-                                        int(self.src_prefix[base + 3 * h]), False))
+            if self.has_mlp:
+                groups.append(ReceiverGroup(f"blocks.{layer}.hook_mlp_in", slice(base + 3 * h, base + 3 * h + 1),
+                                            int(self.src_prefix[base + 3 * h]), False))
         groups.append(ReceiverGroup(f"blocks.{self.n_layers - 1}.hook_resid_post",
                                     slice(self.n_dst - 1, self.n_dst), self.n_src, False))
         return tuple(groups)
@@ -255,8 +293,9 @@ class GraphSpec:
             h0 = self.head_src(layer, 0)
             groups.append(SenderGroup(f"blocks.{layer}.attn.hook_z", slice(h0, h0 + self.n_heads), layer, True,
                                       f"blocks.{layer}.hook_attn_out"))
-            mlp = f"blocks.{layer}.hook_mlp_out"
-            groups.append(SenderGroup(mlp, slice(h0 + self.n_heads, h0 + self.n_heads + 1), layer, False, mlp))
+            if self.has_mlp:
+                mlp = f"blocks.{layer}.hook_mlp_out"
+                groups.append(SenderGroup(mlp, slice(h0 + self.n_heads, h0 + self.n_heads + 1), layer, False, mlp))
         return tuple(groups)
 
     @cached_property
@@ -269,8 +308,8 @@ class GraphSpec:
         return torch.tensor([[self.head_src(l, h) for h in range(self.n_heads)] for l in range(self.n_layers)])
 
     @cached_property
-    def mlp_rows(self) -> torch.Tensor:  # [n_layers] long
-        return torch.tensor([self.mlp_src(l) for l in range(self.n_layers)])
+    def mlp_rows(self) -> torch.Tensor:  # [n_layers] long ([0] for attention-only models)
+        return torch.tensor([self.mlp_src(l) for l in range(self.n_layers)] if self.has_mlp else [], dtype=torch.long)
 
     @cached_property
     def attention_edges(self) -> torch.Tensor:  # [n_src, n_dst] bool
@@ -292,7 +331,8 @@ def check_graph_support(model) -> None:
                               "value input per head (call model.set_ungroup_grouped_query_attention(True) first)")
     if getattr(cfg, "use_normalization_before_and_after", False):
         raise CircuitkitError(f"{cfg.model_name} normalises attention and MLP outputs before the residual add; "
-                              "circuitkit supports plain pre-LayerNorm models only (GPT-2, Pythia, the toy zoo)")
+                              "circuitkit supports blocks that read and write the residual stream directly "
+                              "(pre-norm or no normalisation; see docs/method.md §2)")
     if cfg.positional_embedding_type == "shortformer":
         raise CircuitkitError(f"{cfg.model_name} adds positional embeddings to queries and keys outside the residual "
                               "stream (shortformer); circuitkit's graph does not describe that")
@@ -302,7 +342,7 @@ def check_graph_support(model) -> None:
         POST_NORM_ARCHITECTURES = ()
     if (cfg.original_architecture or "") in POST_NORM_ARCHITECTURES:
         raise CircuitkitError(f"{cfg.model_name} ({cfg.original_architecture}) is a post-norm model; circuitkit "
-                              "supports pre-LayerNorm models only (GPT-2, Pythia, the toy zoo)")
+                              "supports pre-norm and normalisation-free models only (see docs/method.md §2)")
 
 
 # ---------------------------------------------------------------- views
@@ -462,9 +502,9 @@ class Graph:
         other = GraphSpec.from_model(model)
         if other != self.spec:
             raise CircuitkitError(f"this graph is for a {self.spec.n_layers}-layer, {self.spec.n_heads}-head model "
-                                  f"(parallel_attn_mlp={self.spec.parallel_attn_mlp}) but the model has "
-                                  f"{other.n_layers} layers, {other.n_heads} heads "
-                                  f"(parallel_attn_mlp={other.parallel_attn_mlp})")
+                                  f"(parallel_attn_mlp={self.spec.parallel_attn_mlp}, attn_only={self.spec.attn_only}) "
+                                  f"but the model has {other.n_layers} layers, {other.n_heads} heads "
+                                  f"(parallel_attn_mlp={other.parallel_attn_mlp}, attn_only={other.attn_only})")
 
     # -- counts and node-level views
     @property
@@ -490,7 +530,7 @@ class Graph:
         return self.node_mask[self.spec.head_rows]
 
     @property
-    def mlp_mask(self) -> torch.Tensor:  # [n_layers] bool: MLPs in the circuit
+    def mlp_mask(self) -> torch.Tensor:  # [n_layers] bool ([0] attention-only): MLPs in the circuit
         return self.node_mask[self.spec.mlp_rows]
 
     @property

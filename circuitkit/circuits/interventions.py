@@ -15,7 +15,8 @@ Senders: ``blocks.0.hook_resid_pre`` (embeddings), per-head outputs ``z_h @ W_O[
 ``blocks.l.attn.hook_z`` (the values of ``attn.hook_result``, without TransformerLens's
 memory-hungry ``use_attn_result`` path), ``blocks.l.hook_mlp_out``. Receivers:
 ``blocks.l.hook_{q,k,v}_input`` (per head), ``blocks.l.hook_mlp_in`` and
-``blocks.{L-1}.hook_resid_post`` (logits).
+``blocks.{L-1}.hook_resid_post`` (logits). Attention-only models have no MLP senders or
+receivers; everything else is the same. The ablations are defined in ``docs/method.md`` §3.
 
 Hooks are added to the hook points directly and only those handles are removed again,
 so permanent hooks (sparsity gates) and hooks added by others are never touched. Patched
@@ -60,7 +61,8 @@ def graph_hooks_enabled(model, split_qkv: bool = True) -> Iterator:
     try:
         cfg.use_split_qkv_input = split_qkv
         cfg.use_attn_in = False
-        model.set_use_hook_mlp_in(True)
+        if not cfg.attn_only:  # attention-only blocks have no MLP input to hook
+            model.set_use_hook_mlp_in(True)
         yield model
     finally:
         for f, v in before.items():

@@ -145,17 +145,18 @@ def greedy(model, graph: Graph, ds: TaskDataset, target: float = 0.9, *, absolut
 
 
 def from_nodes(spec_or_graph: GraphSpec | Graph, heads: torch.Tensor,  # [n_layers, n_heads] bool
-               mlps: torch.Tensor | None = None) -> Graph:  # [n_layers] bool; None keeps every MLP
+               mlps: torch.Tensor | None = None) -> Graph:  # [n_layers] bool ([0] attn-only); None keeps every MLP
     """The circuit of all real edges between kept nodes (``input`` and ``logits`` always kept)."""
     graph = spec_or_graph if isinstance(spec_or_graph, Graph) else Graph.full(spec_or_graph)
     spec = graph.spec
     if tuple(heads.shape) != (spec.n_layers, spec.n_heads) or heads.dtype != torch.bool:
         raise CircuitkitError(f"heads must be a bool tensor [n_layers={spec.n_layers}, n_heads={spec.n_heads}], "
                               f"got {heads.dtype} {tuple(heads.shape)}")
+    n_mlps = len(spec.mlp_rows)  # 0 for attention-only models
     if mlps is None:
-        mlps = torch.ones(spec.n_layers, dtype=torch.bool)
-    if tuple(mlps.shape) != (spec.n_layers,) or mlps.dtype != torch.bool:
-        raise CircuitkitError(f"mlps must be a bool tensor [n_layers={spec.n_layers}], got {tuple(mlps.shape)}")
+        mlps = torch.ones(n_mlps, dtype=torch.bool)
+    if tuple(mlps.shape) != (n_mlps,) or mlps.dtype != torch.bool:
+        raise CircuitkitError(f"mlps must be a bool tensor [{n_mlps}] (one per MLP), got {tuple(mlps.shape)}")
     keep = torch.ones(spec.n_nodes, dtype=torch.bool)  # [n_nodes]
     keep[spec.head_rows.flatten()] = heads.flatten()
     keep[spec.mlp_rows] = mlps
@@ -181,5 +182,5 @@ def top_heads(graph: Graph, n: int, node_scores: torch.Tensor | None = None,  # 
     hs = torch.nan_to_num(hs.abs() if absolute else hs, nan=-math.inf)
     heads = torch.zeros(total, dtype=torch.bool)
     heads[torch.argsort(hs, descending=True, stable=True)[:n]] = True
-    mlps = torch.ones(spec.n_layers, dtype=torch.bool) if keep_mlps else torch.zeros(spec.n_layers, dtype=torch.bool)
+    mlps = torch.full((len(spec.mlp_rows),), keep_mlps, dtype=torch.bool)  # [n_mlps]: none when attention-only
     return from_nodes(graph, heads.reshape(spec.n_layers, spec.n_heads), mlps)

@@ -1,5 +1,5 @@
 """Verification of circuits: explained effect, faithfulness curves, minimal circuits, CPR/CMD,
-completeness and minimality (design.md §5).
+completeness and minimality (docs/method.md §6).
 
 Why a module of its own: attribution says which edges *might* matter; this module measures
 what a circuit actually does under ablation, with the intervention machinery of

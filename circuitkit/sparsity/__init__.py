@@ -1,4 +1,4 @@
-"""Sparse post-training of attention edges and MLP neurons (design.md §2).
+"""Sparse post-training of attention edges and MLP neurons (docs/method.md §1).
 
 - :mod:`~circuitkit.sparsity.gates`: the gates as permanent TransformerLens hooks —
   :class:`GateConfig`, :class:`GateMode`, :func:`attach`, :func:`detach`, :func:`gate_mode`.

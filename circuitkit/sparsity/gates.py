@@ -1,4 +1,4 @@
-"""Attention-edge and MLP-neuron gates, as TransformerLens permanent hooks (design.md §2).
+"""Attention-edge and MLP-neuron gates, as TransformerLens permanent hooks (docs/method.md §1).
 
 Attention edges. At ``blocks.{l}.attn.hook_attn_scores`` the hook reads the causally
 masked, pre-softmax scores ``s`` [batch, head, query, key] and forms the gate logit

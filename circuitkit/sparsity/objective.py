@@ -1,4 +1,4 @@
-"""The GECO-style constrained objective of design.md §2.
+"""The GECO-style constrained objective of docs/method.md §1.
 
 Minimise ``S = w_attn·S_attn + w_mlp·S_mlp`` subject to ``CE ≤ target``, through the
 Lagrangian ``S + λ·(CE − target)`` with ``λ = exp(ρ)``. After every step
