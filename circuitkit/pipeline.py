@@ -17,23 +17,34 @@ from pathlib import Path
 from typing import Any
 
 from circuitkit import CircuitkitError
-from circuitkit.evaluation.compare import overlap_table, pair_table, save_result, write_table
+from circuitkit.evaluation.compare import check_pair, overlap_table, pair_table, save_result, write_table
 from circuitkit.evaluation.study import StudyConfig, TaskResult, analyse
-from circuitkit.io import check_keys, read_toml, write_text
+from circuitkit.io import TomlConfig, check_fields, check_keys, check_writable_dir, write_text
 from circuitkit.tasks import TOY_TASKS
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
-class Pair:
+class Pair(TomlConfig):
+    """One ``[[pairs]]`` entry: a base model, its sparse model and the tasks to compare them on."""
+
     base: str
     sparse: str
     tasks: tuple[str, ...]
 
+    REQUIRED = frozenset({"base", "sparse", "tasks"})
+
+    def check(self, source: str) -> None:
+        if not self.tasks:
+            raise CircuitkitError(f"{source}: tasks is empty; name at least one task, e.g. tasks = [\"addition\"]")
+
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(TomlConfig):
+    """What ``circuitkit run`` reads from TOML; every field, and those of ``[study]`` and each
+    ``[[pairs]]``, is checked against its type (:class:`circuitkit.io.TomlConfig`)."""
+
     out: str = "results/default"
     study: StudyConfig = field(default_factory=StudyConfig)
     pairs: tuple[Pair, ...] = (
@@ -48,34 +59,27 @@ class RunConfig:
                                 "analyses/zoo/toy-addition-sparse.toml", "analyses/zoo/toy-multitask-sparse.toml")
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> "RunConfig":
-        return cls.from_dict(read_toml(path), str(path))
-
-    @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "RunConfig":
-        raw = dict(raw)
         check_keys(raw, {f.name for f in fields(cls)}, source=source)
-        study = raw.pop("study", {})
-        check_keys(study, {f.name for f in fields(StudyConfig)}, source=f"{source} [study]")
-        kw: dict[str, Any] = {"study": StudyConfig(**study)}
+        raw = dict(raw)
+        kw: dict[str, Any] = {"study": StudyConfig.from_dict(raw.pop("study", {}), source=f"{source} [study]")}
         if "pairs" in raw:
-            pairs = []
-            for p in raw.pop("pairs"):
-                if set(p) != {"base", "sparse", "tasks"}:
-                    raise CircuitkitError(f"{source}: each [[pairs]] needs exactly base, sparse and tasks; got {sorted(p)}")
-                pairs.append(Pair(p["base"], p["sparse"], tuple(p["tasks"])))
-            if not pairs:
-                raise CircuitkitError(f"{source}: [[pairs]] is empty; name at least one base/sparse model pair")
-            kw["pairs"] = tuple(pairs)
-        for k in ("sparsity_figures", "retrain"):
-            if k in raw:
-                kw[k] = tuple(raw.pop(k))
-        kw.update(raw)
+            pairs = raw.pop("pairs")
+            if not isinstance(pairs, list) or not pairs:
+                raise CircuitkitError(f"{source}: [[pairs]] must list at least one base/sparse model pair")
+            kw["pairs"] = tuple(Pair.from_dict(p, source=f"{source} [[pairs]] #{i + 1}") for i, p in enumerate(pairs))
+        check_fields(cls, raw, source)
+        kw.update({k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
         return cls(**kw)
 
 
 def retrain(cfg: RunConfig, progress: bool = True) -> None:
-    """Rebuild the zoo from its configs (needs a checkout: the configs live in analyses/)."""
+    """Rebuild the zoo from its configs (needs a checkout: the configs live in analyses/).
+
+    The configs write outside the package (``models/NAME``); asked for explicitly here, each
+    model replaces its shipped copy in ``circuitkit/zoo/NAME`` (``--out ... --force``).
+    """
+    from circuitkit.models import ZOO_DIR
     from circuitkit.sparsity import finetune
     from circuitkit.training import TrainConfig, train
 
@@ -84,11 +88,15 @@ def retrain(cfg: RunConfig, progress: bool = True) -> None:
         if not path.exists():
             raise CircuitkitError(f"--retrain needs {rel}; run it from a checkout of the circuitkit repository")
         print(f"[retrain] {rel}", flush=True)
+        out = ZOO_DIR / path.stem
+        shown = out.resolve().relative_to(REPO).as_posix() if out.resolve().is_relative_to(REPO) else out
+        flags = f"--config {rel} --out {shown} --force"
         if "sparse" in path.stem:
-            finetune.finetune(finetune.SparsifyConfig.from_toml(path), progress=progress,
-                              command=f"circuitkit sparsify --config {rel}")
+            finetune.finetune(finetune.SparsifyConfig.from_toml(path, out=str(out)), progress=progress,
+                              command=f"circuitkit sparsify {flags}", force=True)
         else:
-            train(TrainConfig.from_toml(path), progress=progress, command=f"circuitkit train --config {rel}")
+            train(TrainConfig.from_toml(path, out=str(out)), progress=progress, command=f"circuitkit train {flags}",
+                  force=True)
 
 
 def run(cfg: RunConfig, progress: bool = True) -> Path:
@@ -97,7 +105,9 @@ def run(cfg: RunConfig, progress: bool = True) -> Path:
     from circuitkit.tasks import task_for_model
 
     t0 = time.time()
-    out = Path(cfg.out)
+    out = check_writable_dir(cfg.out, "the results folder (out)")
+    for pair in cfg.pairs:  # before any work: the models of each pair must share one graph
+        check_pair(pair.base, pair.sparse)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[TaskResult]] = {}
     pair_rows: list[tuple[str, TaskResult, TaskResult]] = []
@@ -193,6 +203,7 @@ def run_cli(args: argparse.Namespace) -> int:
     cfg = RunConfig.from_toml(args.config) if args.config else RunConfig()
     if args.out:
         cfg = RunConfig(**{**{f.name: getattr(cfg, f.name) for f in fields(cfg)}, "out": args.out})
+    check_writable_dir(cfg.out, "the results folder (--out)")
     if args.retrain:
         retrain(cfg, progress=not args.no_progress)
     out = run(cfg, progress=not args.no_progress)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ from circuitkit import CircuitkitError
 from circuitkit.circuits.attribution import DEFAULT_ACDC_TAU, DEFAULT_IG_STEPS, attribute, get_method, method_names
 from circuitkit.circuits.interventions import Ablation, faithfulness
 from circuitkit.circuits.selection import greedy, threshold, top_n
-from circuitkit.io import write_json, write_text
+from circuitkit.io import check_writable_dir, write_json, write_text
+from circuitkit.tasks import NL_SUFFIX, task_for_model
 
 DEFAULT_EDGES = 200
 
@@ -48,11 +50,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _task(name: str, model):
-    import circuitkit.tasks as tasks
-
-    finder = getattr(tasks, "task_for_model", None)
-    return finder(name, model) if finder is not None else tasks.get_task(name)
+def untrained_task_warning(task: str, model) -> str | None:
+    """A warning when ``model``'s card names the tasks it was trained on and ``task`` is not one
+    of them (its circuit would be that of a model that cannot do the task); else ``None``."""
+    trained = (getattr(model, "circuitkit_card", None) or {}).get("tasks")
+    if not trained:
+        return None  # pretrained models and cards without tasks: nothing to check against
+    base = task[: -len(NL_SUFFIX)] if task.endswith(NL_SUFFIX) else task
+    if base in trained or task in trained:
+        return None
+    name = (model.circuitkit_card or {}).get("name", "this model")
+    return (f"warning: {name} was not trained on {task!r} (its card lists {', '.join(trained)}); the circuit found "
+            "is that of a model that may not do the task at all")
 
 
 def discover(model, ds, *, method: str = "eap-ig", edges: int | None = None, threshold_value: float | None = None,
@@ -105,13 +114,17 @@ def run_cli(args: argparse.Namespace) -> int:
         raise CircuitkitError("--n and --batch-size must be positive")
     if args.edges is not None and args.edges < 0:
         raise CircuitkitError("--edges must be a non-negative number of edges")
+    model_name = Path(str(args.model)).name
+    out = Path(args.out) if args.out else Path("circuits") / f"{model_name}-{args.task}-{args.method}"
+    check_writable_dir(out, "the output folder (--out)")  # before the computation, not after it
     model = load_model(args.model)
-    ds = _task(args.task, model).dataset(args.n, seed=args.seed)
+    ds = task_for_model(args.task, model).dataset(args.n, seed=args.seed)
+    warning = untrained_task_warning(args.task, model)
+    if warning:
+        print(warning, file=sys.stderr)
     circuit, summary = discover(model, ds, method=args.method, edges=args.edges, threshold_value=args.threshold,
                                 target=args.target, ablation=args.ablation, batch_size=args.batch_size,
                                 steps=args.steps, tau=args.tau, prune=not args.no_prune, progress=not args.no_progress)
-    model_name = Path(str(args.model)).name
-    out = Path(args.out) if args.out else Path("circuits") / f"{model_name}-{args.task}-{args.method}"
     summary = {"model": str(args.model), "seed": args.seed, **summary}
     circuit.with_metadata(model=str(args.model), seed=args.seed).save(out / "circuit.json")
     write_json(out / "summary.json", summary)

@@ -15,7 +15,7 @@ import pandas as pd
 
 from circuitkit import CircuitkitError
 from circuitkit.evaluation.study import StudyConfig, TaskResult, analyse, jaccard
-from circuitkit.io import write_json, write_text
+from circuitkit.io import check_writable_dir, write_json, write_text
 
 PAIR_COLUMNS = ["task", "base_edges", "sparse_edges", "edge_ratio", "base_heads", "sparse_heads", "head_ratio",
                 "base_attn_edges", "sparse_attn_edges", "attn_edge_ratio",
@@ -30,6 +30,35 @@ def _ratio(a: float | None, b: float | None) -> float:
     if a is None or b is None:
         return float("nan")
     return float("inf") if b == 0 else a / b
+
+
+# What must agree for two models' circuits to be compared edge by edge (the same graph).
+GRAPH_FIELDS = ("n_layers", "n_heads", "attn_only", "parallel_attn_mlp")
+
+
+def _graph_shape(cfg) -> dict:
+    get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
+    return {k: get(k, False if k in ("attn_only", "parallel_attn_mlp") else None) for k in GRAPH_FIELDS}
+
+
+def check_comparable(base_cfg, sparse_cfg, base: str, sparse: str) -> None:
+    """Refuse, before any analysis, two models whose circuit graphs differ (their edges would not
+    line up). ``*_cfg``: a ``HookedTransformerConfig`` or a card's ``config`` dict."""
+    a, b = _graph_shape(base_cfg), _graph_shape(sparse_cfg)
+    if a != b:
+        diff = ", ".join(f"{k} {a[k]} vs {b[k]}" for k in GRAPH_FIELDS if a[k] != b[k])
+        raise CircuitkitError(f"cannot compare {base} with {sparse}: their circuit graphs differ ({diff}); a sparse "
+                              "model is compared with the base model it was post-trained from")
+
+
+def check_pair(base: str, sparse: str) -> None:
+    """:func:`check_comparable` from the two cards, without loading weights (pretrained names,
+    which have no card, are checked once loaded)."""
+    from circuitkit.models import load_card
+
+    cards = load_card(base), load_card(sparse)
+    if all("config" in c for c in cards):
+        check_comparable(cards[0]["config"], cards[1]["config"], base, sparse)
 
 
 def pair_row(base: TaskResult, sparse: TaskResult) -> dict:
@@ -103,13 +132,22 @@ def run_cli(args: argparse.Namespace) -> int:
     from circuitkit.models import load_model
     from circuitkit.tasks import task_for_model
 
-    cfg = StudyConfig(method=args.method, ablation=args.ablation, threshold=args.threshold, n=args.n, seed=args.seed)
-    out = Path(args.out)
+    cfg = StudyConfig.from_dict(dict(method=args.method, ablation=args.ablation, threshold=args.threshold, n=args.n,
+                                     seed=args.seed), source="command line")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise CircuitkitError(f"--tasks {args.tasks!r} names no task; give a comma-separated list, e.g. "
+                              "--tasks ioi,docstring")
+    out = check_writable_dir(args.out, "the output folder (--out)")
+    models = {role: load_model(name) for role, name in (("base", args.base), ("sparse", args.sparse))}
+    check_comparable(models["base"].cfg, models["sparse"].cfg, args.base, args.sparse)
+    for task in tasks:  # an unknown task is an error before either analysis runs
+        task_for_model(task, models["base"])
     results = {}
     for role, name in (("base", args.base), ("sparse", args.sparse)):
-        model = load_model(name)
+        model = models[role]
         results[role] = []
-        for task in [t.strip() for t in args.tasks.split(",") if t.strip()]:
+        for task in tasks:
             ds = task_for_model(task, model).dataset(cfg.n, seed=cfg.seed)
             r = analyse(model, Path(name).name, ds, cfg)
             save_result(r, out)
