@@ -214,7 +214,8 @@ def prepare_run(run_dir: Path, out: Path, kind: RunKind, resume: bool, force: bo
             ck.unlink(missing_ok=True)
         return
     if (out / CARD_FILE).exists():
-        raise CircuitkitError(f"{out} already holds a model; pass --force to replace it, or choose another --out")
+        raise CircuitkitError(f"{out} already holds a model; pass --force to replace it, --resume to continue the run "
+                              f"that made it (its checkpoint in {run_dir}, e.g. with more --steps), or another --out")
     if ck.exists():
         raise CircuitkitError(f"{run_dir} holds the checkpoint of an earlier run; pass --resume to continue it, "
                               "or --force to start over (the checkpoint and its log are discarded)")
