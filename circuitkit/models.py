@@ -12,6 +12,11 @@ a pre-norm (LayerNorm or RMSNorm, with or without weights) or no normalisation a
 MLP in every block (sequential or parallel to attention) or none (attention-only), and one key
 and value input per head (GPT-2, Pythia, TransformerLens's ``attn-only-*`` models, the toy
 zoo). :func:`check_supported` refuses the rest; ``docs/method.md`` §2 says why.
+
+Loading a checkpoint is strict: the weights must be exactly those the card's config
+describes (no missing, unexpected or differently sized tensors) and finite, and a damaged
+``card.json`` or ``model.safetensors`` is an error that names the file, never a model that
+runs with part of its weights or a traceback from inside safetensors.
 """
 
 from __future__ import annotations
@@ -98,12 +103,20 @@ def config_to_dict(cfg: HookedTransformerConfig) -> dict[str, Any]:
     return {k: v for k, v in d.items() if _jsonable(v)}
 
 
-def config_from_dict(d: dict[str, Any]) -> HookedTransformerConfig:
+def config_from_dict(d: dict[str, Any], source: str = "card") -> HookedTransformerConfig:
+    if not isinstance(d, dict):
+        raise CircuitkitError(f"{source}: 'config' must be a table of HookedTransformerConfig fields, got {d!r}")
     d = dict(d)
-    d["dtype"] = getattr(torch, d.get("dtype", "float32"))
+    dtype = getattr(torch, str(d.get("dtype", "float32")), None)
+    if not isinstance(dtype, torch.dtype):
+        raise CircuitkitError(f"{source}: unknown dtype {d.get('dtype')!r} in 'config'")
+    d["dtype"] = dtype
     for computed in ("n_params", "d_vocab_out"):
         d.pop(computed, None)
-    return HookedTransformerConfig.from_dict(d)
+    try:
+        return HookedTransformerConfig.from_dict(d)
+    except (TypeError, ValueError, AssertionError, KeyError) as e:
+        raise CircuitkitError(f"{source}: 'config' is not a valid model configuration: {e}") from None
 
 
 def _jsonable(v: Any) -> bool:
@@ -176,7 +189,7 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
         model = _load_pretrained(str(name_or_path), device)
     else:
         card = read_json(path / CARD_FILE)
-        if "config" not in card:
+        if not isinstance(card, dict) or "config" not in card:
             raise CircuitkitError(f"{path / CARD_FILE} has no 'config' entry; it was not written by circuitkit")
         weights = path / WEIGHTS_FILE
         if card.get("base_model") and not weights.exists():
@@ -184,13 +197,8 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
         else:
             if not weights.exists():
                 raise CircuitkitError(f"{path} has a card but no {WEIGHTS_FILE}")
-            model = HookedTransformer(config_from_dict(card["config"]), move_to_device=False)
-            missing = model.load_state_dict(load_file(str(weights)), strict=False)
-            if missing.missing_keys:
-                # buffers such as the causal mask are rebuilt by the constructor; real weights must exist
-                real = [k for k in missing.missing_keys if not k.endswith(("mask", "IGNORE"))]
-                if real:
-                    raise CircuitkitError(f"{weights} lacks weights {real[:5]}...; the file does not match its card")
+            model = HookedTransformer(config_from_dict(card["config"], str(path / CARD_FILE)), move_to_device=False)
+            load_weights(model, weights)
             model = model.to(device, print_details=False)
             if card.get("tokenizer"):
                 model.set_tokenizer(_load_tokenizer(card["tokenizer"]))
@@ -203,6 +211,44 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
                                   "for its finetuned weights without gates")
     model.eval()
     return model
+
+
+def load_weights(model: HookedTransformer, weights: Path) -> None:
+    """Load ``weights`` (safetensors) into ``model`` strictly, checking that every parameter is finite.
+
+    Buffers the constructor rebuilds (causal masks) may be absent; any other missing,
+    unexpected or differently sized tensor means the file does not match its card.
+    """
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error type for a truncated or damaged file
+        raise CircuitkitError(f"{weights} cannot be read as safetensors ({str(e).splitlines()[0][:200]}); the file is "
+                              "truncated or damaged: restore it from where it came from or retrain") from None
+    expected = model.state_dict()
+    buffers = {name for name, _ in model.named_buffers()}
+    missing = sorted(k for k in expected.keys() - state.keys() if k not in buffers)
+    unexpected = sorted(state.keys() - expected.keys())
+    resized = sorted(k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape)
+    if missing or unexpected or resized:
+        card = weights.parent / CARD_FILE
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} tensors the config has no place for "
+                         f"({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''})")
+        for k in resized[:3]:
+            parts.append(f"{k} is {tuple(state[k].shape)} in the file, {tuple(expected[k].shape)} by the config")
+        raise CircuitkitError(f"{weights} does not match the config in {card} (n_layers={model.cfg.n_layers}, "
+                              f"d_model={model.cfg.d_model}, n_heads={model.cfg.n_heads}): {'; '.join(parts)}. "
+                              "The card and the weights come from different models; restore the pair")
+    for k in sorted(k for k, _ in model.named_parameters()):  # buffers may hold -inf on purpose (IGNORE)
+        v = state[k]
+        if not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            raise CircuitkitError(f"{weights}: {k} holds {bad} non-finite value(s) (NaN or Inf); every score computed "
+                                  "from this model would be meaningless. Restore the file or retrain")
+    model.load_state_dict(state, strict=False)
 
 
 def _load_tokenizer(name: str):
@@ -226,6 +272,10 @@ def _load_pretrained(name: str, device: str | torch.device) -> HookedTransformer
             f"If this machine has no access to the Hugging Face hub, put the model in a local cache "
             f"(HF_HOME={hub}) and set HF_HUB_OFFLINE=1, or use a zoo model ({', '.join(zoo_names()) or 'none shipped'}) "
             "or a checkpoint folder written by circuitkit.") from None
+    for k, v in model.named_parameters():
+        if not bool(torch.isfinite(v).all()):
+            raise CircuitkitError(f"pretrained model {name!r}: {k} holds non-finite values (NaN or Inf); the cached "
+                                  "weights are damaged: delete them from the Hugging Face cache and fetch them again")
     model.circuitkit_vocab = None
     model.circuitkit_card = {"pretrained": name}
     check_supported(model)

@@ -19,9 +19,10 @@ from typing import Any
 import pandas as pd
 
 from circuitkit import CircuitkitError, plotting
-from circuitkit.evaluation.compare import overlap_table, pair_table, study_pair, write_table
+from circuitkit.evaluation.compare import check_pair, overlap_table, pair_table, study_pair, write_table
 from circuitkit.evaluation.study import StudyConfig, TaskResult
-from circuitkit.io import check_keys, read_toml, write_text
+from circuitkit.io import POSITIVE, TomlConfig, check_fields, check_keys, check_writable_dir, write_text
+from circuitkit.models import ZOO_DIR
 from circuitkit.sparsity.finetune import SparsifyConfig, finetune
 from circuitkit.tasks import TOY_TASKS
 from circuitkit.training import TrainConfig, train
@@ -34,11 +35,20 @@ RATIO_VS_SIZE_COLUMNS = ["base_model", "task", "graph_edges", "graph_heads", "n_
 
 
 @dataclass(frozen=True)
-class Pair:
+class Pair(TomlConfig):
+    """One ``[[pairs]]`` entry: a base model, its sparse model and the tasks to compare them on."""
+
     base: str
     sparse: str
     tasks: tuple[str, ...]
     n: int | None = None  # prompts per task for this pair (default: the study's n)
+
+    REQUIRED = frozenset({"base", "sparse", "tasks"})
+    RANGES = {"n": POSITIVE}
+
+    def check(self, source: str) -> None:
+        if not self.tasks:
+            raise CircuitkitError(f"{source}: tasks is empty; name at least one task, e.g. tasks = [\"addition\"]")
 
 
 @dataclass(frozen=True)
@@ -51,7 +61,10 @@ class SparsityFigure:
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(TomlConfig):
+    """What ``circuitkit run`` reads from TOML; every field, and those of ``[study]`` and each
+    ``[[pairs]]``, is checked against its type (:class:`circuitkit.io.TomlConfig`)."""
+
     out: str = "results/default"
     study: StudyConfig = field(default_factory=StudyConfig)
     pairs: tuple[Pair, ...] = (
@@ -72,29 +85,15 @@ class RunConfig:
                                 "analyses/zoo/toy-multitask-sparse.toml", "analyses/zoo/toy-multitask-6l-sparse.toml")
 
     @classmethod
-    def from_toml(cls, path: str | Path) -> "RunConfig":
-        return cls.from_dict(read_toml(path), str(path))
-
-    @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "RunConfig":
-        raw = dict(raw)
         check_keys(raw, {f.name for f in fields(cls)}, source=source)
-        study = raw.pop("study", {})
-        check_keys(study, {f.name for f in fields(StudyConfig)}, source=f"{source} [study]")
-        kw: dict[str, Any] = {"study": StudyConfig(**study)}
+        raw = dict(raw)
+        kw: dict[str, Any] = {"study": StudyConfig.from_dict(raw.pop("study", {}), source=f"{source} [study]")}
         if "pairs" in raw:
-            pairs = []
-            for p in raw.pop("pairs"):
-                if not {"base", "sparse", "tasks"} <= set(p) <= {"base", "sparse", "tasks", "n"}:
-                    raise CircuitkitError(f"{source}: each [[pairs]] needs base, sparse and tasks (and optionally n, "
-                                          f"the prompts per task for that pair); got {sorted(p)}")
-                n = p.get("n")
-                if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n <= 0):
-                    raise CircuitkitError(f"{source}: [[pairs]] n must be a positive integer, got {n!r}")
-                pairs.append(Pair(p["base"], p["sparse"], tuple(p["tasks"]), n))
-            if not pairs:
-                raise CircuitkitError(f"{source}: [[pairs]] is empty; name at least one base/sparse model pair")
-            kw["pairs"] = tuple(pairs)
+            pairs = raw.pop("pairs")
+            if not isinstance(pairs, list) or not pairs:
+                raise CircuitkitError(f"{source}: [[pairs]] must list at least one base/sparse model pair")
+            kw["pairs"] = tuple(Pair.from_dict(p, source=f"{source} [[pairs]] #{i + 1}") for i, p in enumerate(pairs))
         if "sparsity_figures" in raw:
             figs = []
             for f in raw.pop("sparsity_figures"):
@@ -104,29 +103,39 @@ class RunConfig:
                                           f"models = [\"toy-addition\"]}}; got {f!r}")
                 figs.append(SparsityFigure(str(f["path"]), tuple(f["models"])))
             kw["sparsity_figures"] = tuple(figs)
-        if "retrain" in raw:
-            kw["retrain"] = tuple(raw.pop("retrain"))
-        kw.update(raw)
+        check_fields(cls, raw, source)
+        kw.update({k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
         return cls(**kw)
 
 
 def retrain(cfg: RunConfig, progress: bool = True) -> None:
-    """Rebuild the zoo from its configs (needs a checkout: the configs live in analyses/)."""
+    """Rebuild the zoo from its configs (needs a checkout: the configs live in analyses/).
+
+    The configs write outside the package (``models/NAME``); asked for explicitly here, each
+    model replaces its shipped copy in ``circuitkit/zoo/NAME`` (``--out ... --force``).
+    """
     for rel in cfg.retrain:
         path = REPO / rel
         if not path.exists():
             raise CircuitkitError(f"--retrain needs {rel}; run it from a checkout of the circuitkit repository")
         print(f"[retrain] {rel}", flush=True)
+        out = ZOO_DIR / path.stem
+        shown = out.resolve().relative_to(REPO).as_posix() if out.resolve().is_relative_to(REPO) else out
+        flags = f"--config {rel} --out {shown} --force"
         if "sparse" in path.stem:
-            finetune(SparsifyConfig.from_toml(path), progress=progress, command=f"circuitkit sparsify --config {rel}")
+            finetune(SparsifyConfig.from_toml(path, out=str(out)), progress=progress,
+                     command=f"circuitkit sparsify {flags}", force=True)
         else:
-            train(TrainConfig.from_toml(path), progress=progress, command=f"circuitkit train --config {rel}")
+            train(TrainConfig.from_toml(path, out=str(out)), progress=progress, command=f"circuitkit train {flags}",
+                  force=True)
 
 
 def run(cfg: RunConfig, progress: bool = True) -> Path:
     """Run the study; return the results folder."""
     t0 = time.time()
-    out = Path(cfg.out)
+    out = check_writable_dir(cfg.out, "the results folder (out)")
+    for pair in cfg.pairs:  # before any work: the models of each pair must share one graph
+        check_pair(pair.base, pair.sparse)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[TaskResult]] = {}
     pair_rows: list[tuple[str, TaskResult, TaskResult]] = []

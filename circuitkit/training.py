@@ -5,8 +5,12 @@ batch, the masked next-token loss, held-out evaluation (accuracy, metric, CE per
 and the checkpoint/resume machinery. A checkpoint holds the model, the optimizer, the
 scheduler, every random-number state and the step, and is written atomically, so
 ``--resume`` continues exactly: the losses after resuming equal those of a run that was
-never interrupted. The sparse post-training loop (:mod:`circuitkit.sparsity.finetune`)
-reuses the same pieces.
+never interrupted. It also records the kind of run (:class:`RunKind`) and its config, so a
+resume with another config (anything but the step count and where files go) or of the other
+kind of run is refused instead of being recorded as if it had always been so. A run never
+overwrites a finished model or a run folder holding a checkpoint unless asked (``--resume``
+or ``--force``, :func:`prepare_run`). The sparse post-training loop
+(:mod:`circuitkit.sparsity.finetune`) reuses the same pieces.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +32,9 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from circuitkit import CircuitkitError
-from circuitkit.io import TomlConfig, check_keys, torch_save, write_json
-from circuitkit.models import build_model, save_model, toy_config
+from circuitkit.io import (FRACTION, NON_NEGATIVE, POSITIVE, TomlConfig, check_writable_dir, torch_save, write_json,
+                           write_text)
+from circuitkit.models import CARD_FILE, build_model, save_model, toy_config
 from circuitkit.tasks import Task, get_task
 from circuitkit.tasks.vocab import VOCAB
 
@@ -60,16 +66,22 @@ class TrainConfig(TomlConfig):
     eval_every: int = 1000
     eval_n: int = 1000
 
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "TrainConfig":
-        check_keys(raw, set(cls.__dataclass_fields__), {"name", "out", "run_dir", "tasks"}, source)
-        cfg = cls(**raw)
-        if not cfg.tasks or any(w <= 0 for w in cfg.tasks.values()):
-            raise CircuitkitError(f"{source}: [tasks] needs at least one task with a positive weight")
-        for k in ("steps", "batch_size", "checkpoint_every", "eval_n"):
-            if getattr(cfg, k) <= 0:
-                raise CircuitkitError(f"{source}: {k} must be positive")
-        return cfg
+    REQUIRED = frozenset({"name", "out", "run_dir", "tasks"})
+    RANGES = {"seed": NON_NEGATIVE, "steps": POSITIVE, "batch_size": POSITIVE, "lr": POSITIVE,
+              "weight_decay": NON_NEGATIVE, "warmup": NON_NEGATIVE, "min_lr_fraction": FRACTION,
+              "grad_clip": POSITIVE, "checkpoint_every": POSITIVE, "eval_every": POSITIVE, "eval_n": POSITIVE}
+
+    def check(self, source: str) -> None:
+        check_mixture(self.tasks, self.task_options, source)
+
+
+def check_mixture(tasks: dict[str, float], options: dict[str, dict[str, Any]], source: str) -> None:
+    """A task mixture needs a positive weight per task, and options only for tasks in it."""
+    if not tasks or any(w <= 0 for w in tasks.values()):
+        raise CircuitkitError(f"{source}: [tasks] needs at least one task with a positive weight, got {tasks}")
+    stray = sorted(set(options) - set(tasks))
+    if stray:
+        raise CircuitkitError(f"{source}: task_options for {stray}, which are not in tasks {sorted(tasks)}")
 
 
 # ---------------------------------------------------------------- data
@@ -79,25 +91,27 @@ def build_tasks(tasks: dict[str, float], options: dict[str, dict[str, Any]] | No
     return {name: get_task(name, **options.get(name, {})) for name in tasks}
 
 
-def sample_mixture(tasks: dict[str, Task], weights: dict[str, float], n: int,
-                   generator: torch.Generator, pad_id: int = VOCAB.pad_id) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_mixture(tasks: dict[str, Task], weights: dict[str, float], n: int, generator: torch.Generator,
+                   pad_id: int = VOCAB.pad_id) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``n`` training sequences from a weighted task mixture, right-padded.
 
-    Returns ``tokens`` [n, pos] and ``loss_mask`` [n, pos] (bool). Task counts are drawn
-    from ``generator``, as is everything inside each task.
+    Returns ``tokens`` [n, pos], ``loss_mask`` [n, pos] (bool) and each row's task, as its
+    index in ``tasks`` [n]. Task counts are drawn from ``generator``, as is everything inside
+    each task. Rows come grouped by task, in the order of ``tasks``.
     """
     names = list(tasks)
     w = torch.tensor([float(weights[k]) for k in names])
     choice = torch.multinomial(w / w.sum(), n, replacement=True, generator=generator)
-    parts = []
+    parts, ids = [], []
     for i, name in enumerate(names):
         k = int((choice == i).sum())
         if k:
             parts.append(tasks[name].train_batch(k, generator))
+            ids.append(torch.full((k,), i, dtype=torch.long))
     width = max(t.shape[1] for t, _ in parts)
     tokens = torch.cat([F.pad(t, (0, width - t.shape[1]), value=pad_id) for t, _ in parts])
     mask = torch.cat([F.pad(m, (0, width - m.shape[1]), value=False) for _, m in parts])
-    return tokens, mask
+    return tokens, mask, torch.cat(ids)
 
 
 def masked_ce(logits: torch.Tensor, tokens: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -146,13 +160,12 @@ def evaluate(model: HookedTransformer, tasks: dict[str, Task], n: int = 1000, se
     return out
 
 
-def heldout_ce(model: HookedTransformer, tasks: dict[str, Task], weights: dict[str, float] | None = None,
-               n: int = 1000, seed: int = 12345) -> float:
-    """The mixture-weighted held-out CE (see :func:`evaluate`)."""
+def heldout(model: HookedTransformer, tasks: dict[str, Task], weights: dict[str, float], n: int = 1000,
+            seed: int = 12345) -> dict[str, Any]:
+    """:func:`evaluate` per task (``per_task``) and the mixture-weighted CE of the tasks (``ce``)."""
     res = evaluate(model, tasks, n=n, seed=seed)
-    weights = weights or {k: 1.0 for k in tasks}
     total = sum(weights[k] for k in tasks)
-    return sum(res[k]["ce"] * weights[k] for k in tasks) / total
+    return {"ce": sum(res[k]["ce"] * weights[k] for k in tasks) / total, "per_task": res}
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -166,18 +179,73 @@ def set_rng_state(data_gen: torch.Generator, state: dict[str, torch.Tensor]) -> 
     torch.set_rng_state(state["torch"])
 
 
+class RunKind(Enum):
+    """The kind of run a checkpoint belongs to; ``--resume`` continues only the same kind."""
+
+    TRAIN = "train"
+    SPARSIFY = "sparsify"
+
+    @property
+    def command(self) -> str:
+        return f"circuitkit {self.value}"
+
+
+# Config fields a resume may change: the length of the run and where its files go.
+RESUMABLE_CHANGES = frozenset({"steps", "out", "run_dir"})
+
+
+def prepare_run(run_dir: Path, out: Path, kind: RunKind, resume: bool, force: bool, main: bool = True) -> None:
+    """Check, before any work, that the run may write where it will: ``out`` and ``run_dir`` are
+    (or can be made) folders, and nothing finished is overwritten unless asked. Without ``resume``
+    a finished model in ``out`` or a checkpoint in ``run_dir`` is refused unless ``force``, which
+    deletes that checkpoint (its log is restarted too), so a later ``--resume`` cannot mix runs.
+    Only the ``main`` process of a data-parallel run deletes."""
+    if resume and force:
+        raise CircuitkitError("give --resume or --force, not both")
+    check_writable_dir(out, "the output model folder (out)")
+    check_writable_dir(run_dir, "the run folder (run_dir)")
+    ck = run_dir / CHECKPOINT_FILE
+    if resume:
+        if not ck.exists():
+            raise CircuitkitError(f"--resume: no checkpoint at {ck}; run without --resume to start fresh")
+        return
+    if force:
+        if main:
+            ck.unlink(missing_ok=True)
+        return
+    if (out / CARD_FILE).exists():
+        raise CircuitkitError(f"{out} already holds a model; pass --force to replace it, --resume to continue the run "
+                              f"that made it (its checkpoint in {run_dir}, e.g. with more --steps), or another --out")
+    if ck.exists():
+        raise CircuitkitError(f"{run_dir} holds the checkpoint of an earlier run; pass --resume to continue it, "
+                              "or --force to start over (the checkpoint and its log are discarded)")
+
+
+def _plain(obj: Any) -> Any:
+    """``obj`` as JSON would read it back (tuples become lists), for comparing configs."""
+    return json.loads(json.dumps(obj, default=str))
+
+
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, data_gen: torch.Generator, extra: dict[str, Any] | None = None) -> Path:
-    """Everything needed to continue exactly, in one atomically written file."""
+                    scheduler: Any, data_gen: torch.Generator, extra: dict[str, Any] | None = None, *,
+                    kind: RunKind, config: Any) -> Path:
+    """Everything needed to continue exactly, and what run it is, in one atomically written file."""
     path = Path(run_dir) / CHECKPOINT_FILE
     torch_save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "rng": rng_state(data_gen), "extra": extra or {}}, path)
+                "rng": rng_state(data_gen), "extra": extra or {}, "kind": kind.value,
+                "config": _plain(asdict(config))}, path)
     return path
 
 
 def load_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, data_gen: torch.Generator) -> tuple[int, dict[str, Any]]:
+                    scheduler: Any, data_gen: torch.Generator, *, kind: RunKind,
+                    config: Any) -> tuple[int, dict[str, Any]]:
+    """Restore the state saved by :func:`save_checkpoint`; returns ``(step, extra)``.
+
+    Refused when the checkpoint is of another kind of run, or when ``config`` differs from the
+    one it was written with in anything but :data:`RESUMABLE_CHANGES`.
+    """
     path = Path(run_dir) / CHECKPOINT_FILE
     if not path.exists():
         raise CircuitkitError(f"--resume: no checkpoint at {path}; run without --resume to start fresh")
@@ -185,12 +253,43 @@ def load_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
         ck = torch.load(path, weights_only=False)
     except Exception as e:  # a corrupt file: say so rather than show a pickle trace
         raise CircuitkitError(f"could not read checkpoint {path}: {e}; delete it to start fresh") from None
-    model.load_state_dict(ck["model"])
-    optimizer.load_state_dict(ck["optimizer"])
+    saved_kind = ck.get("kind") or (RunKind.SPARSIFY.value if "geco" in ck.get("extra", {}) else RunKind.TRAIN.value)
+    if saved_kind != kind.value:
+        raise CircuitkitError(f"{path} is the checkpoint of a `{RunKind(saved_kind).command}` run; resume it with "
+                              f"`{RunKind(saved_kind).command} --resume`, or give {kind.command} another run_dir")
+    if "config" in ck:
+        saved, now = ck["config"], _plain(asdict(config))
+        changed = sorted(k for k in set(saved) | set(now)
+                         if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+        if changed:
+            diff = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
+            raise CircuitkitError(f"--resume: the config differs from the one {path} was written with ({diff}); "
+                                  "a resumed run may change only steps (and out/run_dir). Restore those settings, "
+                                  "or start over with --force")
+    try:
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+    except (RuntimeError, ValueError) as e:
+        raise CircuitkitError(f"{path} does not fit this model: {str(e).splitlines()[0]}") from None
     if scheduler is not None and ck["scheduler"] is not None:
         scheduler.load_state_dict(ck["scheduler"])
     set_rng_state(data_gen, ck["rng"])
     return ck["step"], ck["extra"]
+
+
+def _read_log(path: Path) -> list[dict[str, Any]]:
+    """The records of a log.jsonl; a torn last line (a run killed mid-write) is dropped."""
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    out = []
+    for i, ln in enumerate(lines):
+        try:
+            out.append(json.loads(ln))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break  # killed mid-write; a step's line is written before its checkpoint, so it is past the last one
+            raise CircuitkitError(f"{path}: line {i + 1} is not JSON and not the last line; the log is damaged "
+                                  "(restore it, or start over with --force)") from None
+    return out
 
 
 class StepLog:
@@ -201,9 +300,8 @@ class StepLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if resume_step is not None and self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln)["step"] <= resume_step]
-        self.path.write_text("".join(ln + "\n" for ln in kept))
+            kept = [r for r in _read_log(self.path) if r["step"] <= resume_step]
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._fh = open(self.path, "a")
 
     def write(self, record: dict[str, Any]) -> None:
@@ -214,7 +312,7 @@ class StepLog:
         self._fh.close()
 
     def records(self) -> list[dict[str, Any]]:
-        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+        return _read_log(self.path)
 
 
 def lr_lambda(warmup: int, total: int, min_fraction: float):
@@ -235,13 +333,16 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, total_steps: int):
 # ---------------------------------------------------------------- the loop
 
 def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, progress: bool = True,
-          command: str | None = None) -> dict[str, Any]:
+          command: str | None = None, force: bool = False) -> dict[str, Any]:
     """Train ``cfg`` from scratch (or resume), write the final model to ``cfg.out``.
 
     ``max_steps`` stops early after that many total steps (leaving a checkpoint), which
-    is how tests interrupt a run. Returns the card written (or the partial state).
+    is how tests interrupt a run. Returns the card written (or the partial state). A
+    finished model in ``cfg.out`` or a checkpoint in ``cfg.run_dir`` is replaced only with
+    ``force`` (see :func:`prepare_run`).
     """
     run_dir = Path(cfg.run_dir)
+    prepare_run(run_dir, Path(cfg.out), RunKind.TRAIN, resume, force)
     run_dir.mkdir(parents=True, exist_ok=True)
     model = build_model(toy_config(cfg.arch, seed=cfg.seed))
     tasks = build_tasks(cfg.tasks, cfg.task_options)
@@ -250,7 +351,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
     torch.manual_seed(cfg.seed + 2)
     step, extra = 0, {"wall_time_s": 0.0}
     if resume:
-        step, extra = load_checkpoint(run_dir, model, opt, sched, data_gen)
+        step, extra = load_checkpoint(run_dir, model, opt, sched, data_gen, kind=RunKind.TRAIN, config=cfg)
     log = StepLog(run_dir, resume_step=step if resume else None)
     write_json(run_dir / "config.json", asdict(cfg))
     stop = min(cfg.steps, max_steps) if max_steps is not None else cfg.steps
@@ -259,7 +360,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
     bar = tqdm(total=cfg.steps, initial=step, desc=cfg.name, disable=not progress, dynamic_ncols=True)
     try:
         while step < stop:
-            tokens, mask = sample_mixture(tasks, cfg.tasks, cfg.batch_size, data_gen)
+            tokens, mask, _ = sample_mixture(tasks, cfg.tasks, cfg.batch_size, data_gen)
             logits = model(tokens)
             loss = masked_ce(logits, tokens, mask)
             if not torch.isfinite(loss):
@@ -281,7 +382,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
             bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{acc:.3f}")
             if step % cfg.checkpoint_every == 0 or step == stop:
                 extra = {"wall_time_s": wall0 + time.time() - t0}
-                save_checkpoint(run_dir, step, model, opt, sched, data_gen, extra)
+                save_checkpoint(run_dir, step, model, opt, sched, data_gen, extra, kind=RunKind.TRAIN, config=cfg)
     finally:
         bar.close()
         log.close()
@@ -301,6 +402,8 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="TOML training config (see analyses/zoo/*.toml)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in run_dir")
+    p.add_argument("--force", action="store_true",
+                   help="replace a finished model in out and discard a checkpoint in run_dir")
     p.add_argument("--steps", type=int, help="override the number of steps")
     p.add_argument("--out", help="override the output model folder")
     p.add_argument("--run-dir", help="override the checkpoint folder")
@@ -310,6 +413,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_cli(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_toml(args.config, steps=args.steps, out=args.out, run_dir=args.run_dir)
     command = "circuitkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    card = train(cfg, resume=args.resume, progress=not args.no_progress, command=command)
+    card = train(cfg, resume=args.resume, progress=not args.no_progress, command=command, force=args.force)
     print(json.dumps({k: card[k] for k in ("name", "steps", "wall_time_s", "heldout") if k in card}, indent=2))
     return 0

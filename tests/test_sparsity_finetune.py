@@ -118,8 +118,19 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, base_dir, monkeypatc
     assert not (tmp_path / "out").exists()
 
 
-def test_infinite_lr_never_checkpoints_bad_weights(tmp_path, base_dir):
-    cfg = cfg_for(tmp_path, base_dir, lr=float("inf"), checkpoint_every=1)
+def test_infinite_lr_never_checkpoints_bad_weights(tmp_path, base_dir, monkeypatch):
+    # the config refuses lr = inf; give the optimizer one behind its back to test the loop's own guard
+    real = ft.make_optimizer
+
+    def inf_lr(*a, **k):
+        opt, sched = real(*a, **k)
+        for g in opt.param_groups:
+            g["lr"] = float("inf")
+        sched.base_lrs = [float("inf")] * len(sched.base_lrs)
+        return opt, sched
+
+    monkeypatch.setattr(ft, "make_optimizer", inf_lr)
+    cfg = cfg_for(tmp_path, base_dir, checkpoint_every=1)
     with pytest.raises(CircuitkitError, match="non-finite"):
         finetune(cfg, progress=False)
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
@@ -238,7 +249,8 @@ def run_cli(args, capsys):
     (["--task", "nonsense"], "unknown task"),
     (["--task", "addition", "--tolerance", "-0.1"], "tolerance must be >= 0"),
     (["--corpus", "/nonexistent/corpus.txt"], "does not exist"),
-    (["--task", "addition", "--steps", "0"], "steps must be a positive"),
+    (["--task", "addition", "--steps", "0"], "steps must be positive, got 0"),
+    (["--task", "addition", "--lr", "inf"], "lr must be a number, got inf"),
     (["--tasks", "addition=x"], "bad weight"),
 ])
 def test_cli_bad_input(tmp_path, base_dir, capsys, extra, message):

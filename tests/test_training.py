@@ -8,6 +8,7 @@ import torch
 from circuitkit import CircuitkitError
 from circuitkit.models import load_model
 from circuitkit.tasks import get_task
+from circuitkit.tasks.vocab import VOCAB
 from circuitkit.training import TrainConfig, masked_ce, sample_mixture, train
 
 
@@ -70,9 +71,20 @@ def test_masked_ce_matches_manual():
 
 def test_mixture_pads_and_masks():
     tasks = {"addition": get_task("addition")}
-    tokens, mask = sample_mixture(tasks, {"addition": 1.0}, 10, torch.Generator().manual_seed(0))
+    tokens, mask, row_task = sample_mixture(tasks, {"addition": 1.0}, 10, torch.Generator().manual_seed(0))
     assert tokens.shape == mask.shape == (10, 12)
-    assert mask.sum(1).tolist() == [5] * 10
+    assert mask.sum(1).tolist() == [5] * 10 and row_task.tolist() == [0] * 10
+
+
+def test_mixture_rows_carry_their_task():
+    """Row ids say which task drew each row: the addition rows are exactly those with 5 scored
+    answer tokens, the ioi rows are the rest (one scored token), and padding is never scored."""
+    tasks = {"addition": get_task("addition"), "ioi": get_task("ioi")}
+    tokens, mask, row_task = sample_mixture(tasks, {"addition": 1.0, "ioi": 3.0}, 64,
+                                            torch.Generator().manual_seed(1))
+    assert set(row_task.tolist()) == {0, 1}
+    assert (mask.sum(1)[row_task == 0] == 5).all() and (mask.sum(1)[row_task == 1] < 5).all()
+    assert not (mask & (tokens == VOCAB.pad_id)).any()
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -818,6 +818,7 @@ def attribute(model, ds: TaskDataset, method: str = "eap", *, ablation: Ablation
     m = get_method(method)
     ablation = Ablation.parse(ablation)
     scores = m.edge_scores(model, ds, ablation=ablation, batch_size=batch_size, progress=progress, **options)
+    _check_finite(scores, f"{m.name} edge scores")
     meta = {"method": m.name, "ablation": ablation.value, "task": ds.task, "n_examples": len(ds),
             "metric": ds.metric.value, **options}
     return Graph.from_model(model, scores=scores, metadata=meta)
@@ -827,5 +828,16 @@ def attribute_nodes(model, ds: TaskDataset, method: str = "eap", *, ablation: Ab
                     batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False,
                     **options) -> torch.Tensor:  # [n_src]: node i = sender i (graph.spec.node_names)
     """Node scores: the estimated metric change when each node's whole output is ablated."""
-    return get_method(method).node_scores(model, ds, ablation=Ablation.parse(ablation), batch_size=batch_size,
-                                          progress=progress, **options)
+    scores = get_method(method).node_scores(model, ds, ablation=Ablation.parse(ablation), batch_size=batch_size,
+                                            progress=progress, **options)
+    _check_finite(scores, f"{method} node scores")
+    return scores
+
+
+def _check_finite(scores: torch.Tensor, what: str) -> None:
+    """A NaN or Inf score would select nothing (or anything) silently: refuse it."""
+    if not bool(torch.isfinite(scores).all()):
+        bad = int((~torch.isfinite(scores)).sum())
+        raise CircuitkitError(f"{bad} of the {what} are not finite (NaN or Inf): the model's forward pass or the "
+                              "metric overflowed; check the weights (circuitkit.models.load_model checks files) "
+                              "and that the metric is defined on this task")

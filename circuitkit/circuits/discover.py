@@ -21,8 +21,23 @@ from circuitkit.circuits.graph import Graph
 from circuitkit.circuits.interventions import DEFAULT_BATCH_SIZE, Ablation, faithfulness
 from circuitkit.circuits.selection import greedy, threshold, top_n
 from circuitkit.io import write_json, write_text
+from circuitkit.tasks import NL_SUFFIX, task_for_model
 
 DEFAULT_EDGES = 200
+
+
+def untrained_task_warning(task: str, model) -> str | None:
+    """A warning when ``model``'s card names the tasks it was trained on and ``task`` is not one
+    of them (its circuit would be that of a model that cannot do the task); else ``None``."""
+    trained = (getattr(model, "circuitkit_card", None) or {}).get("tasks")
+    if not trained:
+        return None  # pretrained models and cards without tasks: nothing to check against
+    base = task[: -len(NL_SUFFIX)] if task.endswith(NL_SUFFIX) else task
+    if base in trained or task in trained:
+        return None
+    name = (model.circuitkit_card or {}).get("name", "this model")
+    return (f"warning: {name} was not trained on {task!r} (its card lists {', '.join(trained)}); the circuit found "
+            "is that of a model that may not do the task at all")
 
 
 def discover(model, ds, *, method: str = "eap-ig", edges: int | None = None, threshold_value: float | None = None,

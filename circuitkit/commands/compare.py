@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from circuitkit import CircuitkitError
 from circuitkit.circuits.attribution import get_method
@@ -11,6 +10,7 @@ from circuitkit.commands.options import (add_ablation_flag, add_batch_size_flag,
                                          method_options, positive)
 from circuitkit.evaluation.compare import pair_table, study_pair, write_table
 from circuitkit.evaluation.study import StudyConfig
+from circuitkit.io import check_writable_dir
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,10 +36,15 @@ def run_cli(args: argparse.Namespace) -> int:
     if other:  # a study config carries ig_steps only
         raise CircuitkitError(f"compare runs {args.method!r} with its default options; it cannot pass "
                               f"{', '.join(sorted(other))} (use circuitkit discover for a single run with them)")
-    cfg = StudyConfig(method=args.method, ablation=args.ablation, threshold=args.threshold, n=args.n, seed=args.seed,
-                      batch_size=args.batch_size, **({"ig_steps": options["steps"]} if "steps" in options else {}))
-    out = Path(args.out)
+    cfg = StudyConfig.from_dict(dict(method=args.method, ablation=args.ablation, threshold=args.threshold, n=args.n,
+                                     seed=args.seed, batch_size=args.batch_size,
+                                     **({"ig_steps": options["steps"]} if "steps" in options else {})),
+                                source="command line")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise CircuitkitError(f"--tasks {args.tasks!r} names no task; give a comma-separated list, e.g. "
+                              "--tasks ioi,docstring")
+    out = check_writable_dir(args.out, "the output folder (--out)")
     base, sparse = study_pair(args.base, args.sparse, tasks, cfg, out, progress=not args.no_progress)
     table = pair_table(base, sparse)
     write_table(table, out / "base_vs_sparse")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from circuitkit import CircuitkitError
-from circuitkit.circuits.discover import DEFAULT_EDGES, discover, write_discovery
+from circuitkit.circuits.discover import DEFAULT_EDGES, discover, untrained_task_warning, write_discovery
 from circuitkit.commands.options import (add_ablation_flag, add_batch_size_flag, add_method_flags, add_progress_flag,
                                          method_options, positive)
+from circuitkit.io import check_writable_dir
 from circuitkit.sparsity import load_model
 from circuitkit.tasks import task_for_model
 
@@ -38,13 +40,17 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.edges is not None and args.edges < 0:
         raise CircuitkitError("--edges must be a non-negative number of edges")
     options = method_options(args)
+    model_name = Path(str(args.model)).name
+    out = Path(args.out) if args.out else Path("circuits") / f"{model_name}-{args.task}-{args.method}"
+    check_writable_dir(out, "the output folder (--out)")  # before the computation, not after it
     model = load_model(args.model)
     ds = task_for_model(args.task, model).dataset(args.n, seed=args.seed)
+    warning = untrained_task_warning(args.task, model)
+    if warning:
+        print(warning, file=sys.stderr)
     circuit, summary = discover(model, ds, method=args.method, edges=args.edges, threshold_value=args.threshold,
                                 target=args.target, ablation=args.ablation, batch_size=args.batch_size,
                                 prune=not args.no_prune, progress=not args.no_progress, **options)
-    model_name = Path(str(args.model)).name
-    out = Path(args.out) if args.out else Path("circuits") / f"{model_name}-{args.task}-{args.method}"
     summary = {"model": str(args.model), "seed": args.seed, **summary}
     paths = write_discovery(out, circuit.with_metadata(model=str(args.model), seed=args.seed), summary, model_name)
     print(json.dumps({k: summary[k] for k in ("edges", "heads", "m_full", "m_empty", "m_circuit",

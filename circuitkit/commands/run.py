@@ -6,6 +6,7 @@ import argparse
 from dataclasses import replace
 
 from circuitkit.commands.options import add_progress_flag
+from circuitkit.io import check_writable_dir
 from circuitkit.pipeline import RunConfig, retrain, run
 
 
@@ -20,6 +21,7 @@ def run_cli(args: argparse.Namespace) -> int:
     cfg = RunConfig.from_toml(args.config) if args.config else RunConfig()
     if args.out:
         cfg = replace(cfg, out=args.out)
+    check_writable_dir(cfg.out, "the results folder (--out)")  # before any retraining or study
     if args.retrain:
         retrain(cfg, progress=not args.no_progress)
     out = run(cfg, progress=not args.no_progress)

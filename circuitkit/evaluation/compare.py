@@ -38,6 +38,35 @@ def _ratio(a: float | None, b: float | None) -> float:
     return float("inf") if b == 0 else a / b
 
 
+# What must agree for two models' circuits to be compared edge by edge (the same graph).
+GRAPH_FIELDS = ("n_layers", "n_heads", "attn_only", "parallel_attn_mlp")
+
+
+def _graph_shape(cfg) -> dict:
+    get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
+    return {k: get(k, False if k in ("attn_only", "parallel_attn_mlp") else None) for k in GRAPH_FIELDS}
+
+
+def check_comparable(base_cfg, sparse_cfg, base: str, sparse: str) -> None:
+    """Refuse, before any analysis, two models whose circuit graphs differ (their edges would not
+    line up). ``*_cfg``: a ``HookedTransformerConfig`` or a card's ``config`` dict."""
+    a, b = _graph_shape(base_cfg), _graph_shape(sparse_cfg)
+    if a != b:
+        diff = ", ".join(f"{k} {a[k]} vs {b[k]}" for k in GRAPH_FIELDS if a[k] != b[k])
+        raise CircuitkitError(f"cannot compare {base} with {sparse}: their circuit graphs differ ({diff}); a sparse "
+                              "model is compared with the base model it was post-trained from")
+
+
+def check_pair(base: str, sparse: str) -> None:
+    """:func:`check_comparable` from the two cards, without loading weights (pretrained names,
+    which have no card, are checked once loaded)."""
+    from circuitkit.models import load_card
+
+    cards = load_card(base), load_card(sparse)
+    if all("config" in c for c in cards):
+        check_comparable(cards[0]["config"], cards[1]["config"], base, sparse)
+
+
 def pair_row(base: TaskResult, sparse: TaskResult) -> dict:
     """One row of the base-vs-sparse table. Heads: heads in the minimal edge circuit."""
     if base.task != sparse.task:
@@ -100,6 +129,9 @@ def study_pair(base: str, sparse: str, tasks: Sequence[str], cfg: StudyConfig, o
     sparse results, in the order of ``tasks``.
     """
     models = {role: load_model(name) for role, name in (("base", base), ("sparse", sparse))}
+    check_comparable(models["base"].cfg, models["sparse"].cfg, base, sparse)
+    for task in tasks:  # an unknown task is an error before either analysis runs
+        task_for_model(task, models["base"])
     results: dict[str, list[TaskResult]] = {"base": [], "sparse": []}
     with tqdm(total=2 * len(tasks), desc=f"{Path(base).name} vs {Path(sparse).name}", disable=not progress,
               dynamic_ncols=True) as bar:

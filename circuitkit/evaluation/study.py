@@ -17,12 +17,14 @@ from circuitkit.circuits.graph import Graph
 from circuitkit.circuits.interventions import DEFAULT_BATCH_SIZE, Ablation
 from circuitkit.evaluation.faithfulness import (Curve, cpr_cmd, completeness, edge_curve, head_curve,
                                                 minimal_circuit, minimality)
+from circuitkit.io import NON_NEGATIVE, POSITIVE, Range, TomlConfig
 from circuitkit.tasks.base import TaskDataset
 
 
 @dataclass(frozen=True)
-class StudyConfig:
-    """The knobs of a verification study (read from the ``[study]`` table of a run config)."""
+class StudyConfig(TomlConfig):
+    """The knobs of a verification study (read from the ``[study]`` table of a run config).
+    Every field is checked against its type and ``RANGES`` (:class:`circuitkit.io.TomlConfig`)."""
 
     method: str = "eap-ig"
     ig_steps: int = 5
@@ -35,6 +37,9 @@ class StudyConfig:
     # circuits with more edges get minimality estimated on this many of them (None: every edge)
     minimality_max_edges: int | None = 100
     node_method: str = "eap"
+
+    RANGES = {"ig_steps": POSITIVE, "threshold": Range(0, 1, lo_open=True), "n": POSITIVE, "seed": NON_NEGATIVE,
+              "batch_size": POSITIVE, "minimality_eps": NON_NEGATIVE}
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ task mixture (toy models, or NL tasks on pretrained models) or a text corpus
 (:mod:`~circuitkit.sparsity.corpus`).
 
 Reuses :mod:`circuitkit.training`: the frozen TOML config, ``sample_mixture``,
-``masked_ce``, ``evaluate``/``heldout_ce``, atomic checkpoints with every RNG state,
+``masked_ce``, ``heldout``, atomic checkpoints with every RNG state (and the run's kind and
+config, checked on resume), ``prepare_run`` (nothing finished is overwritten unless asked),
 ``StepLog``, ``make_optimizer``. The GECO state (ρ, EMA), the target and the base metrics
 travel in the checkpoint's ``extra``; gate noise is drawn from a generator re-seeded from
 (seed, step) every step, so ``--resume`` continues exactly.
@@ -46,7 +47,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from circuitkit import CircuitkitError
-from circuitkit.io import TomlConfig, check_keys, read_toml, write_json, write_text
+from circuitkit.io import (FRACTION, NON_NEGATIVE, POSITIVE, Range, TomlConfig, read_toml, write_json,
+                           write_text)
 from circuitkit.models import is_toy, load_model
 from circuitkit.sparsity.corpus import TextCorpus
 from circuitkit.sparsity.gates import GateConfig, GateMode, attach, gate_mode
@@ -54,7 +56,8 @@ from circuitkit.sparsity.measure import measure_sparsity
 from circuitkit.sparsity.objective import Geco, GecoState, sparsity_objective
 from circuitkit.sparsity.storage import save_sparse_model
 from circuitkit.tasks.vocab import VOCAB
-from circuitkit.training import StepLog, build_tasks, evaluate, load_checkpoint, make_optimizer, save_checkpoint
+from circuitkit.training import (RunKind, StepLog, build_tasks, check_mixture, heldout, load_checkpoint,
+                                 make_optimizer, prepare_run, sample_mixture, save_checkpoint)
 
 CSV_FILE = "log.csv"
 DEFAULT_TOLERANCE = 0.05
@@ -113,43 +116,32 @@ class SparsifyConfig(TomlConfig):
     measure_n: int = 2000  # held-out sequences (per task) for the kept-edge fractions
     log_heads: bool = True
 
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "SparsifyConfig":
-        check_keys(raw, set(cls.__dataclass_fields__), {"name", "model", "out", "run_dir"}, source)
-        try:
-            cfg = cls(**raw)
-        except TypeError as e:
-            raise CircuitkitError(f"{source}: {e}") from None
-        cfg.validate(source)
-        return cfg
+    REQUIRED = frozenset({"name", "model", "out", "run_dir"})
+    RANGES = {"corpus_seq_len": POSITIVE, "corpus_heldout_fraction": Range(0, 1, lo_open=True, hi_open=True),
+              "corpus_max_tokens": POSITIVE, "w_attn": NON_NEGATIVE, "w_mlp": NON_NEGATIVE,
+              "tolerance": NON_NEGATIVE, "target_ce": POSITIVE, "target_floor": NON_NEGATIVE, "eta": NON_NEGATIVE,
+              "ema_decay": Range(0, 1, hi_open=True), "seed": NON_NEGATIVE, "steps": POSITIVE,
+              "final_hard_steps": NON_NEGATIVE, "final_sparsity_weight": NON_NEGATIVE, "batch_size": POSITIVE,
+              "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "warmup": NON_NEGATIVE, "min_lr_fraction": FRACTION,
+              "grad_clip": POSITIVE, "checkpoint_every": POSITIVE, "eval_every": POSITIVE, "eval_n": POSITIVE,
+              "target_n": POSITIVE, "measure_n": POSITIVE}
 
-    def validate(self, source: str = "config") -> None:
+    def check(self, source: str) -> None:
         if not self.tasks and not self.corpus:
             raise CircuitkitError(f"{source}: give the data: tasks (--task addition / --tasks ioi=1,addition=1) "
                                   "or a text corpus (--corpus FILE)")
         if self.tasks and self.corpus:
             raise CircuitkitError(f"{source}: give either tasks or a corpus, not both")
-        if self.tasks and any(not isinstance(w, (int, float)) or w <= 0 for w in self.tasks.values()):
-            raise CircuitkitError(f"{source}: task weights must be positive numbers, got {self.tasks}")
+        if self.tasks:
+            check_mixture(self.tasks, self.task_options, source)
         if self.tolerance is not None and self.target_ce is not None:
             raise CircuitkitError(f"{source}: give tolerance or target_ce, not both")
-        if self.tolerance is not None and (self.tolerance < 0 or not math.isfinite(self.tolerance)):
-            raise CircuitkitError(f"{source}: tolerance must be >= 0 (a relative slack on the base CE), "
-                                  f"got {self.tolerance}")
-        if self.target_ce is not None and not (self.target_ce > 0 and math.isfinite(self.target_ce)):
-            raise CircuitkitError(f"{source}: target_ce must be a positive number, got {self.target_ce}")
-        if not (self.target_floor >= 0 and math.isfinite(self.target_floor)):
-            raise CircuitkitError(f"{source}: target_floor must be >= 0, got {self.target_floor}")
-        for k in ("steps", "batch_size", "checkpoint_every", "eval_every", "eval_n", "target_n", "measure_n",
-                  "corpus_seq_len"):
-            if not isinstance(getattr(self, k), int) or getattr(self, k) <= 0:
-                raise CircuitkitError(f"{source}: {k} must be a positive integer, got {getattr(self, k)!r}")
-        if not 0 <= self.final_hard_steps <= self.steps:
+        if self.final_hard_steps > self.steps:
             raise CircuitkitError(f"{source}: final_hard_steps must be in [0, steps], got {self.final_hard_steps}")
-        if self.w_attn < 0 or self.w_mlp < 0 or self.final_sparsity_weight < 0:
-            raise CircuitkitError(f"{source}: w_attn, w_mlp and final_sparsity_weight must be >= 0")
-        GateConfig(attn=self.attn, mlp=self.mlp, bias_gate=self.bias_gate, bias_gate_mlp=self.bias_gate_mlp)
-        Geco(target=1.0, eta=self.eta, ema_decay=self.ema_decay, rho_min=self.rho_min, rho_max=self.rho_max)
+        if self.rho_min > self.rho_max:
+            raise CircuitkitError(f"{source}: rho_min ({self.rho_min}) must not exceed rho_max ({self.rho_max})")
+        if not (self.attn or self.mlp):
+            raise CircuitkitError(f"{source}: turn on at least one gate family: attn = true and/or mlp = true")
 
     @property
     def gate_config(self) -> GateConfig:
@@ -225,33 +217,20 @@ class _Data:
         return torch.tensor([float(self.cfg.tasks[k]) for k in self.tasks], dtype=torch.float64)
 
     def sample(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``tokens``, ``loss_mask`` [n, pos] and each row's task index [n] (the mixture of
-        :func:`circuitkit.training.sample_mixture`, drawn the same way)."""
+        """``tokens``, ``loss_mask`` [n, pos] and each row's task index [n]
+        (:func:`circuitkit.training.sample_mixture`, or the corpus)."""
         if self.corpus is not None:
             tokens, mask = self.corpus.sample(n, gen)
             return tokens, mask, torch.zeros(n, dtype=torch.long)
-        w = self.weights.float()
-        choice = torch.multinomial(w / w.sum(), n, replacement=True, generator=gen)
-        parts, ids = [], []
-        for i, name in enumerate(self.tasks):
-            k = int((choice == i).sum())
-            if k:
-                parts.append(self.tasks[name].train_batch(k, gen))
-                ids.append(torch.full((k,), i, dtype=torch.long))
-        width = max(t.shape[1] for t, _ in parts)
-        tokens = torch.cat([F.pad(t, (0, width - t.shape[1]), value=self.pad_id) for t, _ in parts])
-        mask = torch.cat([F.pad(m, (0, width - m.shape[1]), value=False) for _, m in parts])
-        return tokens, mask, torch.cat(ids)
+        return sample_mixture(self.tasks, self.cfg.tasks, n, gen, pad_id=self.pad_id)
 
     def heldout(self, model, n: int) -> dict[str, Any]:
-        """Held-out metrics per task (or the corpus CE) and the mixture-weighted CE."""
+        """Held-out metrics per task (or the corpus CE) and the mixture-weighted CE
+        (:func:`circuitkit.training.heldout`)."""
         if self.corpus is not None:
             ce = self.corpus.heldout_ce(model, n=n)
             return {"ce": ce, "per_task": {"corpus": {"ce": ce, "n": min(n, self.corpus.heldout.shape[0])}}}
-        res = evaluate(model, self.tasks, n=n, seed=12345)
-        total = sum(self.cfg.tasks.values())
-        ce = sum(res[k]["ce"] * self.cfg.tasks[k] for k in self.tasks) / total
-        return {"ce": ce, "per_task": res}
+        return heldout(model, self.tasks, self.cfg.tasks, n=n, seed=12345)
 
     def measure_data(self, n: int):
         if self.corpus is not None:
@@ -400,19 +379,22 @@ def _params_finite(model: torch.nn.Module) -> bool:
 def finetune(cfg: SparsifyConfig, resume: bool = False, max_steps: int | None = None, progress: bool = True,
              command: str | None = None, device: str | None = None,
              on_batch: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
-             ) -> dict[str, Any]:
+             force: bool = False) -> dict[str, Any]:
     """Sparsify ``cfg.model``; write the sparse model to ``cfg.out`` and return its card.
 
     ``max_steps`` stops after that many total steps, leaving a checkpoint (how tests
     interrupt a run); the return value is then the partial state. ``on_batch(step, tokens,
     loss_mask)`` may replace a batch (tests poison one). Under ``torchrun`` (or inside an
-    initialised process group) the run is data parallel; only rank 0 writes.
+    initialised process group) the run is data parallel; only rank 0 writes. A finished model
+    in ``cfg.out`` or a checkpoint in ``cfg.run_dir`` is replaced only with ``force``
+    (:func:`circuitkit.training.prepare_run`).
     """
     device = device or _default_device()
     dd = _setup_dist(device)
     if cfg.batch_size % dd.world:
         raise CircuitkitError(f"batch_size {cfg.batch_size} must divide evenly over {dd.world} processes")
     try:
+        prepare_run(Path(cfg.run_dir), Path(cfg.out), RunKind.SPARSIFY, resume, force, main=dd.main)
         return _finetune(cfg, dd, resume, max_steps, progress, command, device, on_batch)
     finally:
         if dd.owns_group:
@@ -444,7 +426,7 @@ def _finetune(cfg, dd: _Dist, resume, max_steps, progress, command, device, on_b
     n_tasks, task_w = len(data.names), data.weights
     per_task = cfg.per_task_constraints
     if resume:
-        step, extra = load_checkpoint(run_dir, model, opt, sched, data_gen)
+        step, extra = load_checkpoint(run_dir, model, opt, sched, data_gen, kind=RunKind.SPARSIFY, config=cfg)
         if "geco" not in extra or "targets" not in extra:
             raise CircuitkitError(f"{run_dir} holds a checkpoint that was not written by circuitkit sparsify")
         states = [GecoState.from_dict(d) for d in extra["geco"]]
@@ -556,7 +538,7 @@ def _finetune(cfg, dd: _Dist, resume, max_steps, progress, command, device, on_b
                                           f"(now {cfg.lr}) and rerun with --resume")
                 if dd.main:
                     extra = {**extra, "wall_time_s": wall0 + time.time() - t0, "geco": [st.to_dict() for st in states]}
-                    save_checkpoint(run_dir, step, model, opt, sched, data_gen, extra)
+                    save_checkpoint(run_dir, step, model, opt, sched, data_gen, extra, kind=RunKind.SPARSIFY, config=cfg)
                     write_text(run_dir / CSV_FILE, _csv_from_records(log.records()))
                 if dd.on:
                     dist.barrier()
@@ -694,6 +676,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", help="checkpoint/log folder")
     p.add_argument("--name")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in run_dir")
+    p.add_argument("--force", action="store_true",
+                   help="replace a finished model in --out and discard a checkpoint in the run folder")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -731,7 +715,7 @@ def run_cli(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     torch.set_num_threads(int(os.environ.get("CIRCUITKIT_THREADS", torch.get_num_threads())))
     command = "circuitkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    card = finetune(cfg, resume=args.resume, progress=not args.no_progress, command=command)
+    card = finetune(cfg, resume=args.resume, progress=not args.no_progress, command=command, force=args.force)
     if card:
         keys = ("name", "steps", "wall_time_s", "target_ce", "heldout_ce", "meets_target", "kept_edges",
                 "mlp_active", "accuracy_delta")

@@ -35,10 +35,7 @@ def read_sparsity_file(path: str | os.PathLike) -> tuple[GateConfig, GateMode]:
     path = Path(path)
     if not path.exists():
         raise CircuitkitError(f"no sparsity file at {path}")
-    try:
-        d = read_json(path)
-    except ValueError as e:
-        raise CircuitkitError(f"{path} is not valid JSON: {e}") from None
+    d = read_json(path)  # a damaged file is a CircuitkitError naming it
     if not isinstance(d, dict) or "gates" not in d:
         raise CircuitkitError(f"{path} has no 'gates' entry; it was not written by circuitkit.sparsity")
     unknown = set(d) - _KEYS
