@@ -15,11 +15,8 @@ or ``--force``, :func:`prepare_run`). The sparse post-training loop
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import shlex
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -395,24 +392,3 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
             "heldout": metrics, "command": command, "train_config": asdict(cfg)}
     save_model(model, cfg.out, card)
     return card
-
-
-# ---------------------------------------------------------------- CLI
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="TOML training config (see analyses/zoo/*.toml)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in run_dir")
-    p.add_argument("--force", action="store_true",
-                   help="replace a finished model in out and discard a checkpoint in run_dir")
-    p.add_argument("--steps", type=int, help="override the number of steps")
-    p.add_argument("--out", help="override the output model folder")
-    p.add_argument("--run-dir", help="override the checkpoint folder")
-    p.add_argument("--no-progress", action="store_true")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    cfg = TrainConfig.from_toml(args.config, steps=args.steps, out=args.out, run_dir=args.run_dir)
-    command = "circuitkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    card = train(cfg, resume=args.resume, progress=not args.no_progress, command=command, force=args.force)
-    print(json.dumps({k: card[k] for k in ("name", "steps", "wall_time_s", "heldout") if k in card}, indent=2))
-    return 0

@@ -94,3 +94,20 @@ def fresh_offline_gpt2(offline_gpt2_cache):
 @pytest.fixture(scope="session")
 def offline_gpt2_corpus() -> list[str]:
     return gpt2_offline.corpus_lines()
+
+
+def _zoo_state() -> dict[str, tuple[int, int]]:
+    zoo = Path(__file__).resolve().parent.parent / "circuitkit" / "zoo"
+    return {str(p.relative_to(zoo)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(zoo.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shipped_zoo_untouched():
+    """No test may write into the shipped zoo (a test that trains with the zoo configs' real
+    ``train`` would replace the shipped models): the session fails if any file there changed."""
+    before = _zoo_state()
+    yield
+    after = _zoo_state()
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"the test session wrote into circuitkit/zoo: {changed}"

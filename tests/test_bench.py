@@ -86,8 +86,17 @@ def test_cli_parts_and_errors():
     assert cfg["parts"] == ["attribution", "scaling"] and cfg["repeats"] == 1 and not cfg["memory"]
     with pytest.raises(CircuitkitError, match="unknown part"):
         bench.config_from_args(build_parser().parse_args(["bench", "--parts", "nope"]))
-    with pytest.raises(CircuitkitError):
+    with pytest.raises(CircuitkitError, match="--layers must be positive integers"):
         bench.config_from_args(build_parser().parse_args(["bench", "--layers", "0,2"]))
+    # the settings go through the check every config shares: types and ranges, field by field
+    with pytest.raises(CircuitkitError, match="warmup must be >= 0, got -1"):
+        bench.config_from_args(build_parser().parse_args(["bench", "--warmup", "-1"]))
+    with pytest.raises(CircuitkitError, match="repeats must be positive, got 0"):
+        bench.config_from_args(build_parser().parse_args(["bench", "--repeats", "0"]))
+    args = build_parser().parse_args(["bench"])
+    args.memory = "no"  # a value no flag gives, as a caller of the API might
+    with pytest.raises(CircuitkitError, match="memory must be"):
+        bench.config_from_args(args)
 
 
 def test_run_bench_output_structure(tmp_path):

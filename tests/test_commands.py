@@ -24,8 +24,7 @@ from circuitkit.models import build_model, save_model, toy_config
 from circuitkit.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[1]
-# train and sparsify keep their flags in circuitkit.training / circuitkit.sparsity.finetune (their configs' owners)
-OWN_FLAGS = [c for c in COMMANDS if c not in ("train", "sparsify")]
+OWN_FLAGS = list(COMMANDS)  # every command, train and sparsify included
 
 
 def _sub(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:

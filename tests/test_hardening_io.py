@@ -258,15 +258,14 @@ def _no_work(*a, **k):
 
 
 def test_outputs_that_are_files_are_refused_before_computing(tmp_path, saved, capsys, monkeypatch):
-    import circuitkit.circuits.discover as discover_mod
+    import circuitkit.commands.discover as discover_cmd
     import circuitkit.evaluation.compare as compare_mod
     import circuitkit.pipeline as pipeline_mod
 
     f = tmp_path / "a-file"
     f.write_text("x")
-    monkeypatch.setattr(discover_mod, "discover", _no_work)
-    monkeypatch.setattr(compare_mod, "analyse", _no_work)
-    monkeypatch.setattr(pipeline_mod, "analyse", _no_work)
+    monkeypatch.setattr(discover_cmd, "discover", _no_work)
+    monkeypatch.setattr(compare_mod, "analyse", _no_work)  # the loop compare and run share (study_pair)
     for argv in (["discover", "--model", str(saved), "--task", "addition", "--out", str(f)],
                  ["discover", "--model", str(saved), "--task", "addition", "--out", str(f / "below")],
                  ["compare", "--base", str(saved), "--sparse", str(saved), "--tasks", "addition", "--out", str(f)]):
@@ -401,12 +400,10 @@ def test_zoo_configs_write_outside_the_package(path):
 
 def test_retrain_rebuilds_the_shipped_copies_explicitly(monkeypatch):
     import circuitkit.pipeline as pipeline_mod
-    import circuitkit.sparsity.finetune as ft
-    import circuitkit.training as tr
 
-    calls = []
-    monkeypatch.setattr(tr, "train", lambda cfg, **k: calls.append((cfg.out, k["force"], k["command"])))
-    monkeypatch.setattr(ft, "finetune", lambda cfg, **k: calls.append((cfg.out, k["force"], k["command"])))
+    calls = []  # the names retrain calls: a stand-in never trains, so the shipped zoo is never touched
+    monkeypatch.setattr(pipeline_mod, "train", lambda cfg, **k: calls.append((cfg.out, k["force"], k["command"])))
+    monkeypatch.setattr(pipeline_mod, "finetune", lambda cfg, **k: calls.append((cfg.out, k["force"], k["command"])))
     pipeline_mod.retrain(RunConfig(), progress=False)
     assert [Path(o) for o, _, _ in calls] == [ZOO_DIR / Path(r).stem for r in RunConfig().retrain]
     assert all(force and "--out circuitkit/zoo/" in cmd for _, force, cmd in calls)
@@ -432,8 +429,7 @@ def test_compare_models_of_different_shapes_before_any_analysis(tmp_path, saved,
 
     other = tmp_path / "wide"
     save_model(build_model(toy_config("toy-4l", seed=0)), other, {"name": "wide"})
-    monkeypatch.setattr(compare_mod, "analyse", _no_work)
-    monkeypatch.setattr(pipeline_mod, "analyse", _no_work)
+    monkeypatch.setattr(compare_mod, "analyse", _no_work)  # the loop compare and run share (study_pair)
     assert cli_main(["compare", "--base", str(saved), "--sparse", str(other), "--tasks", "addition",
                      "--out", str(tmp_path / "c")]) == 2
     assert "circuit graphs differ (n_layers 2 vs 4" in capsys.readouterr().err

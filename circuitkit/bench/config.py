@@ -8,10 +8,11 @@ becomes a model and a task batch, here and in the memory subprocesses alike.
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from circuitkit import CircuitkitError
+from circuitkit.io import NON_NEGATIVE, POSITIVE, TomlConfig
 from circuitkit.models import build_model, load_model, resolve_path, toy_config
 from circuitkit.tasks import get_task, task_for_model
 
@@ -28,33 +29,60 @@ TOP_K = 50
 
 def _ints(text: str) -> list[int]:
     try:
-        vals = [int(x) for x in str(text).split(",") if x.strip()]
+        return [int(x) for x in str(text).split(",") if x.strip()]
     except ValueError:
         raise CircuitkitError(f"expected comma-separated integers, got {text!r}") from None
-    if not vals or min(vals) < 1:
-        raise CircuitkitError(f"expected positive integers, got {text!r}")
-    return vals
+
+
+@dataclass(frozen=True)
+class BenchConfig(TomlConfig):
+    """The settings of one ``circuitkit bench`` run, checked field by field against their types and
+    ranges by the mechanism every config shares (:class:`circuitkit.io.TomlConfig`)."""
+
+    parts: list[str]
+    model: str = DEFAULT_MODEL
+    task: str = "ioi"
+    batch: int = 64
+    ig_steps: int = 5
+    repeats: int = 7
+    warmup: int = 1
+    patching_repeats: int = 2
+    threads: int = 1
+    memory: bool = True
+    seq_mults: list[int] = field(default_factory=lambda: [1, 2, 4])
+    layers: list[int] = field(default_factory=lambda: [2, 4, 8, 12])
+    scaling_arch: str = FALLBACK_ARCH
+    sparsity_batch: int = 128
+    sparsity_steps: int = 30
+    quick: bool = False
+
+    RANGES = {k: POSITIVE for k in ("batch", "ig_steps", "repeats", "patching_repeats", "threads",
+                                     "sparsity_batch", "sparsity_steps")} | {"warmup": NON_NEGATIVE}
+
+    def check(self, source: str) -> None:
+        bad = sorted(set(self.parts) - set(PARTS))
+        if bad or not self.parts:
+            raise CircuitkitError(f"{source}: unknown part(s) {', '.join(bad) or '(none given)'}; choose from "
+                                  f"{', '.join(PARTS)}")
+        for key in ("seq_mults", "layers"):
+            values = getattr(self, key)
+            if not values or min(values) < 1:
+                raise CircuitkitError(f"{source}: --{key.replace('_', '-')} must be positive integers, got {values}")
 
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    parts = [x.strip() for x in str(args.parts).split(",") if x.strip()]
-    bad = sorted(set(parts) - set(PARTS))
-    if bad or not parts:
-        raise CircuitkitError(f"unknown part(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(PARTS)}")
-    cfg = dict(parts=parts, model=args.model, task=args.task, batch=args.batch, ig_steps=args.ig_steps,
-               repeats=args.repeats, warmup=args.warmup, patching_repeats=args.patching_repeats,
-               threads=args.threads, memory=args.memory, seq_mults=_ints(args.seq_mults),
-               layers=_ints(args.layers), scaling_arch=args.scaling_arch, sparsity_batch=args.sparsity_batch,
-               sparsity_steps=args.sparsity_steps, quick=args.quick)
-    if args.quick:
-        cfg.update(batch=min(cfg["batch"], 4), repeats=1, warmup=1, patching_repeats=1, memory=False,
-                   seq_mults=[1, 2], layers=[1, 2], sparsity_batch=4, sparsity_steps=3, ig_steps=min(cfg["ig_steps"], 2))
-    for key in ("batch", "ig_steps", "repeats", "patching_repeats", "threads", "sparsity_batch", "sparsity_steps"):
-        if cfg[key] < 1:
-            raise CircuitkitError(f"--{key.replace('_', '-')} must be at least 1, got {cfg[key]}")
-    if cfg["warmup"] < 0:
-        raise CircuitkitError(f"--warmup must be 0 or more, got {cfg['warmup']}")
-    return cfg
+    """The checked settings of the command line, as the dict the benchmark parts read."""
+    raw = dict(parts=[x.strip() for x in str(args.parts).split(",") if x.strip()], model=args.model, task=args.task,
+               batch=args.batch, ig_steps=args.ig_steps, repeats=args.repeats, warmup=args.warmup,
+               patching_repeats=args.patching_repeats, threads=args.threads, memory=args.memory,
+               seq_mults=_ints(args.seq_mults), layers=_ints(args.layers), scaling_arch=args.scaling_arch,
+               sparsity_batch=args.sparsity_batch, sparsity_steps=args.sparsity_steps, quick=args.quick)
+    cfg = BenchConfig.from_dict(raw, source="circuitkit bench")
+    if cfg.quick:
+        cfg = replace(cfg, batch=min(cfg.batch, 4), repeats=1, warmup=1, patching_repeats=1, memory=False,
+                      seq_mults=[1, 2], layers=[1, 2], sparsity_batch=4, sparsity_steps=3,
+                      ig_steps=min(cfg.ig_steps, 2))
+    return asdict(cfg)
 
 
 def _load(model_spec: str):

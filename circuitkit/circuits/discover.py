@@ -21,7 +21,7 @@ from circuitkit.circuits.graph import Graph
 from circuitkit.circuits.interventions import DEFAULT_BATCH_SIZE, Ablation, faithfulness
 from circuitkit.circuits.selection import greedy, threshold, top_n
 from circuitkit.io import write_json, write_text
-from circuitkit.tasks import NL_SUFFIX, task_for_model
+from circuitkit.tasks import NL_SUFFIX
 
 DEFAULT_EDGES = 200
 

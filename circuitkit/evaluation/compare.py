@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from circuitkit import CircuitkitError
 from circuitkit.evaluation.study import StudyConfig, TaskResult, analyse, jaccard
 from circuitkit.io import write_json, write_text
+from circuitkit.models import load_card
 from circuitkit.sparsity import load_model
 from circuitkit.tasks import task_for_model
 
@@ -60,7 +61,6 @@ def check_comparable(base_cfg, sparse_cfg, base: str, sparse: str) -> None:
 def check_pair(base: str, sparse: str) -> None:
     """:func:`check_comparable` from the two cards, without loading weights (pretrained names,
     which have no card, are checked once loaded)."""
-    from circuitkit.models import load_card
 
     cards = load_card(base), load_card(sparse)
     if all("config" in c for c in cards):

@@ -28,14 +28,10 @@ keeps the needed edges away from the gate threshold instead of pressing them ont
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
-import json
 import math
 import os
-import shlex
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,7 +43,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from circuitkit import CircuitkitError
-from circuitkit.io import (FRACTION, NON_NEGATIVE, POSITIVE, Range, TomlConfig, read_toml, write_json,
+from circuitkit.io import (FRACTION, NON_NEGATIVE, POSITIVE, Range, TomlConfig, write_json,
                            write_text)
 from circuitkit.models import is_toy, load_model
 from circuitkit.sparsity.corpus import TextCorpus
@@ -629,107 +625,3 @@ def _final_card(cfg, model, data: _Data, extra, states: list[GecoState], step: i
         card["accuracy_delta"] = {k: h["per_task"][k]["accuracy"] - base["per_task"][k]["accuracy"]
                                   for k in h["per_task"]}
     return card
-
-
-# ---------------------------------------------------------------- CLI
-
-def _parse_tasks(spec: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for part in spec.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        name, _, w = part.partition("=")
-        try:
-            out[name.strip()] = float(w) if w else 1.0
-        except ValueError:
-            raise CircuitkitError(f"--tasks: bad weight in {part!r}; write NAME=WEIGHT,NAME=WEIGHT") from None
-    if not out:
-        raise CircuitkitError("--tasks is empty; write e.g. --tasks ioi=1,addition=1")
-    return out
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="TOML config (see analyses/zoo/*-sparse*.toml); flags override it")
-    p.add_argument("--model", help="base model: zoo name, checkpoint folder, or pretrained name (gpt2)")
-    p.add_argument("--task", help="one task to train on (e.g. addition)")
-    p.add_argument("--tasks", help="a task mixture, e.g. ioi=1,addition=1")
-    p.add_argument("--corpus", help="text corpus: .txt/.jsonl file or folder, or hf:NAME[:CONFIG]")
-    p.add_argument("--seq-len", type=int, dest="corpus_seq_len", help="corpus sequence length (default 128)")
-    p.add_argument("--attn", action=argparse.BooleanOptionalAction, default=None, help="attention-edge gates (on)")
-    p.add_argument("--mlp", action=argparse.BooleanOptionalAction, default=None, help="MLP-neuron gates (off)")
-    p.add_argument("--bias-gate", type=float)
-    p.add_argument("--bias-gate-mlp", type=float)
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--tolerance", type=float, help="target = base held-out CE × (1 + tolerance) (default 0.05)")
-    g.add_argument("--target-ce", type=float, help="absolute CE target")
-    p.add_argument("--w-attn", type=float)
-    p.add_argument("--w-mlp", type=float)
-    p.add_argument("--eta", type=float, help="GECO step size for log λ")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--final-hard-steps", type=int, help="last steps with deterministic straight-through gates")
-    p.add_argument("--final-sparsity-weight", type=float, help="sparsity weight scale in those steps (default 1)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--out", help="output folder of the sparse model")
-    p.add_argument("--run-dir", help="checkpoint/log folder")
-    p.add_argument("--name")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in run_dir")
-    p.add_argument("--force", action="store_true",
-                   help="replace a finished model in --out and discard a checkpoint in the run folder")
-    p.add_argument("--no-progress", action="store_true")
-
-
-_FLAG_KEYS = ("model", "corpus", "corpus_seq_len", "attn", "mlp", "bias_gate", "bias_gate_mlp", "tolerance",
-              "target_ce", "w_attn", "w_mlp", "eta", "steps", "final_hard_steps", "final_sparsity_weight",
-              "batch_size", "lr", "seed", "out", "run_dir", "name")
-
-
-def config_from_args(args: argparse.Namespace) -> SparsifyConfig:
-    over = {k: getattr(args, k, None) for k in _FLAG_KEYS}
-    if args.task and args.tasks:
-        raise CircuitkitError("give --task or --tasks, not both")
-    if args.task:
-        over["tasks"] = {args.task: 1.0}
-    elif args.tasks:
-        over["tasks"] = _parse_tasks(args.tasks)
-    if args.config:
-        path = Path(args.config)
-        raw = read_toml(path)
-        if over.get("tasks") or over.get("corpus"):  # the flags choose the data
-            raw.pop("tasks", None), raw.pop("corpus", None)
-        if over.get("tolerance") is not None or over.get("target_ce") is not None:
-            raw.pop("tolerance", None), raw.pop("target_ce", None)  # the flag's kind of target wins
-        raw.update({k: v for k, v in over.items() if v is not None})
-        return SparsifyConfig.from_dict(raw, source=str(path))
-    if not over.get("model") or not over.get("out"):
-        raise CircuitkitError("sparsify needs --model and --out (or --config FILE)")
-    raw = {k: v for k, v in over.items() if v is not None}
-    raw.setdefault("name", Path(raw["out"]).name)
-    raw.setdefault("run_dir", str(Path("runs") / "sparsify" / raw["name"]))
-    return SparsifyConfig.from_dict(raw, source="command line")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    torch.set_num_threads(int(os.environ.get("CIRCUITKIT_THREADS", torch.get_num_threads())))
-    command = "circuitkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    card = finetune(cfg, resume=args.resume, progress=not args.no_progress, command=command, force=args.force)
-    if card:
-        keys = ("name", "steps", "wall_time_s", "target_ce", "heldout_ce", "meets_target", "kept_edges",
-                "mlp_active", "accuracy_delta")
-        print(json.dumps({k: card[k] for k in keys if k in card}, indent=2))
-        if card.get("meets_target") is False:
-            print(f"warning: the sparse model in {cfg.out} misses its CE target (held-out CE "
-                  f"{_short(card.get('heldout_ce'))}, target {_short(card.get('target_ce'))}). It was saved; to meet "
-                  "the target, train longer (steps), loosen it (target_ce / tolerance), or let the hard-gate phase "
-                  "recover CE only (final_sparsity_weight = 0).", file=sys.stderr)
-    return 0
-
-
-def _short(x: Any) -> str:
-    """Numbers (or a per-task dict of them) in 4 significant digits, for messages."""
-    if isinstance(x, dict):
-        return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in x.items()) + "}"
-    return f"{x:.4g}" if isinstance(x, (int, float)) else str(x)
