@@ -116,6 +116,29 @@ def test_parallel_attention_mlp_model():
     assert torch.allclose(run_with_graph(m, Graph.empty(m), d), corrupt, atol=1e-5)
 
 
+
+def hand_patched(model, tokens, hook_name: str, head: int | None, delta: torch.Tensor, mlp_in: bool) -> torch.Tensor:
+    """Logits with ``delta`` [batch, pos, d_model] added to one receiver's input by a plain
+    TransformerLens hook (at ``head`` of a split q/k/v input, or to the whole activation)."""
+    def hook(act, hook):
+        act = act.clone()
+        if head is None:
+            act += delta
+        else:
+            act[:, :, head] += delta
+        return act
+
+    model.set_use_split_qkv_input(True)
+    if mlp_in:
+        model.set_use_hook_mlp_in(True)
+    try:
+        with torch.no_grad():
+            return model.run_with_hooks(tokens, fwd_hooks=[(hook_name, hook)])
+    finally:
+        model.set_use_split_qkv_input(False)
+        if mlp_in:
+            model.set_use_hook_mlp_in(False)
+
 def test_single_edge_ablation_matches_hand_patch(model, ds, spec):
     """Ablating u -> v alone adds (a_u^corrupt - a_u^clean) to v's input, nothing else."""
     clean, corrupt = sender_cache(model, ds.clean), sender_cache(model, ds.corrupt)
@@ -124,22 +147,7 @@ def test_single_edge_ablation_matches_hand_patch(model, ds, spec):
         s, d = spec.parse_edge(name)
         delta = corrupt[:, :, s] - clean[:, :, s]
 
-        def hook(act, hook, delta=delta, head=head):
-            act = act.clone()
-            if head is None:
-                act += delta
-            else:
-                act[:, :, head] += delta
-            return act
-
-        model.set_use_split_qkv_input(True)
-        model.set_use_hook_mlp_in(True)
-        try:
-            with torch.no_grad():
-                expected = model.run_with_hooks(ds.clean, fwd_hooks=[(hook_name, hook)])
-        finally:
-            model.set_use_split_qkv_input(False)
-            model.set_use_hook_mlp_in(False)
+        expected = hand_patched(model, ds.clean, hook_name, head, delta, mlp_in=True)
         g = Graph.full(model)
         member = g.in_graph.clone()
         member[s, d] = False
@@ -524,20 +532,7 @@ def test_attn_only_interventions(attn_model, attn_ds):
         s, d = spec.parse_edge(name)
         delta = corrupt_senders[:, :, s] - cache[:, :, s]
 
-        def hook(act, hook, delta=delta, head=head):
-            act = act.clone()
-            if head is None:
-                act += delta
-            else:
-                act[:, :, head] += delta
-            return act
-
-        m.set_use_split_qkv_input(True)
-        try:
-            with torch.no_grad():
-                expected = m.run_with_hooks(ds.clean, fwd_hooks=[(hook_name, hook)])
-        finally:
-            m.set_use_split_qkv_input(False)
+        expected = hand_patched(m, ds.clean, hook_name, head, delta, mlp_in=False)
         member = spec.real.clone()
         member[s, d] = False
         with patched(m, Graph.full(m).with_in_graph(member), corrupt_senders), torch.no_grad():
