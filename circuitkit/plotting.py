@@ -7,6 +7,7 @@ Owns the drawing only: every function takes results computed elsewhere
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -92,8 +93,6 @@ def ratio_vs_size_figure(table, stem: Path, threshold: float = 0.9) -> list[Path
     ``edge_ratio``, ``head_ratio``, ``task`` and ``base_model`` columns; one point per row,
     the median per graph size joined by a line, the paper's range at GPT-2's size.
     """
-    import math
-
     fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.9))
     tasks = list(dict.fromkeys(table["task"]))
     colors = {t: plt.cm.tab10(i % 10) for i, t in enumerate(tasks)}

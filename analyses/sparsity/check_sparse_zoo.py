@@ -32,8 +32,7 @@ import torch
 from circuitkit.models import load_card
 from circuitkit.sparsity import load_model
 from circuitkit.sparsity import measure_sparsity
-from circuitkit.tasks import get_task
-from circuitkit.training import evaluate
+from circuitkit.training import build_tasks, evaluate
 
 TARGETS = {
     "toy-addition-sparse": {"min_accuracy": 0.999, "max_kept_edges": 0.02, "ce_target": True},
@@ -59,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     card = load_card(args.name)
     cfg = card["finetune_config"]
     n = args.n or cfg["eval_n"]
-    tasks = {t: get_task(t, **cfg.get("task_options", {}).get(t, {})) for t in cfg["tasks"]}
+    tasks = build_tasks(cfg["tasks"], cfg.get("task_options"))
     sparse, base = load_model(args.name), load_model(card["base_model"])
     res_s, res_b = evaluate(sparse, tasks, n=n, seed=12345), evaluate(base, tasks, n=n, seed=12345)
     total = sum(cfg["tasks"].values())

@@ -11,7 +11,6 @@ zoo cards). Prints a markdown table and writes ``--out`` (JSON) when given.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import replace
 
 import torch
@@ -19,8 +18,7 @@ import torch
 from circuitkit.io import write_json
 from circuitkit.models import load_card
 from circuitkit.sparsity import attach, detach, load_model, measure_sparsity
-from circuitkit.tasks import get_task
-from circuitkit.training import evaluate
+from circuitkit.training import build_tasks, evaluate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     card = load_card(args.name)
     cfg = card["finetune_config"]
-    tasks = {t: get_task(t, **cfg.get("task_options", {}).get(t, {})) for t in cfg["tasks"]}
+    tasks = build_tasks(cfg["tasks"], cfg.get("task_options"))
     model = load_model(args.name)
     trained = detach(model)
     if trained is None:
