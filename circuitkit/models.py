@@ -39,6 +39,7 @@ ZOO_DIR = Path(__file__).parent / "zoo"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
 SPARSITY_FILE = "sparsity.json"
+TOKENIZER_FILE = "tokenizer.json"  # a tokenizer trained here (circuitkit.corpus), saved beside the weights
 
 # Named toy architectures. All are pre-LN GPT-style with learned positions.
 TOY_CONFIGS: dict[str, dict[str, Any]] = {
@@ -138,9 +139,13 @@ def save_model(model: HookedTransformer, directory: str | os.PathLike, card: dic
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
         save_file(state, str(tmp))
+    local_tokenizer = getattr(model, "circuitkit_local_tokenizer", False)
+    if local_tokenizer:
+        save_tokenizer(model.tokenizer, directory)
     full_card = {"config": config_to_dict(model.cfg),
                  "vocab": getattr(model, "circuitkit_vocab", TOY_VOCAB if model.tokenizer is None else None),
-                 "tokenizer": getattr(model.tokenizer, "name_or_path", None) if model.tokenizer else None,
+                 "tokenizer": (TOKENIZER_FILE if local_tokenizer else
+                               getattr(model.tokenizer, "name_or_path", None) if model.tokenizer else None),
                  "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                  **(card or {})}
     write_json(directory / CARD_FILE, full_card)
@@ -200,7 +205,9 @@ def load_model(name_or_path: str | os.PathLike, device: str | torch.device = "cp
             model = HookedTransformer(config_from_dict(card["config"], str(path / CARD_FILE)), move_to_device=False)
             load_weights(model, weights)
             model = model.to(device, print_details=False)
-            if card.get("tokenizer"):
+            if card.get("tokenizer") == TOKENIZER_FILE:
+                set_local_tokenizer(model, load_local_tokenizer(path))
+            elif card.get("tokenizer"):
                 model.set_tokenizer(_load_tokenizer(card["tokenizer"]))
         model.circuitkit_vocab = card.get("vocab")
         model.circuitkit_card = card
@@ -249,6 +256,44 @@ def load_weights(model: HookedTransformer, weights: Path) -> None:
             raise CircuitkitError(f"{weights}: {k} holds {bad} non-finite value(s) (NaN or Inf); every score computed "
                                   "from this model would be meaningless. Restore the file or retrain")
     model.load_state_dict(state, strict=False)
+
+
+def save_tokenizer(tokenizer, directory: str | os.PathLike) -> None:
+    """Write a local tokenizer's ``tokenizer.json`` and ``tokenizer_config.json`` into ``directory``,
+    each file atomically (written in a temporary folder beside it, then renamed into place)."""
+    import tempfile
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".tokenizer-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        for f in sorted(Path(tmp).iterdir()):
+            os.replace(f, directory / f.name)
+
+
+def load_local_tokenizer(directory: str | os.PathLike):
+    """The tokenizer saved by :func:`save_tokenizer` in ``directory`` (no network involved)."""
+    from transformers import AutoTokenizer
+
+    directory = Path(directory)
+    if not (directory / TOKENIZER_FILE).exists():
+        raise CircuitkitError(f"{directory} has no {TOKENIZER_FILE}, which its card names as the model's tokenizer; "
+                              "restore the file from where the model came from")
+    try:
+        return AutoTokenizer.from_pretrained(str(directory))
+    except Exception as e:  # a damaged or foreign JSON file: name it, whatever transformers raises
+        raise CircuitkitError(f"{directory / TOKENIZER_FILE} cannot be read as a tokenizer "
+                              f"({str(e).splitlines()[0][:200]}); restore it") from None
+
+
+def set_local_tokenizer(model: HookedTransformer, tokenizer) -> None:
+    """Set a tokenizer trained here on ``model``; :func:`save_model` then writes it beside the weights."""
+    if len(tokenizer) > model.cfg.d_vocab:
+        raise CircuitkitError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is "
+                              f"{model.cfg.d_vocab}; they come from different models")
+    model.set_tokenizer(tokenizer)
+    model.circuitkit_local_tokenizer = True
+    model.circuitkit_vocab = None
 
 
 def _load_tokenizer(name: str):

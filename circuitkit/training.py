@@ -1,7 +1,13 @@
-"""Training toy models from scratch, and the pieces every training loop here shares.
+"""Training models from scratch, and the pieces every training loop here shares.
+
+Two kinds of model: toy models on a weighted mixture of tasks, and language models on a text
+corpus (:mod:`circuitkit.corpus`: next-token CE on fixed-length windows, a byte-level BPE
+tokenizer trained on the train split and saved with the model, held-out CE on the held-out
+files every ``eval_every`` steps).
 
 Owns: the TOML training config, sampling a weighted mixture of tasks into one padded
-batch, the masked next-token loss, held-out evaluation (accuracy, metric, CE per task),
+batch, the masked next-token loss, held-out evaluation (accuracy, metric, CE per task; CE
+on corpus rows),
 and the checkpoint/resume machinery. A checkpoint holds the model, the optimizer, the
 scheduler, every random-number state and the step, and is written atomically, so
 ``--resume`` continues exactly: the losses after resuming equal those of a run that was
@@ -29,11 +35,13 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from circuitkit import CircuitkitError
-from circuitkit.io import (FRACTION, NON_NEGATIVE, POSITIVE, TomlConfig, check_writable_dir, torch_save, write_json,
+from circuitkit.corpus import TextCorpus, bigram_ce, code_corpus, is_code_corpus, read_documents, train_tokenizer
+from circuitkit.io import (FRACTION, NON_NEGATIVE, POSITIVE, Range, TomlConfig, check_writable_dir, read_json, torch_save, write_json,
                            write_text)
-from circuitkit.models import CARD_FILE, build_model, save_model, toy_config
+from circuitkit.models import (CARD_FILE, build_model, load_local_tokenizer, save_model, save_tokenizer,
+                               set_local_tokenizer, toy_config)
 from circuitkit.tasks import Task, get_task
-from circuitkit.tasks.vocab import VOCAB
+from circuitkit.tasks.vocab import VOCAB, is_toy
 
 CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "log.jsonl"
@@ -48,8 +56,14 @@ class TrainConfig(TomlConfig):
     name: str
     out: str  # the final model folder (card + safetensors)
     run_dir: str  # checkpoints and the per-step log
-    tasks: dict[str, float]  # task name -> mixture weight
+    tasks: dict[str, float] = field(default_factory=dict)  # task name -> mixture weight (or a corpus)
     task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    corpus: str | None = None  # a language model: stdlib, stdlib:FOLDER, .txt/.jsonl files (circuitkit.corpus)
+    corpus_seq_len: int = 128  # training window length (tokens, BOS included)
+    corpus_heldout_fraction: float = 0.05  # of the files (code corpus) or of the rows (other text)
+    corpus_seed: int = 0  # the train/held-out split of the files
+    corpus_max_tokens: int | None = None  # cap on the train stream (tests)
+    tokenizer_vocab: int = 4096  # byte-level BPE trained on the train split
     arch: str | dict[str, Any] = "toy-4l"
     seed: int = 0
     steps: int = 5000
@@ -63,12 +77,24 @@ class TrainConfig(TomlConfig):
     eval_every: int = 1000
     eval_n: int = 1000
 
-    REQUIRED = frozenset({"name", "out", "run_dir", "tasks"})
-    RANGES = {"seed": NON_NEGATIVE, "steps": POSITIVE, "batch_size": POSITIVE, "lr": POSITIVE,
+    REQUIRED = frozenset({"name", "out", "run_dir"})
+    RANGES = {"corpus_seq_len": POSITIVE, "corpus_heldout_fraction": Range(0, 1, lo_open=True, hi_open=True),
+              "corpus_seed": NON_NEGATIVE, "corpus_max_tokens": POSITIVE, "tokenizer_vocab": POSITIVE,
+              "seed": NON_NEGATIVE, "steps": POSITIVE, "batch_size": POSITIVE, "lr": POSITIVE,
               "weight_decay": NON_NEGATIVE, "warmup": NON_NEGATIVE, "min_lr_fraction": FRACTION,
               "grad_clip": POSITIVE, "checkpoint_every": POSITIVE, "eval_every": POSITIVE, "eval_n": POSITIVE}
 
     def check(self, source: str) -> None:
+        if self.corpus:
+            if self.tasks or self.task_options:
+                raise CircuitkitError(f"{source}: give either [tasks] (a toy model) or corpus (a language model), "
+                                      "not both")
+            if self.corpus_seq_len < 2:
+                raise CircuitkitError(f"{source}: corpus_seq_len must be at least 2, got {self.corpus_seq_len}")
+            return
+        if not self.tasks:
+            raise CircuitkitError(f"{source}: nothing to train on; give [tasks] (a toy model on a task mixture) or "
+                                  "corpus = \"stdlib\" (a language model on the standard library's code)")
         check_mixture(self.tasks, self.task_options, source)
 
 
@@ -163,6 +189,80 @@ def heldout(model: HookedTransformer, tasks: dict[str, Task], weights: dict[str,
     res = evaluate(model, tasks, n=n, seed=seed)
     total = sum(weights[k] for k in tasks)
     return {"ce": sum(res[k]["ce"] * weights[k] for k in tasks) / total, "per_task": res}
+
+
+@torch.no_grad()
+def corpus_ce(model: HookedTransformer, rows: torch.Tensor,  # [n, seq_len]
+              batch_size: int = 16) -> float:
+    """Mean next-token CE (nats) over every position of ``rows``."""
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, rows.shape[0], batch_size):
+        b = rows[i:i + batch_size].to(model.cfg.device)
+        k = b.shape[0] * (b.shape[1] - 1)
+        total += masked_ce(model(b), b, torch.ones_like(b, dtype=torch.bool)).item() * k
+        count += k
+    model.train(was)
+    return total / count
+
+
+class TrainingData:
+    """Training batches and held-out evaluation, from a task mixture or a text corpus.
+
+    The one data source of both loops (``circuitkit train`` and ``circuitkit sparsify``).
+    """
+
+    def __init__(self, model: HookedTransformer, tasks: dict[str, float], task_options: dict[str, dict[str, Any]],
+                 corpus: str | None = None, *, seq_len: int = 128, heldout_fraction: float = 0.05,
+                 text_field: str = "text", max_tokens: int | None = None, seed: int = 0) -> None:
+        self.weights_by_task = dict(tasks)
+        self.corpus: TextCorpus | None = None
+        self.tasks: dict[str, Task] = {}
+        if corpus:
+            self.corpus = TextCorpus.from_source(corpus, model.tokenizer, seq_len=seq_len,
+                                                 heldout_fraction=heldout_fraction, text_field=text_field,
+                                                 max_tokens=max_tokens, seed=seed,
+                                                 prepend_bos=bool(getattr(model.cfg, "default_prepend_bos", True)))
+            if seq_len > model.cfg.n_ctx:
+                raise CircuitkitError(f"corpus_seq_len {seq_len} exceeds the model's context {model.cfg.n_ctx}; "
+                                      "lower corpus_seq_len or give the model a longer n_ctx")
+        else:
+            self.tasks = build_tasks(tasks, task_options)
+        tok = model.tokenizer
+        self.pad_id = VOCAB.pad_id if is_toy(model) or tok is None else (
+            tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0))
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.tasks) if self.corpus is None else ["corpus"]
+
+    @property
+    def weights(self) -> torch.Tensor:  # [n_tasks]
+        if self.corpus is not None:
+            return torch.ones(1, dtype=torch.float64)
+        return torch.tensor([float(self.weights_by_task[k]) for k in self.tasks], dtype=torch.float64)
+
+    def sample(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``tokens``, ``loss_mask`` [n, pos] and each row's task index [n]
+        (:func:`sample_mixture`, or corpus windows)."""
+        if self.corpus is not None:
+            tokens, mask = self.corpus.sample(n, gen)
+            return tokens, mask, torch.zeros(n, dtype=torch.long)
+        return sample_mixture(self.tasks, self.weights_by_task, n, gen, pad_id=self.pad_id)
+
+    def heldout(self, model: HookedTransformer, n: int) -> dict[str, Any]:
+        """Held-out metrics per task (or the CE of the first ``n`` held-out corpus rows) and the
+        mixture-weighted CE (:func:`heldout`)."""
+        if self.corpus is not None:
+            ce = corpus_ce(model, self.corpus.heldout[:n])
+            return {"ce": ce, "per_task": {"corpus": {"ce": ce, "n": min(n, self.corpus.heldout.shape[0])}}}
+        return heldout(model, self.tasks, self.weights_by_task, n=n, seed=12345)
+
+    def measure_data(self, n: int):
+        if self.corpus is not None:
+            return self.corpus.heldout[:n]
+        return [t.dataset(n, seed=12345) for t in self.tasks.values()]
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -329,20 +429,90 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, total_steps: int):
 
 # ---------------------------------------------------------------- the loop
 
+TOKENIZER_DIR = "tokenizer"  # in run_dir: the tokenizer a language-model run trained, reused on --resume
+CORPUS_FILE = "corpus.json"  # in run_dir: the corpus manifest, checked on --resume
+
+
+def _new_model(cfg: TrainConfig, run_dir: Path, resume: bool) -> HookedTransformer:
+    """The untrained model: a toy on the task vocabulary, or a language model whose vocabulary
+    is a BPE tokenizer trained on the corpus's train split (kept in ``run_dir`` for resumes)."""
+    if not cfg.corpus:
+        return build_model(toy_config(cfg.arch, seed=cfg.seed))
+    tok_dir = run_dir / TOKENIZER_DIR
+    if not (resume and tok_dir.exists()):
+        if is_code_corpus(cfg.corpus):
+            texts = code_corpus(cfg.corpus, seed=cfg.corpus_seed,
+                                heldout_fraction=cfg.corpus_heldout_fraction).texts("train")
+        else:  # other text is split by rows after tokenising; the tokenizer sees all of it (documented)
+            texts = read_documents(cfg.corpus)
+        save_tokenizer(train_tokenizer(texts, cfg.tokenizer_vocab), tok_dir)
+    tok = load_local_tokenizer(tok_dir)
+    model = build_model(toy_config(cfg.arch, seed=cfg.seed, d_vocab=len(tok)))
+    set_local_tokenizer(model, tok)
+    return model
+
+
+def _check_corpus(data: TrainingData, run_dir: Path, resume: bool) -> None:
+    """Record the corpus manifest; on resume, refuse a corpus that differs from the recorded one."""
+    if data.corpus is None or data.corpus.manifest is None:
+        return
+    path = run_dir / CORPUS_FILE
+    now = data.corpus.manifest
+    if resume and path.exists():
+        was = read_json(path)
+        if was.get("hash") != now["hash"]:
+            raise CircuitkitError(f"--resume: the corpus built now (hash {now['hash'][:12]}) differs from the one this "
+                                  f"run started on ({str(was.get('hash'))[:12]}, {path}): another Python version or "
+                                  "changed files. Resume on the machine that started the run, or start over with --force")
+        return
+    write_json(path, now)
+
+
+@torch.no_grad()
+def _lm_eval(model: HookedTransformer, data: TrainingData, n: int) -> dict[str, float]:
+    """Held-out CE on the first ``n`` held-out rows and train CE on the first ``n`` train rows."""
+    c = data.corpus
+    return {"heldout_ce": corpus_ce(model, c.heldout[:n]), "train_ce": corpus_ce(model, c.train[:n])}
+
+
+def _lm_card(cfg: TrainConfig, model: HookedTransformer, data: TrainingData, step: int) -> dict[str, Any]:
+    c = data.corpus
+    n = min(cfg.eval_n, c.heldout.shape[0])
+    ev = _lm_eval(model, data, n)
+    held_stream = c.heldout[:, 1:] if c.bos_id is not None else c.heldout
+    big = bigram_ce(c.train_stream if c.train_stream is not None else c.train.flatten(), held_stream.flatten(),
+                    model.cfg.d_vocab)
+    m = c.manifest or {}
+    return {"heldout_ce": ev["heldout_ce"], "train_ce": ev["train_ce"], "bigram_heldout_ce": big["ce"],
+            "bigram_lambda": big["lambda"], "unigram_heldout_ce": big["unigram_ce"],
+            "eval_rows": n, "seq_len": c.seq_len, "tokens_seen": step * cfg.batch_size * c.seq_len,
+            "corpus": {"source": cfg.corpus, "hash": m.get("hash"), "python": m.get("python"),
+                       "n_files": m.get("n_files"), "bytes": m.get("bytes"),
+                       "train_tokens": int(c.train_stream.numel()) if c.train_stream is not None else int(c.train.numel()),
+                       "heldout_tokens": int(held_stream.numel()),
+                       "heldout_files": [f["path"] for f in m.get("files", []) if f["split"] == "heldout"]},
+            "tokenizer_vocab": len(model.tokenizer)}
+
+
 def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, progress: bool = True,
           command: str | None = None, force: bool = False) -> dict[str, Any]:
     """Train ``cfg`` from scratch (or resume), write the final model to ``cfg.out``.
 
-    ``max_steps`` stops early after that many total steps (leaving a checkpoint), which
-    is how tests interrupt a run. Returns the card written (or the partial state). A
-    finished model in ``cfg.out`` or a checkpoint in ``cfg.run_dir`` is replaced only with
-    ``force`` (see :func:`prepare_run`).
+    A toy model trains on its task mixture; with ``cfg.corpus`` a language model trains on
+    next-token CE over corpus windows, with its tokenizer saved beside it. ``max_steps`` stops
+    early after that many total steps (leaving a checkpoint), which is how tests interrupt a
+    run. Returns the card written (or the partial state). A finished model in ``cfg.out`` or a
+    checkpoint in ``cfg.run_dir`` is replaced only with ``force`` (see :func:`prepare_run`).
     """
     run_dir = Path(cfg.run_dir)
     prepare_run(run_dir, Path(cfg.out), RunKind.TRAIN, resume, force)
     run_dir.mkdir(parents=True, exist_ok=True)
-    model = build_model(toy_config(cfg.arch, seed=cfg.seed))
-    tasks = build_tasks(cfg.tasks, cfg.task_options)
+    model = _new_model(cfg, run_dir, resume)
+    data = TrainingData(model, cfg.tasks, cfg.task_options, cfg.corpus, seq_len=cfg.corpus_seq_len,
+                        heldout_fraction=cfg.corpus_heldout_fraction, max_tokens=cfg.corpus_max_tokens,
+                        seed=cfg.corpus_seed)
+    _check_corpus(data, run_dir, resume)
+    lm = data.corpus is not None
     opt, sched = make_optimizer(model, cfg, cfg.steps)
     data_gen = torch.Generator().manual_seed(cfg.seed + 1)
     torch.manual_seed(cfg.seed + 2)
@@ -357,7 +527,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
     bar = tqdm(total=cfg.steps, initial=step, desc=cfg.name, disable=not progress, dynamic_ncols=True)
     try:
         while step < stop:
-            tokens, mask, _ = sample_mixture(tasks, cfg.tasks, cfg.batch_size, data_gen)
+            tokens, mask, _ = data.sample(cfg.batch_size, data_gen)
             logits = model(tokens)
             loss = masked_ce(logits, tokens, mask)
             if not torch.isfinite(loss):
@@ -369,14 +539,17 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
             opt.step()
             sched.step()
             step += 1
-            acc = masked_accuracy(logits.detach(), tokens, mask).item()
-            rec = {"step": step, "loss": loss.item(), "accuracy": acc, "lr": sched.get_last_lr()[0]}
+            rec = {"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0]}
+            if not lm:
+                rec["accuracy"] = masked_accuracy(logits.detach(), tokens, mask).item()
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                rec["eval"] = evaluate(model, tasks, n=min(cfg.eval_n, 500))
+                rec["eval"] = (_lm_eval(model, data, min(cfg.eval_n, 200)) if lm
+                               else evaluate(model, data.tasks, n=min(cfg.eval_n, 500)))
                 model.train()
             log.write(rec)
             bar.update(1)
-            bar.set_postfix(loss=f"{rec['loss']:.4f}", acc=f"{acc:.3f}")
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", **({} if lm else {"acc": f"{rec['accuracy']:.3f}"}),
+                            **({"heldout": f"{rec['eval']['heldout_ce']:.3f}"} if lm and "eval" in rec else {}))
             if step % cfg.checkpoint_every == 0 or step == stop:
                 extra = {"wall_time_s": wall0 + time.time() - t0}
                 save_checkpoint(run_dir, step, model, opt, sched, data_gen, extra, kind=RunKind.TRAIN, config=cfg)
@@ -386,9 +559,12 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
     wall = wall0 + time.time() - t0
     if step < cfg.steps:
         return {"step": step, "wall_time_s": wall, "finished": False}
-    metrics = evaluate(model, tasks, n=cfg.eval_n, seed=12345)
     card = {"name": cfg.name, "arch": cfg.arch, "tasks": cfg.tasks, "task_options": cfg.task_options,
             "seed": cfg.seed, "steps": step, "batch_size": cfg.batch_size, "wall_time_s": round(wall, 1),
-            "heldout": metrics, "command": command, "train_config": asdict(cfg)}
+            "command": command, "train_config": asdict(cfg)}
+    if lm:
+        card.update(_lm_card(cfg, model, data, step))
+    else:
+        card["heldout"] = evaluate(model, data.tasks, n=cfg.eval_n, seed=12345)
     save_model(model, cfg.out, card)
     return card

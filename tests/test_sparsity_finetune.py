@@ -13,7 +13,7 @@ from circuitkit.models import build_model, save_model, toy_config
 from circuitkit.sparsity import load_model
 from circuitkit.sparsity import GateMode, get_gates
 from circuitkit.sparsity import finetune as ft
-from circuitkit.sparsity.corpus import TextCorpus, chunk_tokens
+from circuitkit.corpus import TextCorpus, chunk_tokens
 from circuitkit.sparsity.finetune import SparsifyConfig, finetune
 from circuitkit.tasks import get_task
 

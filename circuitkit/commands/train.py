@@ -1,4 +1,4 @@
-"""``circuitkit train``: train a toy model from a TOML config (:class:`circuitkit.training.TrainConfig`),
+"""``circuitkit train``: train a toy model or a language model from a TOML config (:class:`circuitkit.training.TrainConfig`),
 with flags that override the config's steps and folders."""
 
 from __future__ import annotations
@@ -27,5 +27,6 @@ def run_cli(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_toml(args.config, steps=args.steps, out=args.out, run_dir=args.run_dir)
     command = "circuitkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     card = train(cfg, resume=args.resume, progress=not args.no_progress, command=command, force=args.force)
-    print(json.dumps({k: card[k] for k in ("name", "steps", "wall_time_s", "heldout") if k in card}, indent=2))
+    keys = ("name", "steps", "wall_time_s", "heldout", "heldout_ce", "train_ce", "bigram_heldout_ce", "tokens_seen")
+    print(json.dumps({k: card[k] for k in keys if k in card}, indent=2))
     return 0

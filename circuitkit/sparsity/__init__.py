@@ -7,7 +7,7 @@
 - :mod:`~circuitkit.sparsity.objective`: the GECO-style constrained objective.
 - :mod:`~circuitkit.sparsity.finetune`: ``circuitkit sparsify`` (single process or torchrun/DDP).
 - :mod:`~circuitkit.sparsity.measure`: kept-edge and active-neuron fractions.
-- :mod:`~circuitkit.sparsity.corpus`: text corpora chunked for pretrained LMs.
+- text corpora come from :mod:`circuitkit.corpus` (one owner for every corpus).
 """
 
 from circuitkit.sparsity.gates import (GateConfig, GateMode, Gates, attach, detach, gate_mode, get_gates,

@@ -6,7 +6,7 @@ GECO Lagrangian (:mod:`~circuitkit.sparsity.objective`): minimise the expected d
 kept attention edges (and/or active MLP neurons) while the CE stays at
 ``target = base held-out CE × (1 + tolerance)`` (or an absolute ``target_ce``). Data is a
 task mixture (toy models, or NL tasks on pretrained models) or a text corpus
-(:mod:`~circuitkit.sparsity.corpus`).
+(:mod:`circuitkit.corpus`).
 
 Reuses :mod:`circuitkit.training`: the frozen TOML config, ``sample_mixture``,
 ``masked_ce``, ``heldout``, atomic checkpoints with every RNG state (and the run's kind and
@@ -45,15 +45,13 @@ from tqdm.auto import tqdm
 from circuitkit import CircuitkitError
 from circuitkit.io import (FRACTION, NON_NEGATIVE, POSITIVE, Range, TomlConfig, write_json,
                            write_text)
-from circuitkit.models import is_toy, load_model
-from circuitkit.sparsity.corpus import TextCorpus
+from circuitkit.models import load_model
 from circuitkit.sparsity.gates import GateConfig, GateMode, attach, gate_mode
 from circuitkit.sparsity.measure import measure_sparsity
 from circuitkit.sparsity.objective import Geco, GecoState, sparsity_objective
 from circuitkit.sparsity.storage import save_sparse_model
-from circuitkit.tasks.vocab import VOCAB
-from circuitkit.training import (RunKind, StepLog, build_tasks, check_mixture, heldout, load_checkpoint,
-                                 make_optimizer, prepare_run, sample_mixture, save_checkpoint)
+from circuitkit.training import (RunKind, StepLog, TrainingData, check_mixture, load_checkpoint, make_optimizer,
+                                 prepare_run, save_checkpoint)
 
 CSV_FILE = "log.csv"
 DEFAULT_TOLERANCE = 0.05
@@ -71,9 +69,10 @@ class SparsifyConfig(TomlConfig):
     run_dir: str  # checkpoint, log.jsonl, log.csv
     tasks: dict[str, float] = field(default_factory=dict)  # task -> mixture weight (or use corpus)
     task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    corpus: str | None = None  # .txt/.jsonl file or folder, or hf:NAME[:CONFIG]
+    corpus: str | None = None  # stdlib[:FOLDER], .txt/.jsonl file or folder, or hf:NAME[:CONFIG]
     corpus_seq_len: int = 128
     corpus_heldout_fraction: float = 0.05
+    corpus_seed: int = 0  # the file split of a code corpus (use the base model's)
     corpus_text_field: str = "text"
     corpus_max_tokens: int | None = None
     # gates
@@ -114,6 +113,7 @@ class SparsifyConfig(TomlConfig):
 
     REQUIRED = frozenset({"name", "model", "out", "run_dir"})
     RANGES = {"corpus_seq_len": POSITIVE, "corpus_heldout_fraction": Range(0, 1, lo_open=True, hi_open=True),
+              "corpus_seed": NON_NEGATIVE,
               "corpus_max_tokens": POSITIVE, "w_attn": NON_NEGATIVE, "w_mlp": NON_NEGATIVE,
               "tolerance": NON_NEGATIVE, "target_ce": POSITIVE, "target_floor": NON_NEGATIVE, "eta": NON_NEGATIVE,
               "ema_decay": Range(0, 1, hi_open=True), "seed": NON_NEGATIVE, "steps": POSITIVE,
@@ -180,59 +180,6 @@ def _default_device() -> str:
 
 
 # ---------------------------------------------------------------- data source
-
-class _Data:
-    """Training batches and held-out evaluation for tasks or a corpus."""
-
-    def __init__(self, cfg: SparsifyConfig, model) -> None:
-        self.cfg = cfg
-        self.corpus: TextCorpus | None = None
-        self.tasks = {}
-        if cfg.corpus:
-            self.corpus = TextCorpus.from_source(cfg.corpus, model.tokenizer, seq_len=cfg.corpus_seq_len,
-                                                 heldout_fraction=cfg.corpus_heldout_fraction,
-                                                 text_field=cfg.corpus_text_field, max_tokens=cfg.corpus_max_tokens,
-                                                 prepend_bos=bool(getattr(model.cfg, "default_prepend_bos", True)))
-            if self.corpus.seq_len > model.cfg.n_ctx:
-                raise CircuitkitError(f"corpus_seq_len {self.corpus.seq_len} exceeds the model's context "
-                                      f"{model.cfg.n_ctx}")
-        else:
-            self.tasks = build_tasks(cfg.tasks, cfg.task_options)
-        tok = model.tokenizer
-        self.pad_id = VOCAB.pad_id if is_toy(model) or tok is None else (
-            tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0))
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.tasks) if self.corpus is None else ["corpus"]
-
-    @property
-    def weights(self) -> torch.Tensor:  # [n_tasks]
-        if self.corpus is not None:
-            return torch.ones(1, dtype=torch.float64)
-        return torch.tensor([float(self.cfg.tasks[k]) for k in self.tasks], dtype=torch.float64)
-
-    def sample(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``tokens``, ``loss_mask`` [n, pos] and each row's task index [n]
-        (:func:`circuitkit.training.sample_mixture`, or the corpus)."""
-        if self.corpus is not None:
-            tokens, mask = self.corpus.sample(n, gen)
-            return tokens, mask, torch.zeros(n, dtype=torch.long)
-        return sample_mixture(self.tasks, self.cfg.tasks, n, gen, pad_id=self.pad_id)
-
-    def heldout(self, model, n: int) -> dict[str, Any]:
-        """Held-out metrics per task (or the corpus CE) and the mixture-weighted CE
-        (:func:`circuitkit.training.heldout`)."""
-        if self.corpus is not None:
-            ce = self.corpus.heldout_ce(model, n=n)
-            return {"ce": ce, "per_task": {"corpus": {"ce": ce, "n": min(n, self.corpus.heldout.shape[0])}}}
-        return heldout(model, self.tasks, self.cfg.tasks, n=n, seed=12345)
-
-    def measure_data(self, n: int):
-        if self.corpus is not None:
-            return self.corpus.heldout[:n]
-        return [t.dataset(n, seed=12345) for t in self.tasks.values()]
-
 
 # ---------------------------------------------------------------- the loop
 
@@ -397,12 +344,28 @@ def finetune(cfg: SparsifyConfig, resume: bool = False, max_steps: int | None = 
             dist.destroy_process_group()
 
 
+def _check_same_corpus(model, data: TrainingData) -> None:
+    """A language model trained here is post-trained on the corpus it was trained on: the held-out
+    files that set the CE constraint must be the ones its card names, never files it trained on."""
+    trained_on = getattr(model, "circuitkit_card", {}).get("corpus", {})
+    want = trained_on.get("hash") if isinstance(trained_on, dict) else None
+    have = data.corpus.manifest["hash"] if data.corpus is not None and data.corpus.manifest else None
+    if want and have and want != have:
+        raise CircuitkitError(f"the corpus built here (hash {have[:12]}) is not the one the base model was trained on "
+                              f"(hash {want[:12]}, its card's corpus entry): another Python version or changed files, "
+                              "or another corpus_seed / corpus_heldout_fraction. Use the same settings as the base "
+                              "model's train_config, on a machine with the same standard library")
+
+
 def _finetune(cfg, dd: _Dist, resume, max_steps, progress, command, device, on_batch) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     if dd.main:
         run_dir.mkdir(parents=True, exist_ok=True)
     model = load_model(cfg.model, device=device, gates=False)
-    data = _Data(cfg, model)
+    data = TrainingData(model, cfg.tasks, cfg.task_options, cfg.corpus, seq_len=cfg.corpus_seq_len,
+                        heldout_fraction=cfg.corpus_heldout_fraction, text_field=cfg.corpus_text_field,
+                        max_tokens=cfg.corpus_max_tokens, seed=cfg.corpus_seed)
+    _check_same_corpus(model, data)
     step, base = 0, None
     if not resume:  # the base model's held-out metrics (dense, before the gates) fix the target
         if dd.main:
@@ -579,7 +542,7 @@ def _unflatten(vals: list[float], like):
 
 
 @torch.no_grad()
-def _quick_eval(model, data: _Data, n: int, n_measure: int) -> dict[str, Any]:
+def _quick_eval(model, data: TrainingData, n: int, n_measure: int) -> dict[str, Any]:
     model.eval()
     with gate_mode(model, GateMode.EVAL, collect=False):
         h = data.heldout(model, n)
@@ -592,7 +555,7 @@ def _quick_eval(model, data: _Data, n: int, n_measure: int) -> dict[str, Any]:
     return out
 
 
-def _final_card(cfg, model, data: _Data, extra, states: list[GecoState], step: int, wall: float,
+def _final_card(cfg, model, data: TrainingData, extra, states: list[GecoState], step: int, wall: float,
                 command) -> dict[str, Any]:
     model.eval()
     with gate_mode(model, GateMode.EVAL, collect=False):
@@ -610,6 +573,7 @@ def _final_card(cfg, model, data: _Data, extra, states: list[GecoState], step: i
     card = {
         "name": cfg.name, "base_model": cfg.model, "command": command, "wall_time_s": round(wall, 1),
         "steps": step, "seed": cfg.seed, "tasks": cfg.tasks, "task_options": cfg.task_options, "corpus": cfg.corpus,
+        "corpus_hash": data.corpus.manifest["hash"] if data.corpus is not None and data.corpus.manifest else None,
         "target_ce": target, "base_heldout_ce": extra["base_ce"],
         "heldout_ce": h["ce"], "meets_target": meets,
         "heldout": h["per_task"], "heldout_base": base["per_task"],
