@@ -1,0 +1,197 @@
+"""The code corpus and the language-model path on a tiny slice: the file rule and its manifest,
+the tokenizer, the bigram baseline, LM training with exact resume, loading with the tokenizer,
+and sparse post-training on the same corpus. Seconds, not minutes: a few small files, a 2-layer
+model, a few steps."""
+
+import hashlib
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from circuitkit import CircuitkitError
+from circuitkit.corpus import (EOT, FileCorpus, TextCorpus, bigram_ce, code_corpus, select_python_files,
+                               stdlib_root, train_tokenizer)
+from circuitkit.models import TOKENIZER_FILE, load_card, load_model
+from circuitkit.sparsity import load_model as load_sparse
+from circuitkit.sparsity.finetune import SparsifyConfig, finetune
+from circuitkit.training import TrainConfig, train
+
+# Real code to build the tiny corpus from: small standard-library modules.
+SOURCES = ["shlex.py", "textwrap.py", "bisect.py", "colorsys.py", "keyword.py", "fnmatch.py", "glob.py",
+           "heapq.py", "stat.py", "struct.py"]
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    """A folder shaped like a standard library: kept modules, and each kind of thing the rule leaves out."""
+    root = tmp_path_factory.mktemp("lib")
+    for name in SOURCES:
+        shutil.copy(stdlib_root() / name, root / name)
+    (root / "pkg").mkdir()
+    shutil.copy(stdlib_root() / "json" / "decoder.py", root / "pkg" / "decoder.py")
+    for excluded in ("test", "idlelib", "turtledemo", "site-packages", "pkg/tests", "__pycache__"):
+        (root / excluded).mkdir(parents=True)
+        (root / excluded / "mod.py").write_text("x = 1\n")
+    (root / "test_something.py").write_text("assert True\n")
+    (root / "latin.py").write_bytes("s = 'caf\xe9'\n".encode("latin-1"))
+    (root / "notes.txt").write_text("not python\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tok(tree):
+    return train_tokenizer(code_corpus(f"stdlib:{tree}").texts("train"), vocab_size=400)
+
+
+def lm_cfg(tmp, tree, **kw):
+    raw = dict(name="lm", out=str(tmp / "model"), run_dir=str(tmp / "run"), corpus=f"stdlib:{tree}",
+               corpus_seq_len=24, corpus_heldout_fraction=0.2, tokenizer_vocab=400,
+               arch={"n_layers": 2, "d_model": 32, "n_heads": 4, "d_head": 8, "d_mlp": 64, "n_ctx": 32},
+               steps=8, batch_size=4, warmup=2, checkpoint_every=4, eval_every=4, eval_n=8, seed=5)
+    raw.update(kw)
+    return TrainConfig.from_dict(raw)
+
+
+# ---------------------------------------------------------------- corpus rule and manifest
+
+def test_rule_keeps_code_and_leaves_out_tests_demos_and_non_utf8(tree):
+    kept = {p.relative_to(tree).as_posix() for p in select_python_files(tree)}
+    assert kept == set(SOURCES) | {"pkg/decoder.py"}
+
+
+def test_split_is_by_file_seeded_and_the_hash_names_contents(tree, tmp_path):
+    a, b = FileCorpus.build(tree, seed=0, heldout_fraction=0.2), FileCorpus.build(tree, seed=0, heldout_fraction=0.2)
+    assert a.hash == b.hash and a.paths("heldout") == b.paths("heldout")
+    held, train_ = set(a.paths("heldout")), set(a.paths("train"))
+    assert len(held) == round(0.2 * 11) and not held & train_ and len(held | train_) == 11
+    other = FileCorpus.build(tree, seed=1, heldout_fraction=0.2)
+    assert other.paths("heldout") != a.paths("heldout") and other.hash != a.hash
+    # the manifest's hashes are the files' own sha256, computed here independently
+    m = a.manifest()
+    for f in m["files"]:
+        assert f["sha256"] == hashlib.sha256((tree / f["path"]).read_bytes()).hexdigest()
+    json.dumps(m)  # plain JSON
+    # one changed byte in one file changes the corpus hash and is caught when its text is read
+    copy = tmp_path / "lib"
+    shutil.copytree(tree, copy)
+    before = FileCorpus.build(copy, seed=0, heldout_fraction=0.2)
+    path = copy / "bisect.py"
+    path.write_text(path.read_text() + "# edited\n")
+    assert FileCorpus.build(copy, seed=0, heldout_fraction=0.2).hash != before.hash
+    split = "train" if "bisect.py" in before.paths("train") else "heldout"
+    with pytest.raises(CircuitkitError, match="changed after the corpus was built"):
+        before.texts(split)
+
+
+def test_bad_corpus_sources_are_clear(tmp_path):
+    with pytest.raises(CircuitkitError, match="not a folder"):
+        code_corpus(f"stdlib:{tmp_path / 'missing'}")
+    (tmp_path / "one.py").write_text("x = 1\n")
+    with pytest.raises(CircuitkitError, match="at least 2"):
+        code_corpus(f"stdlib:{tmp_path}")
+
+
+# ---------------------------------------------------------------- tokenizer and baseline
+
+def test_tokenizer_round_trips_code_and_has_one_end_of_text_token(tok, tree):
+    text = (tree / "textwrap.py").read_text()[:2000] + "\n\tdef f(α, β):  # ünïcode\n        return α\n"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text
+    assert tok.convert_tokens_to_ids(EOT) == 0 == tok.bos_token_id == tok.eos_token_id
+    assert EOT not in tok.decode(ids) and len(tok) == 400
+
+
+def test_bigram_ce_matches_a_hand_count():
+    train_ = torch.tensor([0, 1, 2, 1, 2, 1, 0, 2])
+    held = torch.tensor([1, 2, 0, 1])
+    out = bigram_ce(train_, held, d_vocab=3)
+    uni = [2 + 1, 3 + 1, 3 + 1]  # add-one unigram counts
+    p_uni = [u / sum(uni) for u in uni]
+    pairs = list(zip(train_.tolist()[:-1], train_.tolist()[1:]))
+    lam = out["lambda"]
+
+    def p(a, b):
+        row = sum(1 for x, _ in pairs if x == a)
+        big = sum(1 for x, y in pairs if (x, y) == (a, b)) / row if row else 0.0
+        return lam * big + (1 - lam) * p_uni[b]
+
+    held_l = held.tolist()
+    want = -sum(math.log(p(a, b)) for a, b in zip(held_l[:-1], held_l[1:])) / 3
+    assert out["ce"] == pytest.approx(want, rel=1e-9)
+    assert out["unigram_ce"] == pytest.approx(-sum(math.log(p_uni[b]) for b in held_l[1:]) / 3, rel=1e-9)
+
+
+def test_windows_are_contiguous_slices_of_the_train_stream_after_bos(tree, tok):
+    c = TextCorpus.from_source(f"stdlib:{tree}", tok, seq_len=16, heldout_fraction=0.2)
+    tokens, mask = c.sample(32, torch.Generator().manual_seed(0))
+    assert tokens.shape == (32, 16) and bool(mask.all()) and bool((tokens[:, 0] == 0).all())
+    stream = c.train_stream.tolist()
+    for row in tokens[:, 1:].tolist():
+        starts = [i for i in range(len(stream) - 14) if stream[i:i + 15] == row]
+        assert starts, "a window is not a slice of the train stream"
+    # held-out rows come from the held-out files only
+    held = torch.cat([torch.tensor(tok(t, add_special_tokens=False)["input_ids"] + [0])
+                      for t in code_corpus(f"stdlib:{tree}", heldout_fraction=0.2).texts("heldout")])
+    assert torch.equal(c.heldout[:, 1:].flatten(), held[: c.heldout.shape[0] * 15])
+
+
+# ---------------------------------------------------------------- training, resume, loading
+
+def test_lm_trains_resumes_exactly_and_loads_with_its_tokenizer(tmp_path, tree):
+    full = lm_cfg(tmp_path / "a", tree)
+    card = train(full, progress=False)
+    part = lm_cfg(tmp_path / "b", tree)
+    assert train(part, max_steps=4, progress=False)["finished"] is False
+    train(part, resume=True, progress=False)
+    log = lambda d: [json.loads(x)["loss"] for x in (d / "run" / "log.jsonl").read_text().splitlines()]  # noqa: E731
+    assert log(tmp_path / "b") == log(tmp_path / "a") and len(log(tmp_path / "a")) == 8
+
+    a, b = load_model(tmp_path / "a" / "model"), load_model(tmp_path / "b" / "model")
+    assert (tmp_path / "a" / "model" / TOKENIZER_FILE).exists() and a.tokenizer is not None
+    x = a.to_tokens("def f(x):\n    return x\n")
+    assert x[0, 0] == 0 and torch.equal(a(x), b(x))
+    assert a.to_string(x[0, 1:]) == "def f(x):\n    return x\n"
+
+    stored = load_card(tmp_path / "a" / "model")
+    fc = code_corpus(f"stdlib:{tree}", heldout_fraction=0.2)
+    assert stored["corpus"]["hash"] == fc.hash and stored["corpus"]["heldout_files"] == fc.paths("heldout")
+    assert stored["tokens_seen"] == 8 * 4 * 24 and card["heldout_ce"] > 0 and card["train_ce"] > 0
+    assert stored["bigram_heldout_ce"] > 0 and stored["tokenizer"] == TOKENIZER_FILE
+
+
+def test_resume_refuses_a_corpus_that_changed(tmp_path, tree):
+    lib = tmp_path / "lib"
+    shutil.copytree(tree, lib)
+    cfg = lm_cfg(tmp_path, lib, steps=6)
+    train(cfg, max_steps=4, progress=False)
+    (lib / "extra.py").write_text("def g(y):\n    return y * 2\n" * 20)
+    with pytest.raises(CircuitkitError, match="differs from the one this run started on"):
+        train(cfg, resume=True, progress=False)
+
+
+def test_config_needs_tasks_or_a_corpus_not_both(tmp_path, tree):
+    with pytest.raises(CircuitkitError, match="nothing to train on"):
+        TrainConfig.from_dict(dict(name="x", out="o", run_dir="r"))
+    with pytest.raises(CircuitkitError, match="not both"):
+        TrainConfig.from_dict(dict(name="x", out="o", run_dir="r", tasks={"addition": 1.0}, corpus="stdlib"))
+    with pytest.raises(CircuitkitError, match="exceeds the model's context"):
+        train(lm_cfg(tmp_path, tree, corpus_seq_len=40), progress=False)
+
+
+def test_sparsify_on_the_corpus_keeps_the_split_and_checks_it(tmp_path, tree):
+    train(lm_cfg(tmp_path / "base", tree), progress=False)
+    raw = dict(name="s", model=str(tmp_path / "base" / "model"), out=str(tmp_path / "s"), run_dir=str(tmp_path / "sr"),
+               corpus=f"stdlib:{tree}", corpus_seq_len=24, corpus_heldout_fraction=0.2, steps=3, batch_size=4,
+               warmup=1, checkpoint_every=3, eval_every=100, eval_n=8, target_n=8, measure_n=4, seed=1)
+    card = finetune(SparsifyConfig.from_dict(raw), progress=False)
+    assert card["corpus_hash"] == code_corpus(f"stdlib:{tree}", heldout_fraction=0.2).hash
+    sparse = load_sparse(tmp_path / "s")
+    assert sparse.tokenizer is not None and sparse.to_str_tokens("def")[0] == EOT
+    # another held-out fraction is another split: the CE constraint would be set on files the base trained on
+    bad = SparsifyConfig.from_dict({**raw, "corpus_heldout_fraction": 0.4, "out": str(tmp_path / "s2"),
+                                    "run_dir": str(tmp_path / "sr2")})
+    with pytest.raises(CircuitkitError, match="not the one the base model was trained on"):
+        finetune(bad, progress=False)
