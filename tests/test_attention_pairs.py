@@ -206,3 +206,24 @@ def test_pairs_command_writes_and_refuses_to_overwrite(tmp_path, capsys):
     assert (out / "pairs.safetensors").read_bytes() == before
     assert main(argv + ["--force", "--seed", "1"]) == 0
     assert main(["pairs", "--model", "toy-addition", "--task", "addition", "--n", "0", "--out", str(out)]) == 2
+
+
+def test_token_figures_are_written(tmp_path):
+    from circuitkit.evaluation.pairs import MinimalPairs, PairCurve, PairResult
+    from circuitkit.plotting import pair_mass_figure, token_circuit_figure
+
+    spec = PairSpec(2, 3, 4)
+    g = torch.Generator().manual_seed(0)
+    results = []
+    for name, scale in (("base", 1.0), ("sparse", 0.1)):
+        s = torch.randn(spec.shape, generator=g) * spec.causal * scale
+        ps = PairScores(spec, s, "exact", "t", 4, 1.0)
+        mc = MinimalPairs(3, 0.95, True, 0.9, ps.top_k_mask(3))
+        curve = PairCurve((1, 2, 3, spec.n_pairs), (0.1, 0.5, 0.95, 1.0), 1.0, 0.0)
+        results.append(PairResult(name, ps, pair_mass(ps), head_mass(ps), curve, mc))
+    paths = pair_mass_figure([("t", *results)], tmp_path / "mass")
+    paths += token_circuit_figure([("p", list("abcd"), [(r.model, r.scores, r.minimal.keep) for r in results])],
+                                  tmp_path / "tok")
+    assert sorted(p.name for p in paths) == ["mass.png", "mass.svg", "tok.png", "tok.svg"]
+    assert all(p.stat().st_size > 1000 for p in paths)
+    assert "3 pairs" in (tmp_path / "tok.svg").read_text()  # the panel title counts the pairs drawn
