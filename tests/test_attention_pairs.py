@@ -227,3 +227,32 @@ def test_token_figures_are_written(tmp_path):
     assert sorted(p.name for p in paths) == ["mass.png", "mass.svg", "tok.png", "tok.svg"]
     assert all(p.stat().st_size > 1000 for p in paths)
     assert "3 pairs" in (tmp_path / "tok.svg").read_text()  # the panel title counts the pairs drawn
+
+
+def test_study_with_the_pair_level_writes_the_token_table(tmp_path):
+    import pandas as pd
+
+    from circuitkit.evaluation.study import StudyConfig
+    from circuitkit.models import save_model
+    from circuitkit.pipeline import RunConfig, run
+
+    for name, seed in (("base", 1), ("sparse", 2)):
+        save_model(build_model(toy_config("toy-2l", seed=seed)), tmp_path / name, {"name": name})
+    cfg = RunConfig.from_dict({
+        "out": str(tmp_path / "results"),
+        "study": {"method": "eap", "n": 6, "batch_size": 64, "levels": ["component", "pairs"],
+                  "pair_method": "gradient", "minimality_max_edges": 5},
+        "pairs": [{"base": str(tmp_path / "base"), "sparse": str(tmp_path / "sparse"), "tasks": ["addition"]}],
+    })
+    out = run(cfg, progress=False)
+    table = pd.read_csv(out / "token_pairs.csv")
+    row = table.iloc[0]
+    assert (row["task"], row["method"], row["n_prompts"]) == ("addition", "gradient", 6)
+    assert row["minimal_pair_ratio"] == pytest.approx(row["base_minimal_pairs"] / row["sparse_minimal_pairs"])
+    assert "Token level: attention pairs" in (out / "report.md").read_text()
+    assert (out / "figures" / "token_mass.png").exists()
+    with pytest.raises(CircuitkitError, match="levels"):
+        StudyConfig(levels=("pairs",))
+    with pytest.raises(CircuitkitError, match="pair_method"):
+        RunConfig.from_dict({"study": {"pair_method": "ig"}})
+    assert "pairs" not in StudyConfig().levels  # the default study is unchanged

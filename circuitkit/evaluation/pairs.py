@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -27,6 +28,8 @@ from circuitkit import CircuitkitError
 from circuitkit.circuits.attention_pairs import PairMethod, PairScores, attribute_pairs, metric_with_pairs
 from circuitkit.circuits.interventions import DEFAULT_BATCH_SIZE, explained_effect
 from circuitkit.circuits.selection import bisect_top_n, log_sizes
+from circuitkit.sparsity import load_model
+from circuitkit.tasks import task_for_model
 from circuitkit.tasks.base import TaskDataset
 
 MASS_LEVELS = (0.8, 0.9)
@@ -240,4 +243,19 @@ def pair_row(base: PairResult, sparse: PairResult) -> dict[str, Any]:
 
 __all__ = ["MASS_LEVELS", "MassCurve", "MinimalPairs", "PAPER_MASS_RATIOS", "PairCurve", "PairResult", "analyse_pairs",
            "head_mass", "mass_curve", "mass_ratio", "minimal_pair_circuit", "pair_curve", "pair_effects", "pair_mass",
-           "pair_row"]
+           "pair_row", "study_pair_tokens"]
+
+
+def study_pair_tokens(base: str, sparse: str, tasks: Sequence[str], method: PairMethod | str, n: int, seed: int,
+                      threshold: float = 0.9, batch_size: int = DEFAULT_BATCH_SIZE,
+                      progress: bool = False) -> list[tuple[PairResult, PairResult]]:
+    """:func:`analyse_pairs` for every task in the base and in the sparse model (the token-level
+    counterpart of :func:`circuitkit.evaluation.compare.study_pair`)."""
+    models = {name: load_model(name) for name in (base, sparse)}
+    out = []
+    for task in tasks:
+        ds = task_for_model(task, models[base]).dataset(n, seed=seed)
+        b, s = (analyse_pairs(models[name], Path(name).name, ds, method, threshold, batch_size, progress)
+                for name in (base, sparse))
+        out.append((b, s))
+    return out
