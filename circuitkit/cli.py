@@ -33,6 +33,8 @@ COMMANDS: dict[str, Command] = {
     "sparsify": Command("circuitkit.commands.sparsify", "sparse post-training of attention edges / MLP neurons",
                         True),
     "discover": Command("circuitkit.commands.discover", "find a task's circuit with an attribution method"),
+    "pairs": Command("circuitkit.commands.pairs",
+                     "attention-pair attribution: a score for every (layer, head, query, key) pair of a task"),
     "compare": Command("circuitkit.commands.compare", "verify and compare base vs sparse circuits"),
     "run": Command("circuitkit.commands.run",
                    "the whole study on the shipped zoo: discover, verify, compare, report"),

@@ -20,6 +20,7 @@ import pandas as pd
 
 from circuitkit import CircuitkitError, plotting
 from circuitkit.evaluation.compare import check_pair, overlap_table, pair_table, study_pair, write_table
+from circuitkit.evaluation.pairs import PAPER_MASS_RATIOS, pair_row, study_pair_tokens
 from circuitkit.evaluation.study import StudyConfig, TaskResult
 from circuitkit.io import POSITIVE, TomlConfig, check_fields, check_keys, check_writable_dir, write_text
 from circuitkit.models import ZOO_DIR
@@ -139,6 +140,7 @@ def run(cfg: RunConfig, progress: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, list[TaskResult]] = {}
     pair_rows: list[tuple[str, TaskResult, TaskResult]] = []
+    token_panels: list[tuple[str, Any, Any]] = []  # (title, base PairResult, sparse PairResult)
     tables = []
     for pair in cfg.pairs:
         study = cfg.study if pair.n is None else replace(cfg.study, n=pair.n)
@@ -153,7 +155,14 @@ def run(cfg: RunConfig, progress: bool = True) -> Path:
         table.insert(4, "n_prompts", study.n)
         tables.append(table)
         pair_rows += [(f"{Path(pair.base).name}: {b.task}", b, s) for b, s in zip(base, sparse)]
+        if "pairs" in study.levels:  # the token level: attention pairs (docs/method.md §9)
+            token_panels += [(f"{b.model}: {b.scores.task}", b, s) for b, s in study_pair_tokens(
+                pair.base, pair.sparse, pair.tasks, study.pair_method, study.n, study.seed, study.threshold,
+                study.batch_size, progress)]
     main_table = pd.concat(tables, ignore_index=True)
+    token_table = pd.DataFrame([pair_row(b, s) for _, b, s in token_panels]) if token_panels else None
+    if token_table is not None:
+        write_table(token_table, out / "token_pairs")
     write_table(main_table, out / "base_vs_sparse")
     write_table(main_table[RATIO_VS_SIZE_COLUMNS], out / "ratio_vs_size")
     overlaps = {m: overlap_table(rs) for m, rs in results.items() if len(rs) > 1}
@@ -166,13 +175,16 @@ def run(cfg: RunConfig, progress: bool = True) -> Path:
         for title, b, s in pair_rows:
             stem = f"circuit__{b.model}__{b.task}"
             figs += plotting.circuit_figure(b.minimal, s.minimal, out / "figures" / stem, title=b.task)
+        if token_panels:
+            figs += plotting.pair_mass_figure(token_panels, out / "figures" / "token_mass", cfg.study.threshold,
+                                              PAPER_MASS_RATIOS)
     wall = time.time() - t0
-    write_text(out / "report.md", report(cfg, main_table, overlaps, figs, out, wall))
+    write_text(out / "report.md", report(cfg, main_table, overlaps, figs, out, wall, token_table))
     write_text(out / "run.json", json.dumps({"config": asdict(cfg), "wall_time_s": round(wall, 1)}, indent=2))
     return out
 
 
-def report(cfg: RunConfig, table, overlaps, figs: list[Path], out: Path, wall: float) -> str:
+def report(cfg: RunConfig, table, overlaps, figs: list[Path], out: Path, wall: float, token_table=None) -> str:
     s = cfg.study
     lines = ["# circuitkit study", "",
              f"Method `{s.method}` (IG steps {s.ig_steps}), ablation `{s.ablation}`, {s.n} prompts per task "
@@ -188,6 +200,13 @@ def report(cfg: RunConfig, table, overlaps, figs: list[Path], out: Path, wall: f
              + (f" (estimated on {s.minimality_max_edges} edges drawn at random for larger circuits)."
                 if s.minimality_max_edges else "."), "",
              table.to_markdown(index=False, floatfmt=".3g"), ""]
+    if token_table is not None:
+        lines += ["## Token level: attention pairs", "",
+                  f"Pairs scored `{s.pair_method}` (docs/method.md §9). `pairs_ratio_80` = base ÷ sparse number of "
+                  "top pairs holding 80% of the total |attribution| (`heads_*`: heads, a head's score = Σ |pair "
+                  f"scores|; the paper: {PAPER_MASS_RATIOS['pairs']}× and {PAPER_MASS_RATIOS['heads']}× on GPT-2); "
+                  f"`minimal_pair_ratio` = base ÷ sparse fewest top pairs with f ≥ {s.threshold}, every other pair "
+                  "removed from the pattern.", "", token_table.to_markdown(index=False, floatfmt=".3g"), ""]
     for m, df in overlaps.items():
         lines += [f"## Tasks sharing circuit parts in `{m}`", "", df.to_markdown(index=False, floatfmt=".3g"), ""]
     if figs:

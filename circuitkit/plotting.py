@@ -237,3 +237,111 @@ def attention_figure(models: Sequence[tuple[str, object]], prompts: Sequence[tup
                          transform=axes[r, -1].transAxes, va="center")
     fig.tight_layout()
     return save(fig, stem)
+
+
+# ---------------------------------------------------------------- token level (attention pairs)
+
+def _mass_text(base_curve, sparse_curve, levels=(0.8, 0.9), paper: float | None = None) -> str:
+    parts = []
+    for p in levels:
+        kb, ks = base_curve.k_at(p), sparse_curve.k_at(p)
+        parts.append(f"{round(100 * p)}%: {kb}/{ks} = {_ratio_text(kb, ks)}")
+    if paper is not None:
+        parts.append(f"paper (GPT-2): {paper:g}×")
+    return "\n".join(parts)
+
+
+def pair_mass_figure(panels: Sequence[tuple], stem: Path, threshold: float = 0.9,
+                     paper: dict[str, float] | None = None) -> list[Path]:
+    """The paper's attribution-mass figure at the token level, one column per task.
+
+    Top row: fraction of the total |attribution| held by the top-k attention pairs (log k);
+    middle: by the top-k heads (head score = Σ |pair scores|); bottom: the explained effect f
+    when only the top-k pairs are kept. Base vs sparse; the base ÷ sparse k at 80% and 90% of
+    the mass, and the minimal-circuit ratio at f = ``threshold``, are written on each panel.
+
+    ``panels``: (title, base PairResult, sparse PairResult), see :mod:`circuitkit.evaluation.pairs`.
+    """
+    paper = paper or {}
+    n = len(panels)
+    fig, axes = plt.subplots(3, n, figsize=(3.3 * n, 8.4), squeeze=False)
+    for col, (title, base, sparse) in enumerate(panels):
+        for row, unit in ((0, "pairs"), (1, "heads")):
+            ax = axes[row, col]
+            for r, color, label in ((base, BASE_COLOR, "base"), (sparse, SPARSE_COLOR, "sparse")):
+                c = r.pair_mass if unit == "pairs" else r.head_mass
+                ax.plot(range(1, len(c.fraction) + 1), c.fraction, "-", color=color, lw=1.4, label=label)
+            for p in (0.8, 0.9):
+                ax.axhline(p, color="gray", lw=0.6, ls=":")
+            if unit == "pairs":
+                ax.set_xscale("log")
+            ax.set_ylim(0, 1.04)
+            ax.set_xlabel(f"top-k {unit}")
+            b, s = (base.pair_mass, sparse.pair_mass) if unit == "pairs" else (base.head_mass, sparse.head_mass)
+            ax.text(0.97, 0.04, _mass_text(b, s, paper=paper.get(unit)), transform=ax.transAxes, fontsize=7,
+                    ha="right", va="bottom", bbox=dict(facecolor="white", alpha=0.8, lw=0))
+            if row == 0:
+                ax.set_title(title, fontsize=10)
+            ax.legend(fontsize=7, loc="upper left")
+        ax = axes[2, col]
+        for r, color, label in ((base, BASE_COLOR, "base"), (sparse, SPARSE_COLOR, "sparse")):
+            ax.plot(r.curve.sizes, r.curve.f, "-o", ms=2, color=color, label=f"{label} ({r.minimal.k} pairs)")
+            ax.axvline(r.minimal.k, color=color, ls=":", lw=1)
+        ax.axhline(threshold, color="gray", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.set_ylim(-0.2, 1.15)
+        ax.set_xlabel("top-k pairs kept (others removed)")
+        ax.text(0.03, 0.95, f"minimal (f ≥ {threshold}): {_ratio_text(base.minimal.k, sparse.minimal.k)}",
+                transform=ax.transAxes, fontsize=8, va="top")
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0, 0].set_ylabel("share of |attribution|\n(pairs)")
+    axes[1, 0].set_ylabel("share of |attribution|\n(heads)")
+    axes[2, 0].set_ylabel("explained effect f")
+    fig.tight_layout()
+    return save(fig, stem)
+
+
+def draw_token_circuit(ax, scores, keep, tokens: Sequence[str], title: str) -> None:
+    """One token-level circuit in the teaser's layout: positions (tokens) across, layers up.
+
+    Pair (l, h, q, k) of ``keep`` ([layer, head, query, key] bool) is a line from key position k
+    at height l to query position q at height l + 1, coloured by head, width following |score|.
+    """
+    L, H, T, _ = keep.shape
+    pairs = keep.nonzero().tolist()
+    smax = max((abs(float(scores[tuple(p)])) for p in pairs), default=1.0) or 1.0
+    cmap = plt.cm.tab10 if H <= 10 else plt.cm.tab20
+    for l, h, q, k in pairs:
+        w = abs(float(scores[l, h, q, k])) / smax
+        ax.plot([k, q], [l, l + 1], color=cmap(h % cmap.N), lw=0.6 + 2.4 * w, alpha=0.35 + 0.6 * w,
+                solid_capstyle="round", zorder=2)
+    for y in range(L + 1):
+        ax.scatter(range(T), [y] * T, s=5, color="#999999", zorder=3)
+    ax.set_xticks(range(T), list(tokens), fontsize=7)
+    ax.set_yticks(range(L + 1), ["emb"] + [f"after {l}" for l in range(L)], fontsize=6)
+    ax.set_xlim(-0.6, T - 0.4)
+    ax.set_ylim(-0.3, L + 0.9)  # room for the legend above the last layer
+    heads = sorted({(l, h) for l, h, _, _ in pairs})
+    ax.set_title(f"{title}\n{len(pairs)} pairs, {len(heads)} heads", fontsize=8)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    for h in sorted({h for _, h in heads}):
+        ax.plot([], [], color=cmap(h % cmap.N), lw=2, label=f"head {h}")
+    if heads:
+        ax.legend(fontsize=6, loc="upper left", frameon=False, ncol=min(4, H))
+
+
+def token_circuit_figure(rows: Sequence[tuple], stem: Path) -> list[Path]:
+    """Token-level minimal circuits, base and sparse side by side, one row per prompt.
+
+    ``rows``: (row label, tokens as text, [(panel title, PairScores, keep mask [layer, head, query, key])…]).
+    """
+    n_cols = max(len(r[2]) for r in rows)
+    fig, axes = plt.subplots(len(rows), n_cols, figsize=(5.2 * n_cols, 3.0 * len(rows)), squeeze=False)
+    for r, (label, tokens, panels) in enumerate(rows):
+        for c, (title, scores, keep) in enumerate(panels):
+            draw_token_circuit(axes[r, c], scores.scores, keep, tokens, f"{label}: {title}")
+        for c in range(len(panels), n_cols):
+            axes[r, c].axis("off")
+    fig.tight_layout()
+    return save(fig, stem)

@@ -12,7 +12,9 @@ from typing import Any
 
 import torch
 
+from circuitkit import CircuitkitError
 from circuitkit.circuits import attribution
+from circuitkit.circuits.attention_pairs import PairMethod
 from circuitkit.circuits.graph import Graph
 from circuitkit.circuits.interventions import DEFAULT_BATCH_SIZE, Ablation
 from circuitkit.evaluation.faithfulness import (Curve, cpr_cmd, completeness, edge_curve, head_curve,
@@ -37,9 +39,24 @@ class StudyConfig(TomlConfig):
     # circuits with more edges get minimality estimated on this many of them (None: every edge)
     minimality_max_edges: int | None = 100
     node_method: str = "eap"
+    # "component": the edge-graph study above; "pairs": also the attention-pair (token-level) study
+    # of circuitkit.evaluation.pairs, scored with pair_method (docs/method.md §9)
+    levels: tuple[str, ...] = ("component",)
+    pair_method: str = "exact"
 
     RANGES = {"ig_steps": POSITIVE, "threshold": Range(0, 1, lo_open=True), "n": POSITIVE, "seed": NON_NEGATIVE,
               "batch_size": POSITIVE, "minimality_eps": NON_NEGATIVE}
+    LEVELS = ("component", "pairs")
+
+    def check(self, source: str) -> None:
+        levels = tuple(self.levels)
+        if not levels or set(levels) - set(self.LEVELS) or "component" not in levels:
+            raise CircuitkitError(f"{source}: study levels must include \"component\" and may add \"pairs\" "
+                                  f"(known: {', '.join(self.LEVELS)}), got {list(levels)}")
+        try:
+            PairMethod.parse(self.pair_method)
+        except CircuitkitError as e:
+            raise CircuitkitError(f"{source}: pair_method: {e}") from None
 
 
 @dataclass(frozen=True)
