@@ -155,7 +155,7 @@ def run(cfg: RunConfig, progress: bool = True) -> Path:
         table.insert(4, "n_prompts", study.n)
         tables.append(table)
         pair_rows += [(f"{Path(pair.base).name}: {b.task}", b, s) for b, s in zip(base, sparse)]
-        if "pairs" in study.levels:  # the token level: attention pairs (docs/method.md §9)
+        if "pairs" in study.levels:  # the token level: attention pairs (docs/method.md §10)
             token_panels += [(f"{b.model}: {b.scores.task}", b, s) for b, s in study_pair_tokens(
                 pair.base, pair.sparse, pair.tasks, study.pair_method, study.n, study.seed, study.threshold,
                 study.batch_size, progress)]
@@ -202,7 +202,7 @@ def report(cfg: RunConfig, table, overlaps, figs: list[Path], out: Path, wall: f
              table.to_markdown(index=False, floatfmt=".3g"), ""]
     if token_table is not None:
         lines += ["## Token level: attention pairs", "",
-                  f"Pairs scored `{s.pair_method}` (docs/method.md §9). `pairs_ratio_80` = base ÷ sparse number of "
+                  f"Pairs scored `{s.pair_method}` (docs/method.md §10). `pairs_ratio_80` = base ÷ sparse number of "
                   "top pairs holding 80% of the total |attribution| (`heads_*`: heads, a head's score = Σ |pair "
                   f"scores|; the paper: {PAPER_MASS_RATIOS['pairs']}× and {PAPER_MASS_RATIOS['heads']}× on GPT-2); "
                   f"`minimal_pair_ratio` = base ÷ sparse fewest top pairs with f ≥ {s.threshold}, every other pair "

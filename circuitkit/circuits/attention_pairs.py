@@ -4,7 +4,7 @@ Why a module of its own: sparse post-training acts on query–key pairs — a cl
 one entry of a head's attention pattern to 0 (``pattern' = softmax(s) ⊙ m``, no
 renormalisation; :mod:`circuitkit.sparsity.gates`) — while the edge graph of
 :mod:`~circuitkit.circuits.graph` sums every head over positions. This module owns the pair
-level (docs/method.md §9):
+level (docs/method.md §10):
 
 - the intervention: :func:`pairs_removed` runs a model with pattern entries set to 0, one
   keep-mask ``[layer, head, query, key]`` per copy of the batch (copy-major, as
@@ -263,7 +263,7 @@ class PairMethod(Enum):
 
     def score(self, model, ds: TaskDataset, batch_size: int = DEFAULT_BATCH_SIZE,
               progress: bool = False) -> "PairScores":
-        """Scores of every causal pair, the mean over the examples of ``ds`` (docs/method.md §9)."""
+        """Scores of every causal pair, the mean over the examples of ``ds`` (docs/method.md §10)."""
         check_dataset(model, ds)
         check_pair_support(model)
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:

@@ -2,7 +2,7 @@
 
 Why a module of its own: :mod:`circuitkit.circuits.attention_pairs` scores every causal
 (layer, head, query, key) pair; this module measures what those scores say about a model and
-compares a base model with its sparse one (docs/method.md §9):
+compares a base model with its sparse one (docs/method.md §10):
 
 - *mass concentration*: the fraction of the total |attribution| captured by the top-k pairs, and
   by the top-k heads (a head's score = Σ of its pairs' |scores|), and the k at which it reaches

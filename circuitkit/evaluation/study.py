@@ -40,7 +40,7 @@ class StudyConfig(TomlConfig):
     minimality_max_edges: int | None = 100
     node_method: str = "eap"
     # "component": the edge-graph study above; "pairs": also the attention-pair (token-level) study
-    # of circuitkit.evaluation.pairs, scored with pair_method (docs/method.md §9)
+    # of circuitkit.evaluation.pairs, scored with pair_method (docs/method.md §10)
     levels: tuple[str, ...] = ("component",)
     pair_method: str = "exact"
 
