@@ -40,13 +40,14 @@ def test_edges_into_closed_heads_score_zero(method, rel_tol):
     ds = get_task("addition").dataset(64, seed=0)
     closed = closed_heads(model, ds.clean) & closed_heads(model, ds.corrupt)
     assert closed.any(), "expected some heads with every gate closed on the task prompts"
-    scores = attribute(model, ds, method).scores  # [n_src, n_dst]
+    scored = attribute(model, ds, method)
+    scores = scored.scores  # [n_src, n_dst]
     spec = GraphSpec.from_model(model)
     bound = rel_tol * float(scores.abs().max())
     for l, h in closed.nonzero().tolist():
         for qkv in "qkv":
             col = scores[:, spec.head_dst(l, h, qkv)]
             assert torch.all(col.abs() <= bound), f"edges into closed head a{l}.h{h}<{qkv}> scored {col.abs().max()}"
-    circuit = top_n(attribute(model, ds, method), 60)
+    circuit = top_n(scored, 60)
     assert not (circuit.head_mask & closed).any()  # no closed head in the circuit
     assert get_gates(model) is not None  # discovery left the gates attached
