@@ -379,8 +379,14 @@ def metric_with_graphs(model, graphs: Sequence[Graph], ds: TaskDataset,
         raise CircuitkitError("metric_with_graphs needs at least one graph")
     for g in graphs:
         g.check_model(model)
-    return ablation_metrics(model, graphs[0].spec, ds, lambda a, b: torch.stack([g.ablated for g in graphs[a:b]]),
-                            len(graphs), ablation, batch_size, progress, desc="graphs")
+    resolved = any(g.ablated.ndim == 3 for g in graphs)  # position-resolved graphs among them
+
+    def masks(a: int, b: int) -> torch.Tensor:  # [b - a, (pos,) n_src, n_dst]; component masks hold at every position
+        ms = [g.ablated for g in graphs[a:b]]
+        return torch.stack([m.expand(ds.seq_len, *m.shape) if resolved and m.ndim == 2 else m for m in ms])
+
+    return ablation_metrics(model, graphs[0].spec, ds, masks, len(graphs), ablation, batch_size, progress,
+                            desc="graphs")
 
 
 def metric_with_graph(model, graph: Graph, ds: TaskDataset, ablation: Ablation | str = Ablation.PATCHING,
