@@ -16,7 +16,7 @@ import torch
 
 from circuitkit import CircuitkitError
 from circuitkit.circuits import (
-    Graph, GraphSpec, PositionGraph, Positions, attribute, attribute_positions, compare_scores,
+    Graph, GraphSpec, PositionGraph, Positions, attribute, attribute_positions,
     exact_position_scores, faithfulness, greedy, metric_with_graphs, remove_dangling, threshold, top_n,
 )
 from circuitkit.cli import main
