@@ -17,7 +17,7 @@ import torch
 from circuitkit import CircuitkitError
 from circuitkit.circuits import (
     Graph, GraphSpec, PositionGraph, Positions, attribute, attribute_positions,
-    exact_position_scores, faithfulness, greedy, metric_with_graphs, remove_dangling, threshold, top_n,
+    exact_position_scores, faithfulness, greedy, metric_with_graphs, remove_dangling, threshold, top_heads, top_n,
 )
 from circuitkit.cli import main
 from circuitkit.models import build_model, save_model, toy_config
@@ -202,6 +202,9 @@ def test_selection_on_position_graphs(toy_addition, add_ds):
     pruned = top_n(g, 30)
     m = metric_with_graphs(toy_addition, [raw, pruned], add_ds).mean(1)
     assert float(m[0]) == pytest.approx(float(m[1]), abs=1e-4)
+    heads = top_heads(g, 3)  # by the position-summed node scores, every edge between kept nodes at every position
+    assert isinstance(heads, PositionGraph) and heads.n_heads == 3
+    assert torch.equal(heads.in_graph, PositionGraph.from_component(top_heads(g.component, 3), g.positions).in_graph)
     c = greedy(toy_addition, g, add_ds, 0.8)
     assert c.metadata["reached"] and faithfulness(toy_addition, c, add_ds).explained >= 0.8 - 1e-6
     assert c.n_edges < g.n_real_edges and isinstance(c, PositionGraph)

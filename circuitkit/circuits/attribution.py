@@ -76,8 +76,9 @@ class _GradientPass:
     3 * n_heads LayerNorms per block forward and back.
 
     ``level="position"`` scores the same edges per token position (``out`` is
-    ``[pos, n_src, n_dst]``): every contraction goes through :meth:`_contract`, which sums
-    over batch and d_model but keeps the position axis (:mod:`~circuitkit.circuits.positions`).
+    ``[pos, n_src, n_dst]``): every contraction goes through :meth:`_contract` or
+    :meth:`_with_diff`, which then sum over batch and d_model but keep the position axis
+    (:mod:`~circuitkit.circuits.positions`).
     """
 
     def __init__(self, model, spec: GraphSpec, level: str,

@@ -509,9 +509,9 @@ class Graph:
     # -- counts and node-level views
     @property
     def real_mask(self) -> torch.Tensor:  # [n_src, n_dst] bool: the edges a circuit may hold (spec.real)
-        """Shaped like :attr:`scores`; selection and faithfulness read it, so they serve
-        position-resolved graphs (:class:`~circuitkit.circuits.positions.PositionGraph`) alike."""
-        return self.spec.real
+        """Shaped like :attr:`scores` (a fresh tensor); selection and faithfulness read it, so they
+        serve position-resolved graphs (:class:`~circuitkit.circuits.positions.PositionGraph`) alike."""
+        return self.spec.real.clone()
 
     @property
     def n_real_edges(self) -> int:

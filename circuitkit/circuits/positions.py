@@ -253,8 +253,8 @@ class PositionGraph:
         return len(self.positions)
 
     @property
-    def real_mask(self) -> torch.Tensor:  # [pos, n_src, n_dst] bool
-        return self.spec.real.expand(self.n_positions, *self.spec.real.shape)
+    def real_mask(self) -> torch.Tensor:  # [pos, n_src, n_dst] bool (a fresh tensor)
+        return self.spec.real.expand(self.n_positions, *self.spec.real.shape).clone()
 
     @property
     def n_real_edges(self) -> int:

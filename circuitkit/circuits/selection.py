@@ -154,10 +154,11 @@ def greedy(model, graph: Graph, ds: TaskDataset, target: float = 0.9, *, absolut
     return candidate(n).with_metadata(**meta, **({"requested_edges": n} if reached else {}))
 
 
-def from_nodes(spec_or_graph: GraphSpec | Graph, heads: torch.Tensor,  # [n_layers, n_heads] bool
-               mlps: torch.Tensor | None = None) -> Graph:  # [n_layers] bool ([0] attn-only); None keeps every MLP
-    """The circuit of all real edges between kept nodes (``input`` and ``logits`` always kept)."""
-    graph = spec_or_graph if isinstance(spec_or_graph, Graph) else Graph.full(spec_or_graph)
+def from_nodes(spec_or_graph: GraphSpec | Graph | PositionGraph, heads: torch.Tensor,  # [n_layers, n_heads] bool
+               mlps: torch.Tensor | None = None) -> Graph | PositionGraph:  # [n_layers] bool; None keeps every MLP
+    """The circuit of all real edges between kept nodes (``input`` and ``logits`` always kept; for a
+    position-resolved graph at every position)."""
+    graph = Graph.full(spec_or_graph) if isinstance(spec_or_graph, GraphSpec) else spec_or_graph
     spec = graph.spec
     if tuple(heads.shape) != (spec.n_layers, spec.n_heads) or heads.dtype != torch.bool:
         raise CircuitkitError(f"heads must be a bool tensor [n_layers={spec.n_layers}, n_heads={spec.n_heads}], "
@@ -170,7 +171,7 @@ def from_nodes(spec_or_graph: GraphSpec | Graph, heads: torch.Tensor,  # [n_laye
     keep = torch.ones(spec.n_nodes, dtype=torch.bool)  # [n_nodes]
     keep[spec.head_rows.flatten()] = heads.flatten()
     keep[spec.mlp_rows] = mlps
-    member = spec.real & keep[: spec.n_src, None] & keep[spec.dst_node][None, :]
+    member = graph.real_mask & keep[: spec.n_src, None] & keep[spec.dst_node][None, :]
     return graph.with_in_graph(member, selection="nodes", n_heads_kept=int(heads.sum()))
 
 
