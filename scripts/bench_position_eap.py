@@ -14,7 +14,6 @@ as a check that both computed the same thing.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
