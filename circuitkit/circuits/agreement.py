@@ -37,14 +37,15 @@ class Agreement:
 
 def compare_scores(a: Graph, b: Graph, k: int = 50) -> Agreement:
     """Agreement of two scored graphs of the same model."""
-    if a.spec != b.spec:
-        raise CircuitkitError("the two graphs belong to differently shaped models; compare graphs of one model")
-    n_real = a.spec.n_real_edges
+    if a.spec != b.spec or a.scores.shape != b.scores.shape:
+        raise CircuitkitError("the two graphs belong to differently shaped models (or one is position-resolved and "
+                              "the other not, or their prompts differ in length); compare graphs of one model and level")
+    n_real = a.n_real_edges
     if not isinstance(k, int) or not 0 < k <= n_real:
         raise CircuitkitError(f"k must be an integer in [1, {n_real}] (the model's real edges), got {k!r}")
     top_a = {tuple(e) for e in edge_order(a)[:k].tolist()}
     top_b = {tuple(e) for e in edge_order(b)[:k].tolist()}
-    real = a.spec.real
+    real = a.real_mask
     sa, sb = a.scores[real].double(), b.scores[real].double()
     sa, sb = sa - sa.mean(), sb - sb.mean()
     denom = (sa.norm() * sb.norm()).item()

@@ -74,9 +74,15 @@ class _GradientPass:
     gradients are read at ``attn.hook_q/k/v`` and the LayerNorm's statistics at
     ``ln1.hook_scale`` / ``ln1.hook_normalized`` (see :meth:`_head_input_grad`). This avoids
     3 * n_heads LayerNorms per block forward and back.
+
+    ``level="position"`` scores the same edges per token position (``out`` is
+    ``[pos, n_src, n_dst]``): every contraction goes through :meth:`_contract` or
+    :meth:`_with_diff`, which then sum over batch and d_model but keep the position axis
+    (:mod:`~circuitkit.circuits.positions`).
     """
 
-    def __init__(self, model, spec: GraphSpec, level: str, out: torch.Tensor,  # [n_src, n_dst] or [n_src]
+    def __init__(self, model, spec: GraphSpec, level: str,
+                 out: torch.Tensor,  # [n_src, n_dst] (edge), [pos, n_src, n_dst] (position) or [n_src] (node)
                  input_fn: Callable[[torch.Tensor], torch.Tensor],
                  diff: torch.Tensor,  # [n_src, batch, pos, d_model], sender-major
                  subtract_clean: bool = False,
@@ -100,7 +106,7 @@ class _GradientPass:
         hooks: list[tuple[str, Callable]] = [("blocks.0.hook_resid_pre", self._input)]
         if self.subtract_clean:
             hooks += sender_hooks(self.model, spec, self._subtract, heads_as_z=self.z_ablate is not None)
-        if self.level == "edge":
+        if self.level in ("edge", "position"):
             for g in spec.receiver_groups:
                 if not g.per_head:
                     hooks.append((g.hook, self._watch(self._receiver_grad(g.prefix, g.cols))))
@@ -179,17 +185,17 @@ class _GradientPass:
             n, r = g.shape[2], self.repeats
             g_sum = g.reshape(r, -1, *g.shape[1:]).sum(0) if r > 1 else g  # copies summed: u is linear in g
             u = g_sum.reshape(-1, n, g.shape[-1]).transpose(0, 1) @ w_in.transpose(1, 2)  # [3 * n_heads, b*pos, d_model]
-            score = (u.reshape(n, -1) @ self.diff_t[:prefix].T).T  # [prefix, 3 * n_heads]
+            score = self._with_diff(prefix, u.reshape(n, -1))  # [(pos,) prefix, 3 * n_heads]
             if norm is not None:  # x̂ differs between copies: these terms keep the copy axis
                 xw = self._normalized_projection(layer)  # x̂ @ (w ⊙ W): [r*b, pos, 3 * n_heads, d_head]
                 e = (g * xw).sum(-1).permute(2, 0, 1).reshape(n, -1)  # Σ_d u x̂: [3 * n_heads, r*b*pos]
                 x_hat_r = x_hat.reshape(r, *self.diff.shape[1:])  # [r, b, pos, d_model]
                 x_dot = (self.diff[:prefix, None] * x_hat_r).sum(-1).reshape(prefix, -1)  # Σ_d diff x̂: [prefix, r*b*pos]
-                score -= x_dot @ e.T / d_model
+                score -= self._contract(x_dot, e, 1) / d_model
                 if norm in ("LN", "LNPre"):
                     b = (g_sum * w_in.sum(1)).sum(-1).permute(2, 0, 1).reshape(n, -1)  # Σ_d u: [3 * n_heads, b*pos]
-                    score -= self._diff_sum()[:prefix] @ b.T / d_model
-            self.out[:prefix, first: first + n] += self.weight * score.float().cpu()
+                    score -= self._contract(self._diff_sum()[:prefix], b, 1) / d_model
+            self.out[..., :prefix, first: first + n] += self.weight * score.float().cpu()
 
     def _normalized_projection(self, layer: int) -> torch.Tensor:  # [batch, pos, 3 * n_heads, d_head]
         """``x̂ @ (w ⊙ W)`` for q, k, v, read off the forward pass: ``q = (x̂ ⊙ w + b_ln) @ W_Q + b_Q``."""
@@ -202,6 +208,28 @@ class _GradientPass:
             parts.append(self.qkv_acts.pop((layer, c)) - offset)
         return torch.cat(parts, 2)
 
+    def _contract(self, a: torch.Tensor,  # [m, rows*pos*width]: rows = (copies,) batch
+                  b: torch.Tensor,  # [n, rows*pos*width], the same layout
+                  width: int) -> torch.Tensor:  # [m, n], or [pos, m, n] at position level
+        """``Σ a ⊙ b`` over the flattened axis; at position level the position axis is kept."""
+        if self.level != "position":
+            return a @ b.T
+        return torch.bmm(self._by_position(a, width), self._by_position(b, width).transpose(1, 2))
+
+    def _with_diff(self, prefix: int, b: torch.Tensor,  # [n, batch*pos*d_model]
+                   ) -> torch.Tensor:  # [prefix, n], or [pos, prefix, n] at position level
+        """``Σ diff[:prefix] ⊙ b``; at position level with one position-major copy of diff per pass."""
+        if self.level != "position":
+            return self.diff_t[:prefix] @ b.T
+        if "by_position" not in self.cache:
+            self.cache["by_position"] = self._by_position(self.diff_t, self.diff.shape[-1])
+        b = self._by_position(b, self.diff.shape[-1])  # [pos, n, batch*d_model]
+        return torch.bmm(self.cache["by_position"][:, :prefix], b.transpose(1, 2))
+
+    def _by_position(self, t: torch.Tensor, width: int) -> torch.Tensor:  # [m, rows*pos*width] -> [pos, m, rows*width]
+        p = self.diff.shape[2]
+        return t.reshape(t.shape[0], -1, p, width).permute(2, 0, 1, 3).reshape(p, t.shape[0], -1)
+
     def _diff_sum(self) -> torch.Tensor:  # [n_src, batch*pos]: Σ_d diff
         if "sum" not in self.cache:
             self.cache["sum"] = self.diff.sum(-1).reshape(self.diff.shape[0], -1)
@@ -213,7 +241,8 @@ class _GradientPass:
 
     def _receiver_grad(self, prefix: int, cols: slice) -> Callable:
         def on_grad(grad):  # [repeats*batch, pos, d_model]
-            self.out[:prefix, cols] += self.weight * (self.diff_t[:prefix] @ self._summed(grad)[:, None]).float().cpu()
+            score = self._with_diff(prefix, self._summed(grad)[None, :])
+            self.out[..., :prefix, cols] += self.weight * score.float().cpu()  # [(pos,) prefix, 1]
         return on_grad
 
     def _node_grad(self, rows: slice) -> Callable:
@@ -275,7 +304,7 @@ def _gradient_scores(model, ds: TaskDataset, *, level: str, steps: int | None, a
     check_dataset(model, ds)
     values_src = Ablation.parse(ablation).prepare(model, ds, batch_size, spec)
     device = model_device(model)
-    shape = (spec.n_src, spec.n_dst) if level == "edge" else (spec.n_src,)
+    shape = {"edge": (spec.n_src, spec.n_dst), "position": (ds.seq_len, spec.n_src, spec.n_dst)}.get(level, (spec.n_src,))
     total = torch.zeros(shape, dtype=torch.float32)
     n = len(ds)
     with graph_hooks_enabled(model, split_qkv=False):
@@ -534,8 +563,10 @@ def _site_hook(model, site: _Site, delta: torch.Tensor,  # [k, batch, pos, d_mod
 
 
 def _single_sender_patching(model, ds: TaskDataset, srcs: torch.Tensor,  # [n_items] sender of each ablation
-                            sites: list[_Site], *, ablation, batch_size, progress) -> torch.Tensor:  # [n_items]
-    """Mean metric change when item ``i`` applies ``a^ablate - a^clean`` of sender ``srcs[i]`` at ``sites[i]``."""
+                            sites: list[_Site], *, ablation, batch_size, progress,
+                            positions: torch.Tensor | None = None) -> torch.Tensor:  # [n_items]
+    """Mean metric change when item ``i`` applies ``a^ablate - a^clean`` of sender ``srcs[i]`` at ``sites[i]``
+    (only at token position ``positions[i]`` when given: position-level patching)."""
     spec = GraphSpec.from_model(model)
     check_dataset(model, ds)
     values_src = Ablation.parse(ablation).prepare(model, ds, batch_size, spec)
@@ -545,6 +576,7 @@ def _single_sender_patching(model, ds: TaskDataset, srcs: torch.Tensor,  # [n_it
         groups.setdefault((site.layer, site.hook), []).append(i)
     heads = torch.tensor([-1 if s.head is None else s.head for s in sites], device=device)
     srcs = srcs.to(device)
+    positions = None if positions is None else positions.to(device)
     total = torch.zeros(len(sites), dtype=torch.float64)
     n_batches = -(-len(ds) // batch_size)
     with torch.no_grad(), graph_hooks_enabled(model, split_qkv=False), \
@@ -563,6 +595,9 @@ def _single_sender_patching(model, ds: TaskDataset, srcs: torch.Tensor,  # [n_it
                     chunk = torch.tensor(items[start: start + per_pass], device=device)
                     k = len(chunk)
                     delta = diff[srcs[chunk]]  # [k, b, pos, d_model]
+                    if positions is not None:  # δ at the item's own position only
+                        at = positions[chunk][:, None] == torch.arange(p, device=device)  # [k, pos]
+                        delta = delta * at[:, None, :, None].to(delta.dtype)
                     x = resid[layer].unsqueeze(0).expand(k, b, p, d_model)  # [k, b, pos, d_model]
                     hooks = []
                     if hook is None:

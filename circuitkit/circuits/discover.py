@@ -6,6 +6,8 @@ greedily to a target explained effect), removes dangling edges and measures m(fu
 m(ablated), m(circuit); :func:`write_discovery` writes ``circuit.json`` (the graph, see
 :meth:`Graph.to_dict`), ``summary.json`` and ``summary.md``. Wall times go to the
 summaries only, so two identical runs write byte-identical ``circuit.json`` files.
+At :attr:`Level.POSITION` the graph is position-resolved (:mod:`~circuitkit.circuits.positions`):
+every edge at every token position, ``circuit.json`` a :class:`PositionGraph`.
 The flags are in :mod:`circuitkit.commands.discover`.
 """
 
@@ -13,17 +15,42 @@ from __future__ import annotations
 
 import os
 import time
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from circuitkit.circuits.attribution import attribute, get_method
+from circuitkit import parse_enum
 from circuitkit.circuits.graph import Graph
 from circuitkit.circuits.interventions import DEFAULT_BATCH_SIZE, Ablation, faithfulness
+from circuitkit.circuits.positions import POSITION_METHODS, PositionGraph, attribute_positions, get_position_method
 from circuitkit.circuits.selection import greedy, threshold, top_n
 from circuitkit.io import write_json, write_text
 from circuitkit.tasks import NL_SUFFIX
 
 DEFAULT_EDGES = 200
+
+
+class Level(Enum):
+    """The graph a circuit is found in: components summed over positions, or every edge at every position."""
+
+    COMPONENT = "component"
+    POSITION = "position"
+
+    @classmethod
+    def parse(cls, value: "Level | str") -> "Level":
+        return parse_enum(cls, value, "level")
+
+    def method_defaults(self, method: str) -> dict[str, Any]:
+        """The method's option defaults; raises when the method has no variant at this level."""
+        return (get_position_method(method) if self is Level.POSITION else get_method(method)).defaults()
+
+    def attribute(self, model, ds, method: str, **kwargs) -> Graph | PositionGraph:
+        return (attribute_positions if self is Level.POSITION else attribute)(model, ds, method, **kwargs)
+
+    @property
+    def methods(self) -> tuple[str, ...] | None:  # None: every registered method
+        return tuple(POSITION_METHODS) if self is Level.POSITION else None
 
 
 def untrained_task_warning(task: str, model) -> str | None:
@@ -42,17 +69,21 @@ def untrained_task_warning(task: str, model) -> str | None:
 
 def discover(model, ds, *, method: str = "eap-ig", edges: int | None = None, threshold_value: float | None = None,
              target: float | None = None, ablation: str = "patching", batch_size: int = DEFAULT_BATCH_SIZE,
-             prune: bool = True, progress: bool = False, **options) -> tuple[Graph, dict[str, Any]]:
+             prune: bool = True, progress: bool = False, level: Level | str = Level.COMPONENT,
+             **options) -> tuple[Graph | PositionGraph, dict[str, Any]]:
     """Attribute, select and verify; returns ``(circuit graph, summary dict)``.
 
     ``options`` are the method's own (``steps`` for eap-ig, ``tau`` for acdc; its defaults
-    otherwise). The summary holds the wall times; the graph's metadata does not.
+    otherwise). The summary holds the wall times; the graph's metadata does not. ``level``
+    ``"position"`` scores and selects position edges (methods: eap, eap-ig, patching).
     """
     t0 = time.perf_counter()
-    options = {**get_method(method).defaults(), **options}
+    level = Level.parse(level)
+    options = {**level.method_defaults(method), **options}
     if "tau" in options and edges is None and threshold_value is None and target is None:
         threshold_value = options["tau"]  # acdc: the edges it kept
-    scored = attribute(model, ds, method, ablation=ablation, batch_size=batch_size, progress=progress, **options)
+    scored = level.attribute(model, ds, method, ablation=ablation, batch_size=batch_size, progress=progress,
+                             **options)
     t_attr = time.perf_counter() - t0
     if threshold_value is not None:
         circuit = threshold(scored, threshold_value, prune=prune)
@@ -63,9 +94,10 @@ def discover(model, ds, *, method: str = "eap-ig", edges: int | None = None, thr
         circuit = top_n(scored, DEFAULT_EDGES if edges is None else edges, prune=prune)
     faith = faithfulness(model, circuit, ds, ablation, batch_size, progress)
     summary: dict[str, Any] = {
-        "method": method, "task": ds.task, "n_examples": len(ds), "ablation": Ablation.parse(ablation).value,
+        "method": method, "level": level.value, "task": ds.task, "n_examples": len(ds),
+        "ablation": Ablation.parse(ablation).value,
         "selection": circuit.metadata.get("selection"), "edges": circuit.n_edges, "heads": circuit.n_heads,
-        "mlps": circuit.n_mlps, "real_edges": circuit.spec.n_real_edges,
+        "mlps": circuit.n_mlps, "real_edges": circuit.n_real_edges,
         "heads_total": circuit.spec.n_layers * circuit.spec.n_heads,
         "metric": ds.metric.value, **faith.to_dict(),
     }
@@ -75,6 +107,7 @@ def discover(model, ds, *, method: str = "eap-ig", edges: int | None = None, thr
 
 def summary_markdown(summary: dict[str, Any], model_name: str) -> str:
     rows = [("model", model_name), ("task", summary["task"]), ("method", summary["method"]),
+            ("level", summary.get("level", Level.COMPONENT.value)),
             ("ablation", summary["ablation"]), ("examples", summary["n_examples"]),
             ("edges", f"{summary['edges']} / {summary['real_edges']}"),
             ("heads", f"{summary['heads']} / {summary['heads_total']}"), ("MLPs", summary["mlps"]),
@@ -87,7 +120,7 @@ def summary_markdown(summary: dict[str, Any], model_name: str) -> str:
     return "\n".join(lines + [f"| {k} | {v} |" for k, v in rows]) + "\n"
 
 
-def write_discovery(out: str | os.PathLike, circuit: Graph, summary: dict[str, Any], model_name: str) -> list[Path]:
+def write_discovery(out: str | os.PathLike, circuit: Graph | PositionGraph, summary: dict[str, Any], model_name: str) -> list[Path]:
     """``circuit.json``, ``summary.json`` and ``summary.md`` in ``out``, each written atomically."""
     out = Path(out)
     paths = [circuit.save(out / "circuit.json"), out / "summary.json", out / "summary.md"]

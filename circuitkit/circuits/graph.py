@@ -508,6 +508,16 @@ class Graph:
 
     # -- counts and node-level views
     @property
+    def real_mask(self) -> torch.Tensor:  # [n_src, n_dst] bool: the edges a circuit may hold (spec.real)
+        """Shaped like :attr:`scores` (a fresh tensor); selection and faithfulness read it, so they
+        serve position-resolved graphs (:class:`~circuitkit.circuits.positions.PositionGraph`) alike."""
+        return self.spec.real.clone()
+
+    @property
+    def n_real_edges(self) -> int:
+        return self.spec.n_real_edges
+
+    @property
     def ablated(self) -> torch.Tensor:  # [n_src, n_dst] bool: real edges not in the circuit
         return self.spec.real & ~self.in_graph
 

@@ -214,25 +214,28 @@ class _Patcher:
     """Hook state for one patched forward of ``k`` stacked copies of a batch.
 
     Copy ``c`` ablates the edges ``ablated[c]``; the model's batch is copy-major
-    (example ``i`` of copy ``c`` at ``c * batch + i``).
+    (example ``i`` of copy ``c`` at ``c * batch + i``). Masks with a position axis,
+    ``[k, pos, n_src, n_dst]``, ablate each edge at the positions marked only: receiver ``v``
+    at position ``p`` reads ``a_u^ablate - a_u^current`` at ``p`` (position-resolved graphs,
+    :mod:`~circuitkit.circuits.positions`).
     """
 
-    def __init__(self, model, spec: GraphSpec, ablated: torch.Tensor,  # [k, n_src, n_dst] bool
+    def __init__(self, model, spec: GraphSpec, ablated: torch.Tensor,  # [k, (pos,) n_src, n_dst] bool
                  values: torch.Tensor):  # [batch or 1, pos, n_src, d_model]
         self.spec, self.k = spec, ablated.shape[0]
         self.values = values.permute(2, 0, 1, 3)  # [n_src, batch or 1, pos, d_model] (a view)
         # a^ablate - a^current, sender-major so that a receiver's senders [0, prefix) are one
         # contiguous block and its mixture is a plain batched matmul, with no copy of the block
         self.diff: torch.Tensor | None = None  # [k, n_src, batch, pos, d_model]
-        rows_used = ablated.any(2).any(0)  # [n_src]
+        rows_used = ablated.any(-1).reshape(-1, spec.n_src).any(0)  # [n_src]
         self.hooks: list[tuple[str, HookFn]] = [
             hook for g, hook in zip(spec.sender_groups, sender_hooks(model, spec, self._write))
             if bool(rows_used[g.rows].any())]
         for g in spec.receiver_groups:
-            w = ablated[:, : g.prefix, g.cols]  # [k, prefix, n_cols]
+            w = ablated[..., : g.prefix, g.cols]  # [k, (pos,) prefix, n_cols]
             active = w.flatten(1).any(1).nonzero().squeeze(1)  # [k_active]
             if len(active):
-                w = w[active].to(device=values.device, dtype=values.dtype).transpose(1, 2)  # [k_active, n_cols, prefix]
+                w = w[active].to(device=values.device, dtype=values.dtype).transpose(-1, -2)  # [k_active, (pos,) n_cols, prefix]
                 self.hooks.append((g.hook, self._receiver(g.prefix, g.per_head, active.to(values.device), w)))
 
     def _write(self, rows: slice, a: torch.Tensor) -> None:  # a: current outputs [n_rows, k*b, pos, d_model]
@@ -244,7 +247,7 @@ class _Patcher:
         self.diff[:, rows] = self.values[rows].unsqueeze(0) - current
 
     def _receiver(self, prefix: int, per_head: bool, active: torch.Tensor,  # [k_active]
-                  w: torch.Tensor) -> HookFn:  # [k_active, n_cols, prefix]
+                  w: torch.Tensor) -> HookFn:  # [k_active, (pos,) n_cols, prefix]
         everyone = len(active) == self.k
 
         def hook(act, hook):
@@ -253,8 +256,11 @@ class _Patcher:
             if not everyone:
                 diff = diff[active]
             k, _, b, pos, d = diff.shape
-            delta = torch.bmm(w, diff.reshape(k, prefix, -1))  # [k_active, n_cols, b*pos*d_model]
-            delta = delta.view(k, -1, b, pos, d).permute(0, 2, 3, 1, 4)  # [k_active, b, pos, n_cols, d_model]
+            if w.ndim == 4:  # per position: [k_active, pos, n_cols, prefix]
+                delta = torch.einsum("kpcs,ksbpd->kbpcd", w, diff)  # [k_active, b, pos, n_cols, d_model]
+            else:
+                delta = torch.bmm(w, diff.reshape(k, prefix, -1))  # [k_active, n_cols, b*pos*d_model]
+                delta = delta.view(k, -1, b, pos, d).permute(0, 2, 3, 1, 4)  # [k_active, b, pos, n_cols, d_model]
             if not per_head:
                 delta = delta.squeeze(3)
             x = act.reshape(self.k, -1, *act.shape[1:])
@@ -272,26 +278,31 @@ def patched(model, graph: Graph | Sequence[Graph], values: torch.Tensor  # [batc
     a sequence of ``k`` graphs, feed the batch repeated ``k`` times (``tokens.repeat(k, 1)``):
     copy ``c`` runs graph ``c``. Flags and hooks are restored on exit.
     """
-    graphs = [graph] if isinstance(graph, Graph) else list(graph)
+    graphs = [graph] if hasattr(graph, "ablated") else list(graph)  # a Graph or a PositionGraph, or several
     if not graphs:
         raise CircuitkitError("patched() needs at least one graph")
     for g in graphs:
         g.check_model(model)
-    ablated = torch.stack([g.ablated for g in graphs])  # [k, n_src, n_dst]
+    ablated = torch.stack([g.ablated for g in graphs])  # [k, (pos,) n_src, n_dst]
     with patched_masks(model, graphs[0].spec, ablated, values):
         yield model
 
 
 @contextmanager
-def patched_masks(model, spec: GraphSpec, ablated: torch.Tensor,  # [k, n_src, n_dst] bool
+def patched_masks(model, spec: GraphSpec, ablated: torch.Tensor,  # [k, (pos,) n_src, n_dst] bool
                   values: torch.Tensor) -> Iterator:  # [batch or 1, pos, n_src, d_model]
-    """:func:`patched` for raw masks of the edges to ablate, one per stacked copy."""
-    if ablated.ndim != 3 or tuple(ablated.shape[1:]) != (spec.n_src, spec.n_dst) or ablated.dtype != torch.bool:
-        raise CircuitkitError(f"ablated edges must be a bool tensor [copies, {spec.n_src}, {spec.n_dst}], "
-                              f"got {ablated.dtype} {tuple(ablated.shape)}")
+    """:func:`patched` for raw masks of the edges to ablate, one per stacked copy (with a
+    position axis for position-resolved graphs: an edge is ablated at the positions marked)."""
+    if ablated.ndim not in (3, 4) or tuple(ablated.shape[-2:]) != (spec.n_src, spec.n_dst) \
+            or ablated.dtype != torch.bool:
+        raise CircuitkitError(f"ablated edges must be a bool tensor [copies, {spec.n_src}, {spec.n_dst}] "
+                              f"(or [copies, pos, {spec.n_src}, {spec.n_dst}]), got {ablated.dtype} {tuple(ablated.shape)}")
     if values.ndim != 4 or values.shape[2] != spec.n_src:
         raise CircuitkitError(f"ablation values must be [batch, pos, n_src={spec.n_src}, d_model], "
                               f"got {tuple(values.shape)}")
+    if ablated.ndim == 4 and ablated.shape[1] != values.shape[1]:
+        raise CircuitkitError(f"the position-resolved graph has {ablated.shape[1]} positions but the prompts have "
+                              f"{values.shape[1]} tokens; score and evaluate a graph on prompts of one length")
     patcher = _Patcher(model, spec, ablated & spec.real, values)
     with graph_hooks_enabled(model), temporary_hooks(model, patcher.hooks):
         yield model
@@ -368,8 +379,14 @@ def metric_with_graphs(model, graphs: Sequence[Graph], ds: TaskDataset,
         raise CircuitkitError("metric_with_graphs needs at least one graph")
     for g in graphs:
         g.check_model(model)
-    return ablation_metrics(model, graphs[0].spec, ds, lambda a, b: torch.stack([g.ablated for g in graphs[a:b]]),
-                            len(graphs), ablation, batch_size, progress, desc="graphs")
+    resolved = any(g.ablated.ndim == 3 for g in graphs)  # position-resolved graphs among them
+
+    def masks(a: int, b: int) -> torch.Tensor:  # [b - a, (pos,) n_src, n_dst]; component masks hold at every position
+        ms = [g.ablated for g in graphs[a:b]]
+        return torch.stack([m.expand(ds.seq_len, *m.shape) if resolved and m.ndim == 2 else m for m in ms])
+
+    return ablation_metrics(model, graphs[0].spec, ds, masks, len(graphs), ablation, batch_size, progress,
+                            desc="graphs")
 
 
 def metric_with_graph(model, graph: Graph, ds: TaskDataset, ablation: Ablation | str = Ablation.PATCHING,
@@ -425,6 +442,6 @@ class Faithfulness:
 def faithfulness(model, graph: Graph, ds: TaskDataset, ablation: Ablation | str = Ablation.PATCHING,
                  batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False) -> Faithfulness:
     """m(N), m(∅) and m(C) for ``graph`` in one sweep over ``ds``."""
-    m = metric_with_graphs(model, [Graph.full(graph.spec), Graph.empty(graph.spec), graph], ds, ablation,
-                           batch_size, progress).mean(1)
+    full, empty = graph.with_in_graph(graph.real_mask), graph.with_in_graph(torch.zeros_like(graph.in_graph))
+    m = metric_with_graphs(model, [full, empty, graph], ds, ablation, batch_size, progress).mean(1)
     return Faithfulness(float(m[0]), float(m[1]), float(m[2]), graph.n_edges, graph.n_heads)

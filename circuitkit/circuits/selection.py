@@ -6,6 +6,9 @@ explained effect, node-level top heads) and the clean-up every rule ends with: r
 dangling edges, those not on any path from ``input`` to ``logits``. Every function
 returns a new :class:`Graph` and leaves its argument as it was.
 
+Every rule takes a position-resolved graph
+(:class:`~circuitkit.circuits.positions.PositionGraph`) as well: its edges are (position, edge) pairs.
+
 Pruning never changes what a circuit computes under PATCHING: a node cut off from
 ``input`` sees only ablated inputs, so its outputs already equal their ablated values.
 """
@@ -20,11 +23,16 @@ import torch
 from circuitkit import CircuitkitError
 from circuitkit.circuits.graph import Graph, GraphSpec
 from circuitkit.circuits.interventions import DEFAULT_BATCH_SIZE, Ablation, explained_effect, metric_with_graphs
+from circuitkit.circuits.positions import PositionGraph, remove_dangling_positions
 from circuitkit.tasks.base import TaskDataset
 
 
-def remove_dangling(graph: Graph) -> Graph:
-    """Keep only in-graph edges ``u -> v`` with a path ``input -> u`` and a path ``v -> logits``."""
+def remove_dangling(graph: Graph | PositionGraph) -> Graph | PositionGraph:
+    """Keep only in-graph edges ``u -> v`` with a path ``input -> u`` and a path ``v -> logits``
+    (for a position-resolved graph, paths that cross positions inside attention heads only:
+    :func:`~circuitkit.circuits.positions.remove_dangling_positions`)."""
+    if isinstance(graph, PositionGraph):
+        return remove_dangling_positions(graph)
     spec, edges = graph.spec, graph.in_graph  # [n_src, n_dst]
     dst_node = spec.dst_node  # [n_dst]
     from_input = torch.zeros(spec.n_nodes, dtype=torch.bool)
@@ -49,9 +57,10 @@ def remove_dangling(graph: Graph) -> Graph:
 
 
 def edge_order(graph: Graph, absolute: bool = True) -> torch.Tensor:  # [n_real, 2] (src, dst), best first
-    """Real edges sorted by score (by |score| when ``absolute``), ties in sender-major order."""
-    edges = graph.spec.real.nonzero()  # [n_real, 2]
-    s = graph.scores[edges[:, 0], edges[:, 1]]
+    """Real edges sorted by score (by |score| when ``absolute``), ties in sender-major order.
+    For a position-resolved graph the rows are (pos, src, dst), ties in position-major order."""
+    edges = graph.real_mask.nonzero()  # [n_real, 2] or [n_real, 3]
+    s = graph.scores[tuple(edges.T)]
     s = torch.nan_to_num(s.abs() if absolute else s, nan=-math.inf)
     return edges[torch.argsort(s, descending=True, stable=True)]
 
@@ -62,7 +71,7 @@ def top_n(graph: Graph, n: int, *, absolute: bool = True, prune: bool = True) ->
         raise CircuitkitError(f"the number of edges must be a non-negative integer, got {n!r}")
     chosen = edge_order(graph, absolute)[:n]
     member = torch.zeros_like(graph.in_graph)
-    member[chosen[:, 0], chosen[:, 1]] = True
+    member[tuple(chosen.T)] = True
     out = graph.with_in_graph(member, selection="top_n", requested_edges=n)
     return remove_dangling(out) if prune else out
 
@@ -72,7 +81,7 @@ def threshold(graph: Graph, value: float, *, absolute: bool = True, prune: bool 
     if not isinstance(value, (int, float)) or math.isnan(value):
         raise CircuitkitError(f"the threshold must be a number, got {value!r}")
     s = graph.scores.abs() if absolute else graph.scores
-    out = graph.with_in_graph(graph.spec.real & (s >= value), selection="threshold", threshold=float(value),
+    out = graph.with_in_graph(graph.real_mask & (s >= value), selection="threshold", threshold=float(value),
                               absolute=absolute)
     return remove_dangling(out) if prune else out
 
@@ -124,13 +133,14 @@ def greedy(model, graph: Graph, ds: TaskDataset, target: float = 0.9, *, absolut
     """
     if not 0.0 < target <= 1.0:
         raise CircuitkitError(f"target must be a fraction in (0, 1], got {target}")
-    n_real = graph.spec.n_real_edges
+    n_real = graph.n_real_edges
     sizes = log_sizes(n_real)
 
     def candidate(n: int) -> Graph:
         return top_n(graph, n, absolute=absolute, prune=prune)
 
-    graphs = [Graph.full(graph.spec), Graph.empty(graph.spec)] + [candidate(n) for n in sizes]
+    full, empty = graph.with_in_graph(graph.real_mask), graph.with_in_graph(torch.zeros_like(graph.in_graph))
+    graphs = [full, empty] + [candidate(n) for n in sizes]
     m = metric_with_graphs(model, graphs, ds, ablation, batch_size, progress).mean(1)  # [2 + n_sizes]
     m_full, m_empty = float(m[0]), float(m[1])
     f_grid = explained_effect(m[2:], m_full, m_empty).tolist()
@@ -144,10 +154,11 @@ def greedy(model, graph: Graph, ds: TaskDataset, target: float = 0.9, *, absolut
     return candidate(n).with_metadata(**meta, **({"requested_edges": n} if reached else {}))
 
 
-def from_nodes(spec_or_graph: GraphSpec | Graph, heads: torch.Tensor,  # [n_layers, n_heads] bool
-               mlps: torch.Tensor | None = None) -> Graph:  # [n_layers] bool ([0] attn-only); None keeps every MLP
-    """The circuit of all real edges between kept nodes (``input`` and ``logits`` always kept)."""
-    graph = spec_or_graph if isinstance(spec_or_graph, Graph) else Graph.full(spec_or_graph)
+def from_nodes(spec_or_graph: GraphSpec | Graph | PositionGraph, heads: torch.Tensor,  # [n_layers, n_heads] bool
+               mlps: torch.Tensor | None = None) -> Graph | PositionGraph:  # [n_layers] bool; None keeps every MLP
+    """The circuit of all real edges between kept nodes (``input`` and ``logits`` always kept; for a
+    position-resolved graph at every position)."""
+    graph = Graph.full(spec_or_graph) if isinstance(spec_or_graph, GraphSpec) else spec_or_graph
     spec = graph.spec
     if tuple(heads.shape) != (spec.n_layers, spec.n_heads) or heads.dtype != torch.bool:
         raise CircuitkitError(f"heads must be a bool tensor [n_layers={spec.n_layers}, n_heads={spec.n_heads}], "
@@ -160,7 +171,7 @@ def from_nodes(spec_or_graph: GraphSpec | Graph, heads: torch.Tensor,  # [n_laye
     keep = torch.ones(spec.n_nodes, dtype=torch.bool)  # [n_nodes]
     keep[spec.head_rows.flatten()] = heads.flatten()
     keep[spec.mlp_rows] = mlps
-    member = spec.real & keep[: spec.n_src, None] & keep[spec.dst_node][None, :]
+    member = graph.real_mask & keep[: spec.n_src, None] & keep[spec.dst_node][None, :]
     return graph.with_in_graph(member, selection="nodes", n_heads_kept=int(heads.sum()))
 
 

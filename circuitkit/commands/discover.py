@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from circuitkit import CircuitkitError
-from circuitkit.circuits.discover import DEFAULT_EDGES, discover, untrained_task_warning, write_discovery
+from circuitkit.circuits.discover import DEFAULT_EDGES, Level, discover, untrained_task_warning, write_discovery
+from circuitkit.circuits.positions import POSITION_METHODS
 from circuitkit.commands.options import (add_ablation_flag, add_batch_size_flag, add_method_flags, add_progress_flag,
                                          method_options, positive)
 from circuitkit.io import check_writable_dir
@@ -20,6 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="zoo name, checkpoint folder, or pretrained name (gpt2)")
     parser.add_argument("--task", required=True, help="task name, e.g. addition, ioi, greater-than")
     add_method_flags(parser, aliases={"steps": ["--steps"]})
+    parser.add_argument("--level", default=Level.COMPONENT.value, choices=[lv.value for lv in Level],
+                        help="component: edges between nodes, summed over token positions (default); position: "
+                             "every edge at every token position, named like 'a0.h1@=->a2.h3<k>@=' (methods "
+                             f"{', '.join(POSITION_METHODS)}; edges and thresholds count position edges)")
     pick = parser.add_mutually_exclusive_group()
     pick.add_argument("--edges", type=int, default=None,
                       help=f"keep the N edges with the largest |score| (default {DEFAULT_EDGES})")
@@ -41,7 +46,10 @@ def run_cli(args: argparse.Namespace) -> int:
         raise CircuitkitError("--edges must be a non-negative number of edges")
     options = method_options(args)
     model_name = Path(str(args.model)).name
-    out = Path(args.out) if args.out else Path("circuits") / f"{model_name}-{args.task}-{args.method}"
+    level = Level.parse(args.level)
+    level.method_defaults(args.method)  # a method without a variant at this level: refused before any work
+    suffix = "" if level is Level.COMPONENT else f"-{level.value}"
+    out = Path(args.out) if args.out else Path("circuits") / f"{model_name}-{args.task}-{args.method}{suffix}"
     check_writable_dir(out, "the output folder (--out)")  # before the computation, not after it
     model = load_model(args.model)
     ds = task_for_model(args.task, model).dataset(args.n, seed=args.seed)
@@ -50,7 +58,7 @@ def run_cli(args: argparse.Namespace) -> int:
         print(warning, file=sys.stderr)
     circuit, summary = discover(model, ds, method=args.method, edges=args.edges, threshold_value=args.threshold,
                                 target=args.target, ablation=args.ablation, batch_size=args.batch_size,
-                                prune=not args.no_prune, progress=not args.no_progress, **options)
+                                prune=not args.no_prune, progress=not args.no_progress, level=level, **options)
     summary = {"model": str(args.model), "seed": args.seed, **summary}
     paths = write_discovery(out, circuit.with_metadata(model=str(args.model), seed=args.seed), summary, model_name)
     print(json.dumps({k: summary[k] for k in ("edges", "heads", "m_full", "m_empty", "m_circuit",

@@ -44,12 +44,13 @@ class Curve:
 def _evaluate(model, graphs: Sequence[Graph], ds: TaskDataset, ablation, batch_size,
               known: tuple[float, float] | None = None) -> tuple[float, float, list[float]]:
     """m(N), m(∅) and f of each graph; ``known`` = (m(N), m(∅)) already measured on ``ds``."""
-    spec = graphs[0].spec
+    first = graphs[0]
     if known is not None:
         m_full, m_empty = known
         m = metric_with_graphs(model, list(graphs), ds, ablation, batch_size).mean(1)  # [n_graphs]
         return m_full, m_empty, explained_effect(m, m_full, m_empty).tolist()
-    m = metric_with_graphs(model, [Graph.full(spec), Graph.empty(spec), *graphs], ds, ablation,
+    full, empty = first.with_in_graph(first.real_mask), first.with_in_graph(torch.zeros_like(first.in_graph))
+    m = metric_with_graphs(model, [full, empty, *graphs], ds, ablation,
                            batch_size).mean(1)  # [2 + n_graphs]
     m_full, m_empty = float(m[0]), float(m[1])
     if abs(m_full - m_empty) < 1e-9:
@@ -62,7 +63,7 @@ def _evaluate(model, graphs: Sequence[Graph], ds: TaskDataset, ablation, batch_s
 def edge_curve(model, scored: Graph, ds: TaskDataset, sizes: Sequence[int] | None = None,
                ablation: Ablation | str = Ablation.PATCHING, batch_size: int = DEFAULT_BATCH_SIZE) -> Curve:
     """f of the top-n edges of ``scored`` for each n in ``sizes`` (default: log-spaced)."""
-    sizes = list(sizes) if sizes is not None else log_sizes(scored.spec.n_real_edges)
+    sizes = list(sizes) if sizes is not None else log_sizes(scored.n_real_edges)
     graphs = [top_n(scored, int(n)) for n in sizes]
     m_full, m_empty, f = _evaluate(model, graphs, ds, ablation, batch_size)
     return Curve("edges", tuple(int(n) for n in sizes), tuple(g.n_edges for g in graphs), tuple(f), m_full, m_empty)
@@ -119,7 +120,7 @@ def minimal_circuit(model, scored: Graph, ds: TaskDataset, threshold: float = 0.
 
     n, f, reached = bisect_top_n(curve.sizes, curve.f, threshold, effect)
     if not reached:
-        n = scored.spec.n_real_edges
+        n = scored.n_real_edges
     return Minimal(top_n(scored, n), n, f, reached, threshold)
 
 
@@ -147,7 +148,7 @@ class CprCmd:
 def cpr_cmd(model, scored: Graph, ds: TaskDataset, fractions: Sequence[float] = MIB_FRACTIONS,
             ablation: Ablation | str = Ablation.PATCHING, batch_size: int = DEFAULT_BATCH_SIZE) -> CprCmd:
     """f at the MIB edge fractions (top ``round(fraction · n_real)`` edges)."""
-    n_real = scored.spec.n_real_edges
+    n_real = scored.n_real_edges
     graphs = [top_n(scored, int(round(p * n_real))) for p in fractions]
     _, _, f = _evaluate(model, graphs, ds, ablation, batch_size)
     return CprCmd(tuple(fractions), tuple(f))
@@ -157,8 +158,7 @@ def completeness(model, circuit: Graph, ds: TaskDataset, ablation: Ablation | st
                  batch_size: int = DEFAULT_BATCH_SIZE) -> float:
     """The fraction of the effect removed when the circuit is knocked out of the full model:
     ``1 − f(N ∖ C)``, where ``N ∖ C`` keeps every real edge except the circuit's."""
-    spec = circuit.spec
-    knocked = circuit.with_in_graph(spec.real & ~circuit.in_graph)
+    knocked = circuit.with_in_graph(circuit.real_mask & ~circuit.in_graph)
     return 1.0 - _evaluate(model, [knocked], ds, ablation, batch_size)[2][0]
 
 
@@ -172,7 +172,7 @@ def minimality(model, circuit: Graph, ds: TaskDataset, eps: float = 0.01,
     without replacement (``seed``): the standard error of the fraction is at most
     ``0.5 / sqrt(max_edges)``. Circuits no larger than ``max_edges`` are measured exactly.
     """
-    edges = circuit.in_graph.nonzero()  # [n_edges, 2]
+    edges = circuit.in_graph.nonzero()  # [n_edges, 2] ([n_edges, 3] for a position-resolved graph)
     if len(edges) == 0:
         return float("nan")
     if max_edges is not None:
@@ -182,9 +182,9 @@ def minimality(model, circuit: Graph, ds: TaskDataset, eps: float = 0.01,
             pick = torch.randperm(len(edges), generator=torch.Generator().manual_seed(seed))[:max_edges]
             edges = edges[pick.sort().values]
     graphs = [circuit]
-    for s, d in edges.tolist():
+    for e in edges.tolist():
         member = circuit.in_graph.clone()
-        member[s, d] = False
+        member[tuple(e)] = False
         graphs.append(circuit.with_in_graph(member))
     _, _, f = _evaluate(model, graphs, ds, ablation, batch_size)
     base = f[0]

@@ -21,6 +21,8 @@ CARRY_CLASSES = ("none", "single", "double")
 N_ANSWER = 5
 PROMPT_LEN = 7  # <bos> a a + b b =
 SEQ_LEN = PROMPT_LEN + N_ANSWER  # 12
+# position roles: operand digits A1 A0 and B1 B0 (tens, units), the operators, sum digits S4..S0
+POSITION_LABELS = ("bos", "A1", "A0", "+", "B1", "B0", "=") + tuple(f"S{k}" for k in range(N_ANSWER - 1, -1, -1))
 
 
 def carry_class(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # [n] -> [n] in {0,1,2}
@@ -100,7 +102,7 @@ class Addition(Task):
         return TaskDataset(
             task=self.name, clean=clean, corrupt=corrupt, answer_pos=answer_pos,
             correct=clean[:, PROMPT_LEN:], distractors=corrupt[:, PROMPT_LEN:, None],
-            metric=self.metric, labels={"a": a, "b": b, "carry": carry_class(a, b)})
+            metric=self.metric, labels={"a": a, "b": b, "carry": carry_class(a, b)}, position_labels=POSITION_LABELS)
 
     def exhaustive(self, split: str = "all") -> TaskDataset:
         """Every operand pair of ``split`` once (with a seeded corruption), in order a*100+b."""
@@ -110,7 +112,7 @@ class Addition(Task):
         clean = encode(a, b)
         return TaskDataset(task=self.name, clean=clean, corrupt=ds.corrupt, answer_pos=ds.answer_pos,
                            correct=clean[:, PROMPT_LEN:], distractors=ds.distractors, metric=self.metric,
-                           labels={"a": a, "b": b, "carry": carry_class(a, b)})
+                           labels={"a": a, "b": b, "carry": carry_class(a, b)}, position_labels=POSITION_LABELS)
 
     def train_batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         a, b = self._sample(n, generator, "train")

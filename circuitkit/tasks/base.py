@@ -79,6 +79,10 @@ class TaskDataset:
     correct_set: torch.Tensor | None = None  # [batch, d_vocab] bool, for set-valued answers
     distractor_set: torch.Tensor | None = None  # [batch, d_vocab] bool
     labels: dict[str, torch.Tensor] = field(default_factory=dict)  # per-example extras, [batch, ...]
+    # one name per token position, shared by every prompt (a task whose template fixes the roles,
+    # e.g. addition's "A1" ... "=" ... "S0"); position-resolved graphs name positions by it.
+    # A position without a role is named by its index ("3"); None: every position by index.
+    position_labels: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.clean.shape != self.corrupt.shape:
@@ -101,6 +105,12 @@ class TaskDataset:
                 f"task {self.task!r}: distractors must be [batch, n_answers, n_distractors], got "
                 f"{tuple(self.distractors.shape)}")
         t = self.clean.shape[1]
+        if self.position_labels is not None:
+            labels = tuple(self.position_labels)
+            if len(labels) != t or not all(isinstance(x, str) and x for x in labels) or len(set(labels)) != t:
+                raise CircuitkitError(f"task {self.task!r}: position_labels must be {t} distinct non-empty strings "
+                                      f"(one per token position), got {labels!r}")
+            object.__setattr__(self, "position_labels", labels)
         if int(self.answer_pos.min()) < 0 or int(self.answer_pos.max()) >= t:
             raise CircuitkitError(f"task {self.task!r}: answer positions must lie in [0, {t})")
 

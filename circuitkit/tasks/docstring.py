@@ -33,6 +33,9 @@ ARG_IDS = torch.tensor(VOCAB.ids(DOC_ARGS))  # [n_args]
 FUNC_IDS = torch.tensor(VOCAB.ids(DOC_FUNCS))
 DESC_IDS = torch.tensor(VOCAB.ids(DOC_DESC))
 N_DESC = TEMPLATE.count("[D]")  # 3
+# position roles: the arguments in the signature (A, B, C) and in the docstring (docA, docB), the final token
+POSITION_LABELS = tuple({4: "A", 6: "B", 8: "C", 14: "docA", 17: "docB", ANSWER_POS: "end"}.get(i, str(i))
+                        for i in range(SEQ_LEN))
 
 
 def encode(func: torch.Tensor, args: torch.Tensor, desc: torch.Tensor) -> torch.Tensor:
@@ -72,7 +75,7 @@ class Docstring(Task):
         return TaskDataset(task=self.name, clean=p["clean"], corrupt=p["corrupt"],
                            answer_pos=torch.full((n, 1), ANSWER_POS, dtype=torch.long),
                            correct=args[:, 2:3], distractors=args[:, None, :2], metric=self.metric,
-                           labels={"args": args})
+                           labels={"args": args}, position_labels=POSITION_LABELS)
 
     def train_batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         check_n(n)

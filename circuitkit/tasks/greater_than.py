@@ -27,6 +27,8 @@ ANSWER_POS = SEQ_LEN - 1  # 12
 YY_POS = TEMPLATE.index("[YY]")  # 8
 YY_MIN, YY_MAX = 2, 98
 CORRUPT_YY = 1
+# position roles: the year YY and the final token (where the answer is read); the rest by index
+POSITION_LABELS = tuple({YY_POS: "YY", ANSWER_POS: "end"}.get(i, str(i)) for i in range(SEQ_LEN))
 
 YEAR_IDS = torch.tensor(VOCAB.ids(YEARS))  # [100]: token id of year 00..99
 
@@ -78,7 +80,8 @@ class GreaterThan(Task):
         return TaskDataset(task=self.name, clean=clean, corrupt=corrupt,
                            answer_pos=torch.full((n, 1), ANSWER_POS, dtype=torch.long),
                            correct=label[:, None], distractors=YEAR_IDS[yy][:, None, None], metric=self.metric,
-                           correct_set=correct_set, distractor_set=distractor_set, labels={"yy": yy})
+                           correct_set=correct_set, distractor_set=distractor_set, labels={"yy": yy},
+                           position_labels=POSITION_LABELS)
 
     def train_batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         check_n(n)

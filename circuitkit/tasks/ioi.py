@@ -31,6 +31,9 @@ N1_POS, N2_POS, S_POS = TEMPLATE.index("[N1]"), TEMPLATE.index("[N2]"), TEMPLATE
 PLACE_POS, OBJ_POS = TEMPLATE.index("[PLACE]"), TEMPLATE.index("[OBJ]")  # 8, 13
 NAME_POSITIONS = (N1_POS, N2_POS, S_POS)
 ORDERS = ("abba", "baba")
+# position roles: the three name slots and the final token (where the answer is read); the rest by index
+POSITION_LABELS = tuple({N1_POS: "N1", N2_POS: "N2", S_POS: "S", ANSWER_POS: "end"}.get(i, str(i))
+                        for i in range(SEQ_LEN))
 
 NAME_IDS = torch.tensor(VOCAB.ids(NAMES))  # [n_names]
 PLACE_IDS = torch.tensor(VOCAB.ids(IOI_PLACES))
@@ -76,7 +79,8 @@ class IOI(Task):
         return TaskDataset(task=self.name, clean=p["clean"], corrupt=p["corrupt"],
                            answer_pos=torch.full((n, 1), ANSWER_POS, dtype=torch.long),
                            correct=p["io"][:, None], distractors=p["s"][:, None, None], metric=self.metric,
-                           labels={"order": p["order"], "io": p["io"], "s": p["s"]})
+                           labels={"order": p["order"], "io": p["io"], "s": p["s"]},
+                           position_labels=POSITION_LABELS)
 
     def train_batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         check_n(n)
