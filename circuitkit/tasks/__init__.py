@@ -3,8 +3,10 @@
 Toy tasks (one shared word-level vocabulary, :mod:`circuitkit.tasks.vocab`): ``addition``,
 ``induction``, ``ioi``, ``greater-than``, ``docstring``. Natural-language variants for
 pretrained models take the model's tokenizer (:mod:`circuitkit.tasks.nl`): ``ioi-nl``,
-``greater-than-nl``, ``docstring-nl``, ``induction-nl``. :func:`task_for_model` picks the
-right one for a model.
+``greater-than-nl``, ``docstring-nl``, ``induction-nl``. Code tasks for language models
+trained on code (:mod:`circuitkit.tasks.code`) take the tokenizer too: ``code-induction``,
+``code-args``, ``code-kwargs``, ``code-return``. :func:`task_for_model` picks the right one
+for a model.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from typing import Any
 
 from circuitkit import CircuitkitError
 from circuitkit.tasks.base import Metric, Task, TaskDataset, check_n, get_task, register_task, task_names
-from circuitkit.tasks import addition, docstring, greater_than, induction, ioi, nl  # noqa: F401  (registers)
+from circuitkit.tasks import addition, code, docstring, greater_than, induction, ioi, nl  # noqa: F401  (registers)
+from circuitkit.tasks.code import is_code_task
 from circuitkit.tasks.vocab import is_toy
 
 NL_SUFFIX = "-nl"
@@ -22,7 +25,11 @@ TOY_TASKS = ("addition", "induction", "ioi", "greater-than", "docstring")
 
 
 def toy_task_names() -> list[str]:
-    return [n for n in task_names() if not n.endswith(NL_SUFFIX)]
+    return [n for n in task_names() if not n.endswith(NL_SUFFIX) and not is_code_task(n)]
+
+
+def code_task_names() -> list[str]:
+    return [n for n in task_names() if is_code_task(n)]
 
 
 def task_for_model(name: str, model: Any, **options) -> Task:
@@ -31,12 +38,16 @@ def task_for_model(name: str, model: Any, **options) -> Task:
     Toy-vocabulary models get the toy task (``ioi``); any other model gets the
     natural-language variant (``ioi-nl``) built with ``tokenizer=model.tokenizer`` and
     ``d_vocab=model.cfg.d_vocab``. ``name`` may be given with or without the ``-nl`` suffix.
+    Code tasks (``code-args``, ...) exist in one variant only, built with the model's tokenizer.
     """
+    if is_code_task(name):
+        return _code_task_for_model(name, model, **options)
     base = name[: -len(NL_SUFFIX)] if name.endswith(NL_SUFFIX) else name
     known = task_names()
     if base not in known and base + NL_SUFFIX not in known:
         raise CircuitkitError(f"unknown task {name!r}; known tasks: {', '.join(toy_task_names())} "
-                              f"(natural-language variants: {', '.join(n for n in known if n.endswith(NL_SUFFIX))})")
+                              f"(natural-language variants: {', '.join(n for n in known if n.endswith(NL_SUFFIX))}; "
+                              f"code tasks: {', '.join(code_task_names())})")
     if is_toy(model):
         if base not in known:
             raise CircuitkitError(f"task {name!r} has no toy-vocabulary variant; toy models support "
@@ -55,5 +66,16 @@ def task_for_model(name: str, model: Any, **options) -> Task:
     return get_task(nl_name, tokenizer=model.tokenizer, **options)
 
 
-__all__ = ["Metric", "Task", "TaskDataset", "check_n", "get_task", "is_toy", "register_task", "task_for_model",
+def _code_task_for_model(name: str, model: Any, **options) -> Task:
+    if name not in task_names():
+        raise CircuitkitError(f"unknown code task {name!r}; code tasks: {', '.join(code_task_names())}")
+    if is_toy(model) or getattr(model, "tokenizer", None) is None:
+        raise CircuitkitError(f"task {name!r} is a code task: it needs a model with a tokenizer, such as a language "
+                              f"model trained on code (code-lm); {getattr(model.cfg, 'model_name', 'this model')} "
+                              f"has {'the toy vocabulary' if is_toy(model) else 'no tokenizer'}")
+    options.setdefault("d_vocab", model.cfg.d_vocab)
+    return get_task(name, tokenizer=model.tokenizer, **options)
+
+
+__all__ = ["Metric", "Task", "TaskDataset", "check_n", "code_task_names", "get_task", "is_toy", "register_task", "task_for_model",
            "task_names", "toy_task_names"]
