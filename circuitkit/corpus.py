@@ -197,8 +197,12 @@ def wrap_tokenizer(tok):
     """A ``tokenizers.Tokenizer`` as the ``PreTrainedTokenizerFast`` TransformerLens expects."""
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT, pad_token=EOT,
-                                   unk_token=None, add_bos_token=False, clean_up_tokenization_spaces=False)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT, eos_token=EOT, pad_token=EOT,
+                                   unk_token=None, add_bos_token=True, clean_up_tokenization_spaces=False)
+    # TransformerLens's set_tokenizer re-reads a tokenizer from its name_or_path unless it already adds
+    # BOS; this one does (``add_bos_token``), and an in-memory tokenizer has no path to re-read.
+    fast.init_kwargs.setdefault("name_or_path", "")
+    return fast
 
 
 def bigram_ce(train: torch.Tensor,  # [n_train] token ids

@@ -14,7 +14,8 @@ import torch
 from circuitkit import CircuitkitError
 from circuitkit.corpus import (EOT, FileCorpus, TextCorpus, bigram_ce, code_corpus, select_python_files,
                                stdlib_root, train_tokenizer)
-from circuitkit.models import TOKENIZER_FILE, load_card, load_model
+from circuitkit.models import (TOKENIZER_FILE, build_model, load_card, load_model, save_model, set_local_tokenizer,
+                               toy_config)
 from circuitkit.sparsity import load_model as load_sparse
 from circuitkit.sparsity.finetune import SparsifyConfig, finetune
 from circuitkit.training import TrainConfig, train
@@ -102,6 +103,15 @@ def test_tokenizer_round_trips_code_and_has_one_end_of_text_token(tok, tree):
     assert tok.decode(ids) == text
     assert tok.convert_tokens_to_ids(EOT) == 0 == tok.bos_token_id == tok.eos_token_id
     assert EOT not in tok.decode(ids) and len(tok) == 400
+
+
+def test_a_freshly_trained_tokenizer_goes_on_a_model_and_survives_saving(tok, tmp_path):
+    model = build_model(toy_config("toy-2l", d_vocab=len(tok)))
+    set_local_tokenizer(model, tok)  # in memory, never saved: TransformerLens must not look for it on disk
+    x = model.to_tokens("def f(x):")
+    assert x[0, 0] == 0 and (x[0] == 0).sum() == 1
+    save_model(model, tmp_path / "m", {"name": "m"})
+    assert torch.equal(load_model(tmp_path / "m").to_tokens("def f(x):"), x)
 
 
 def test_bigram_ce_matches_a_hand_count():
