@@ -144,14 +144,14 @@ def to_markdown(res: Mapping[str, Any], command: str | None = None) -> str:
             lines += ["", f"eap vs exact patching on this batch: Pearson {e['pearson']:.4f}, "
                           f"top-{e['top_k']} overlap {e['top_overlap']}/{e['top_k']}."]
     if "sparsity" in parts:
-        s = parts["sparsity"]
-        lines += ["", f"### Sparse post-training step ({s['model']}, batch {s['batch']}, {s['seq_len']} tokens, "
-                      f"{s['threads']} thread(s), {s['steps']} steps each)", "",
-                  "| variant | median step (ms) | ratio vs plain | target |", "|---|---|---|---|"]
-        for name, r in s["results"].items():
-            tgt = "" if name == "plain" else f"≤ 1.5×{_mark(r['ratio'] <= TARGETS['gated_vs_plain'])}"
-            lines.append(f"| {name} | {_f(r['median_ms'])} | {_f(r['ratio'])}× | {tgt} |")
-        lines += ["", f"From `{s['command']}`."]
+        for s in parts["sparsity"].get("rows", [parts["sparsity"]]):  # one row per sequence length
+            lines += ["", f"### Sparse post-training step ({s['model']}, batch {s['batch']}, {s['seq_len']} tokens, "
+                          f"{s['threads']} thread(s), {s['steps']} steps each)", "",
+                      "| variant | median step (ms) | ratio vs plain | target |", "|---|---|---|---|"]
+            for name, r in s["results"].items():
+                tgt = "" if name == "plain" else f"≤ 1.5×{_mark(r['ratio'] <= TARGETS['gated_vs_plain'])}"
+                lines.append(f"| {name} | {_f(r['median_ms'])} | {_f(r['ratio'])}× | {tgt} |")
+            lines += ["", f"From `{s['command']}`."]
     if "scaling" in parts:
         sc = parts["scaling"]
         lines += ["", f"### Scaling ({sc['arch']} widths, random weights, eap-ig {sc['ig_steps']} steps)", "",
