@@ -15,12 +15,12 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from circuitkit.bench.config import TARGETS, build_shape, resolve_model_spec
+from circuitkit.bench.timing import CLOCK, Clock, now
 from circuitkit.io import write_json
 from circuitkit.models import load_model
 from circuitkit.sparsity import GateConfig, GateMode, attach, detach, get_gates
@@ -64,7 +64,7 @@ def time_steps(model, tokens: torch.Tensor, mask: torch.Tensor,  # [batch, pos] 
     noise = torch.Generator()
     times = []
     for i in range(warmup + n):
-        t0 = time.perf_counter()
+        t0 = now()
         if gated:
             noise.manual_seed(i)
             gates.noise_generator = noise
@@ -75,7 +75,7 @@ def time_steps(model, tokens: torch.Tensor, mask: torch.Tensor,  # [batch, pos] 
         else:
             plain_step(model, opt, tokens, mask)
         if i >= warmup:
-            times.append(time.perf_counter() - t0)
+            times.append(now() - t0)
     return times
 
 
@@ -164,9 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=0, help="0: addition prompts (12 tokens); else random tokens")
     p.add_argument("--steps", type=int, default=30, help="timed steps per variant (default 30)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--clock", choices=[c.value for c in Clock], default="wall",
+                   help="wall time, or this process's CPU time (user + system; for a machine shared with other "
+                        "jobs); default wall")
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args(argv)
+    CLOCK[0] = Clock(args.clock)
     out = measure_steps(args.model, args.arch, args.batch, args.seq_len, args.steps, args.threads)
+    out["clock"] = args.clock
     print(json.dumps(out, indent=2))
     print()
     print(f"| variant | median step (ms) | ratio vs plain |  ({out['model']}, batch {args.batch}, "

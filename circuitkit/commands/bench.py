@@ -8,6 +8,7 @@ import sys
 from circuitkit.bench.config import DEFAULT_MODEL, FALLBACK_ARCH, PARTS, config_from_args
 from circuitkit.bench.parts import run_bench
 from circuitkit.bench.report import _command_line, write_results
+from circuitkit.bench.timing import CLOCK, Clock
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparsity-model", default="",
                    help="sparsity: model for the step, a spec as --model (e.g. random:gpt2-small-shape); "
                         "default the bench's model")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall time, or this process's CPU time (user + system) for a machine shared with other "
+                        "jobs (default wall)")
     p.add_argument("--out", default="benchmarks", help="folder for NAME.json and NAME.md (default benchmarks)")
     p.add_argument("--name", default="bench", help="file stem of the results (default bench)")
     p.add_argument("--figure", default="figures/scaling",
@@ -48,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    CLOCK[0] = Clock(args.clock)
     command = _command_line()
     res = run_bench(cfg, log=lambda s: print(s, file=sys.stderr, flush=True),
                     figure=args.figure if "scaling" in cfg["parts"] else None)
