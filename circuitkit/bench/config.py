@@ -8,12 +8,13 @@ becomes a model and a task batch, here and in the memory subprocesses alike.
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from circuitkit import CircuitkitError
 from circuitkit.io import NON_NEGATIVE, POSITIVE, TomlConfig
-from circuitkit.models import build_model, load_model, resolve_path, toy_config
+from circuitkit.models import TOY_CONFIGS, build_model, load_model, resolve_path, toy_config
 from circuitkit.tasks import get_task, task_for_model
 
 
@@ -25,6 +26,40 @@ PEER_VERSION = "1.0.1"
 TARGETS = {"eap_vs_floor": 1.5, "eap_ig_vs_floor": 1.5, "peer_time_ratio": 1.0, "peer_pearson": 0.999,
            "peer_top50": 50, "gated_vs_plain": 1.5}
 TOP_K = 50
+# Named shapes beyond the toy widths (toy vocabulary, random weights): ``random:NAME`` in --model.
+MODEL_SHAPES: dict[str, dict[str, Any]] = {
+    "gpt2-small-shape": dict(n_layers=12, n_heads=12, d_model=768, d_head=64, d_mlp=3072, n_ctx=1024),
+}
+
+
+def shape_fields(arch: str) -> dict[str, Any]:
+    """The HookedTransformerConfig fields of ``arch``: a toy architecture, a name in
+    :data:`MODEL_SHAPES`, or a JSON object of fields (``{"n_layers": 6, "d_model": 384, ...}``);
+    checked by building the config."""
+    arch = arch.strip()
+    if arch.startswith("{"):
+        try:
+            fields = json.loads(arch)
+        except json.JSONDecodeError as e:
+            raise CircuitkitError(f"model shape {arch!r} is not a JSON object of HookedTransformerConfig "
+                                  f"fields: {e}") from None
+        if not isinstance(fields, dict):
+            raise CircuitkitError(f"model shape {arch!r} must be a JSON object of HookedTransformerConfig fields")
+    elif arch in MODEL_SHAPES:
+        fields = dict(MODEL_SHAPES[arch])
+    elif arch in TOY_CONFIGS:
+        fields = dict(TOY_CONFIGS[arch])
+    else:
+        raise CircuitkitError(f"unknown model shape {arch!r}; choose a toy architecture ({', '.join(TOY_CONFIGS)}), "
+                              f"a named shape ({', '.join(MODEL_SHAPES)}) or give a JSON object of "
+                              "HookedTransformerConfig fields")
+    toy_config(fields)  # raises a CircuitkitError naming the bad fields
+    return fields
+
+
+def build_shape(arch: str, seed: int = 0):
+    """A random-weight model of shape ``arch`` (see :func:`shape_fields`)."""
+    return build_model(toy_config(shape_fields(arch), seed=seed))
 
 
 def _ints(text: str) -> list[int]:
@@ -54,6 +89,8 @@ class BenchConfig(TomlConfig):
     scaling_arch: str = FALLBACK_ARCH
     sparsity_batch: int = 128
     sparsity_steps: int = 30
+    sparsity_seq_lens: list[int] = field(default_factory=lambda: [0])  # 0: the task's prompts
+    sparsity_model: str = ""  # "": the bench's model; else a spec like --model ('random:gpt2-small-shape')
     quick: bool = False
 
     RANGES = {k: POSITIVE for k in ("batch", "ig_steps", "repeats", "patching_repeats", "threads",
@@ -68,6 +105,12 @@ class BenchConfig(TomlConfig):
             values = getattr(self, key)
             if not values or min(values) < 1:
                 raise CircuitkitError(f"{source}: --{key.replace('_', '-')} must be positive integers, got {values}")
+        if not self.sparsity_seq_lens or min(self.sparsity_seq_lens) < 0:
+            raise CircuitkitError(f"{source}: --sparsity-seq-lens must be integers >= 0 (0: the task's prompts), "
+                                  f"got {self.sparsity_seq_lens}")
+        for spec in (self.model, self.sparsity_model):
+            if spec.startswith("random:"):
+                shape_fields(spec.split(":", 1)[1])
 
 
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -76,7 +119,9 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
                batch=args.batch, ig_steps=args.ig_steps, repeats=args.repeats, warmup=args.warmup,
                patching_repeats=args.patching_repeats, threads=args.threads, memory=args.memory,
                seq_mults=_ints(args.seq_mults), layers=_ints(args.layers), scaling_arch=args.scaling_arch,
-               sparsity_batch=args.sparsity_batch, sparsity_steps=args.sparsity_steps, quick=args.quick)
+               sparsity_batch=args.sparsity_batch, sparsity_steps=args.sparsity_steps,
+               sparsity_seq_lens=_ints(getattr(args, "sparsity_seq_lens", "0")),
+               sparsity_model=getattr(args, "sparsity_model", ""), quick=args.quick)
     cfg = BenchConfig.from_dict(raw, source="circuitkit bench")
     if cfg.quick:
         cfg = replace(cfg, batch=min(cfg.batch, 4), repeats=1, warmup=1, patching_repeats=1, memory=False,
@@ -89,7 +134,7 @@ def _load(model_spec: str):
     """(model, description) for a zoo name / folder, or a random toy model for 'random:ARCH'."""
     if model_spec.startswith("random:"):
         arch = model_spec.split(":", 1)[1]
-        return build_model(toy_config(arch, seed=0)).eval(), f"{arch} (random weights)"
+        return build_shape(arch).eval(), f"{arch} (random weights)"
     try:
         found = resolve_path(model_spec) is not None
     except CircuitkitError:

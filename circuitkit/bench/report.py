@@ -17,6 +17,7 @@ from circuitkit import __version__
 from circuitkit.bench.config import PEER, TARGETS
 from circuitkit.bench.peer import _version
 from circuitkit.bench.scaling import SCALING_SERIES
+from circuitkit.bench.timing import CLOCK
 from circuitkit.io import write_json, write_text
 
 
@@ -24,7 +25,7 @@ def environment() -> dict[str, Any]:
     return {"circuitkit": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "transformer_lens": _version("transformer-lens"), PEER: _version(PEER),
             "platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "loadavg_start": _loadavg(),
+            "clock": CLOCK[0].value, "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "loadavg_start": _loadavg(),
             **_git_state()}
 
 
@@ -71,7 +72,7 @@ def to_markdown(res: Mapping[str, Any], command: str | None = None) -> str:
              f"torch {env['torch']}, transformer-lens {env['transformer_lens']}, {env['torch_threads']} thread(s) "
              f"on {env['cpu_count']} CPU(s); {env['date_utc']}; whole run {res['wall_s']:.0f} s; load average "
              f"(1/5/15 min) {_load_str(env.get('loadavg_start'))} at the start, {_load_str(env.get('loadavg_end'))} "
-             f"at the end."]
+             f"at the end; times on the {env.get('clock', 'wall')} clock."]
     if env.get("git_commit"):
         dirty = [f for f in env.get("uncommitted", []) if f.startswith("circuitkit/circuits") or f.startswith("circuitkit/bench/")]
         lines += ["", f"Source: commit {env['git_commit']}" + (f" plus uncommitted {', '.join(dirty)}" if dirty else "")
@@ -144,14 +145,14 @@ def to_markdown(res: Mapping[str, Any], command: str | None = None) -> str:
             lines += ["", f"eap vs exact patching on this batch: Pearson {e['pearson']:.4f}, "
                           f"top-{e['top_k']} overlap {e['top_overlap']}/{e['top_k']}."]
     if "sparsity" in parts:
-        s = parts["sparsity"]
-        lines += ["", f"### Sparse post-training step ({s['model']}, batch {s['batch']}, {s['seq_len']} tokens, "
-                      f"{s['threads']} thread(s), {s['steps']} steps each)", "",
-                  "| variant | median step (ms) | ratio vs plain | target |", "|---|---|---|---|"]
-        for name, r in s["results"].items():
-            tgt = "" if name == "plain" else f"≤ 1.5×{_mark(r['ratio'] <= TARGETS['gated_vs_plain'])}"
-            lines.append(f"| {name} | {_f(r['median_ms'])} | {_f(r['ratio'])}× | {tgt} |")
-        lines += ["", f"From `{s['command']}`."]
+        for s in parts["sparsity"].get("rows", [parts["sparsity"]]):  # one row per sequence length
+            lines += ["", f"### Sparse post-training step ({s['model']}, batch {s['batch']}, {s['seq_len']} tokens, "
+                          f"{s['threads']} thread(s), {s['steps']} steps each)", "",
+                      "| variant | median step (ms) | ratio vs plain | target |", "|---|---|---|---|"]
+            for name, r in s["results"].items():
+                tgt = "" if name == "plain" else f"≤ 1.5×{_mark(r['ratio'] <= TARGETS['gated_vs_plain'])}"
+                lines.append(f"| {name} | {_f(r['median_ms'])} | {_f(r['ratio'])}× | {tgt} |")
+            lines += ["", f"From `{s['command']}`."]
     if "scaling" in parts:
         sc = parts["scaling"]
         lines += ["", f"### Scaling ({sc['arch']} widths, random weights, eap-ig {sc['ig_steps']} steps)", "",

@@ -15,14 +15,14 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from circuitkit.bench.config import TARGETS, resolve_model_spec
+from circuitkit.bench.config import TARGETS, build_shape, resolve_model_spec
+from circuitkit.bench.timing import CLOCK, Clock, now
 from circuitkit.io import write_json
-from circuitkit.models import build_model, load_model, toy_config
+from circuitkit.models import load_model
 from circuitkit.sparsity import GateConfig, GateMode, attach, detach, get_gates
 from circuitkit.sparsity.finetune import SparsifyConfig, sparse_step
 from circuitkit.sparsity.objective import Geco, GecoState
@@ -64,7 +64,7 @@ def time_steps(model, tokens: torch.Tensor, mask: torch.Tensor,  # [batch, pos] 
     noise = torch.Generator()
     times = []
     for i in range(warmup + n):
-        t0 = time.perf_counter()
+        t0 = now()
         if gated:
             noise.manual_seed(i)
             gates.noise_generator = noise
@@ -75,7 +75,7 @@ def time_steps(model, tokens: torch.Tensor, mask: torch.Tensor,  # [batch, pos] 
         else:
             plain_step(model, opt, tokens, mask)
         if i >= warmup:
-            times.append(time.perf_counter() - t0)
+            times.append(now() - t0)
     return times
 
 
@@ -86,7 +86,7 @@ def measure_steps(model: str | None = None, arch: str = "toy-4l", batch: int = 1
     torch.set_num_threads(threads)
 
     def fresh():
-        m = load_model(model, gates=False) if model else build_model(toy_config(arch, seed=0))
+        m = load_model(model, gates=False) if model else build_shape(arch)
         m.train()
         return m
 
@@ -112,13 +112,20 @@ def measure_steps(model: str | None = None, arch: str = "toy-4l", batch: int = 1
 
 def sparsity_part(cfg: Mapping[str, Any], model_spec: str) -> dict[str, Any]:
     """The bench's ``sparsity`` part: :func:`measure_steps` on the bench's model."""
-    spec = resolve_model_spec(model_spec)
+    spec = resolve_model_spec(cfg.get("sparsity_model") or model_spec)
     which = {"arch": spec.split(":", 1)[1]} if spec.startswith("random:") else {"model": spec}
-    out = measure_steps(**which, batch=cfg["sparsity_batch"], steps=cfg["sparsity_steps"], threads=cfg["threads"])
-    flags = [f"--{k} {v}" for k, v in which.items()] + [
-        f"--batch {cfg['sparsity_batch']}", f"--steps {cfg['sparsity_steps']}", f"--threads {cfg['threads']}"]
-    out["command"] = "python scripts/bench_sparsity_step.py " + " ".join(flags)
-    return out
+    rows = []
+    for seq_len in cfg.get("sparsity_seq_lens") or [0]:
+        out = measure_steps(**which, batch=cfg["sparsity_batch"], seq_len=seq_len, steps=cfg["sparsity_steps"],
+                            threads=cfg["threads"])
+        flags = [f"--{k} '{v}'" if k == "arch" and v.startswith("{") else f"--{k} {v}" for k, v in which.items()]
+        flags += [f"--batch {cfg['sparsity_batch']}", f"--seq-len {seq_len}", f"--steps {cfg['sparsity_steps']}",
+                  f"--threads {cfg['threads']}"]
+        out["command"] = "python scripts/bench_sparsity_step.py " + " ".join(flags)
+        rows.append(out)
+    if len(rows) == 1:
+        return rows[0]
+    return {**rows[0], "rows": rows, "meets_target": all(r["meets_target"] for r in rows)}
 
 
 def step_variants(model_factory: Callable[[], Any], batch: int, seq_len: int) -> dict[str, tuple]:
@@ -151,14 +158,20 @@ def main(argv: list[str] | None = None) -> int:
     """``python scripts/bench_sparsity_step.py``: JSON and a markdown table on stdout (``--json``: a file too)."""
     p = argparse.ArgumentParser(prog="bench_sparsity_step.py", description=__doc__.splitlines()[0])
     p.add_argument("--model", help="a zoo name or checkpoint folder (default: a fresh --arch model)")
-    p.add_argument("--arch", default="toy-4l", help="toy architecture when no --model is given (default toy-4l)")
+    p.add_argument("--arch", default="toy-4l", help="shape when no --model is given: a toy architecture, "
+                   "gpt2-small-shape or a JSON object of HookedTransformerConfig fields (default toy-4l)")
     p.add_argument("--batch", type=int, default=128, help="batch size (default 128)")
     p.add_argument("--seq-len", type=int, default=0, help="0: addition prompts (12 tokens); else random tokens")
     p.add_argument("--steps", type=int, default=30, help="timed steps per variant (default 30)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--clock", choices=[c.value for c in Clock], default="wall",
+                   help="wall time, or this process's CPU time (user + system; for a machine shared with other "
+                        "jobs); default wall")
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args(argv)
+    CLOCK[0] = Clock(args.clock)
     out = measure_steps(args.model, args.arch, args.batch, args.seq_len, args.steps, args.threads)
+    out["clock"] = args.clock
     print(json.dumps(out, indent=2))
     print()
     print(f"| variant | median step (ms) | ratio vs plain |  ({out['model']}, batch {args.batch}, "

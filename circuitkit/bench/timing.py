@@ -6,6 +6,7 @@ background load hits all variants alike) and the functions each part times.
 
 from __future__ import annotations
 
+import enum
 import math
 import statistics
 import time
@@ -17,14 +18,33 @@ from circuitkit.circuits import attribute
 from circuitkit.circuits.interventions import temporary_hooks
 
 
+class Clock(enum.Enum):
+    """What a time is: wall time, or the CPU time of this process (user + system), which a machine
+    shared with other jobs inflates far less (with 1 thread it is the work itself)."""
+
+    WALL = "wall"
+    CPU = "cpu"
+
+    def now(self) -> float:
+        return time.perf_counter() if self is Clock.WALL else time.process_time()
+
+
+CLOCK = [Clock.WALL]  # the clock of this run; circuitkit bench --clock sets it
+
+
+def now() -> float:
+    """Seconds on the run's clock (:data:`CLOCK`)."""
+    return CLOCK[0].now()
+
+
 def interleaved(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, dict[str, Any]]:
     """Run every function once per round, ``warmup + repeats`` rounds; medians of the timed rounds (ms)."""
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(warmup + repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = now()
             fn()
-            dt = time.perf_counter() - t0
+            dt = now() - t0
             if r >= warmup:
                 samples[name].append(dt * 1e3)
     return {k: {"median_ms": round(statistics.median(v), 3), "samples_ms": [round(x, 3) for x in v]}

@@ -43,7 +43,7 @@ from circuitkit import CircuitkitError
 from circuitkit.circuits.graph import Graph, GraphSpec
 from circuitkit.circuits.interventions import (
     DEFAULT_BATCH_SIZE, Ablation, AblationValues, capture_senders, check_dataset, copies_metric, graph_hooks_enabled,
-    head_outputs, metric_with_graph, model_device, model_dtype, sender_hooks, temporary_hooks,
+    metric_with_graph, model_device, model_dtype, sender_hooks, temporary_hooks,
 )
 from circuitkit.tasks.base import Metric, TaskDataset
 
@@ -56,6 +56,28 @@ PATCH_COPY_BUDGET = 2**21
 
 
 # ---------------------------------------------------------------- gradient methods
+
+@dataclass(frozen=True)
+class _QKVWeights:
+    """One block's q/k/v weights as the receiver scoring uses them, made once per attribution call
+    (they do not change while it runs) instead of once per block and pass."""
+
+    w_t: torch.Tensor  # [3 * n_heads, d_head, d_model]: (w_ln ⊙ W_{Q,K,V})^T, contiguous
+    col_sum: torch.Tensor  # [3 * n_heads, d_head]: Σ_d (w_ln ⊙ W)
+    offset: torch.Tensor  # [3 * n_heads, d_head]: q = x̂ @ (w_ln ⊙ W_Q) + offset (b_Q, plus b_ln @ W_Q for LN)
+
+    @classmethod
+    def of(cls, model, layer: int) -> "_QKVWeights":
+        attn, ln, norm = model.blocks[layer].attn, model.blocks[layer].ln1, model.cfg.normalization_type
+        with torch.no_grad():
+            w = torch.cat([attn.W_Q, attn.W_K, attn.W_V])  # [3 * n_heads, d_model, d_head]
+            offset = torch.cat([attn.b_Q, attn.b_K, attn.b_V])  # [3 * n_heads, d_head]
+            if norm == "LN":
+                offset = offset + torch.einsum("d,hde->he", ln.b, w)
+            if norm in ("LN", "RMS"):
+                w = w * ln.w[None, :, None]
+            return cls(w.transpose(1, 2).contiguous(), w.sum(1), offset)
+
 
 class _GradientPass:
     """One forward with gradients on the clean prompts, and its backward.
@@ -76,8 +98,8 @@ class _GradientPass:
     3 * n_heads LayerNorms per block forward and back.
 
     ``level="position"`` scores the same edges per token position (``out`` is
-    ``[pos, n_src, n_dst]``): every contraction goes through :meth:`_contract` or
-    :meth:`_with_diff`, which then sum over batch and d_model but keep the position axis
+    ``[pos, n_src, n_dst]``): every contraction goes through
+    :meth:`_with_diff`, which then sums over batch and d_model but keeps the position axis
     (:mod:`~circuitkit.circuits.positions`).
     """
 
@@ -87,15 +109,18 @@ class _GradientPass:
                  diff: torch.Tensor,  # [n_src, batch, pos, d_model], sender-major
                  subtract_clean: bool = False,
                  z_ablate: dict[int, torch.Tensor] | None = None,  # layer -> ablated z [batch, pos, n_heads, d_head]
-                 repeats: int = 1):  # the model's batch is `repeats` copies of the examples (eap-ig steps)
+                 repeats: int = 1,  # the model's batch is `repeats` copies of the examples (eap-ig steps)
+                 weights: dict[int, "_QKVWeights"] | None = None):  # per-layer weight products, shared by passes
         self.model, self.spec, self.level, self.out, self.input_fn = model, spec, level, out, input_fn
+        self.weights = {} if weights is None else weights
         self.diff, self.subtract_clean, self.z_ablate, self.repeats = diff, subtract_clean, z_ablate, repeats
         self.x: torch.Tensor | None = None
         self.weight = 1.0
+        self.prefix_of = spec.src_prefix.tolist()  # receiver -> number of senders before it (Python ints: no sync)
         self.ln_stats: dict[tuple[int, str], torch.Tensor] = {}  # (layer, "scale"|"normalized") -> [batch, pos, 1|d]
         self.pending: dict[int, dict[str, torch.Tensor]] = {}  # layer -> {"q": ∂m/∂q, ...} until all three arrive
         self.qkv_acts: dict[tuple[int, str], torch.Tensor] = {}  # (layer, "q") -> q [batch, pos, n_heads, d_head]
-        self.cache: dict[str, torch.Tensor] = {}  # per-position sums of diff, filled during backward
+        self.cache: dict[str, torch.Tensor] = {}  # per pass: diff laid out position-major (position level)
 
     @property
     def diff_t(self) -> torch.Tensor:  # [n_src, batch*pos*d_model]
@@ -125,7 +150,9 @@ class _GradientPass:
         # act: [n_rows, batch, pos, d_model], or for heads with z_ablate: z [batch, pos, n_heads, d_head]
         layer = self.spec.head_group_layer.get(rows.start)
         if layer is not None and self.z_ablate is not None:
-            self.diff[rows] = head_outputs(self.z_ablate.pop(layer) - act, self.model.blocks[layer].attn.W_O)
+            z = (self.z_ablate.pop(layer) - act.detach()).flatten(0, 1).transpose(0, 1)  # [n_heads, b*pos, d_head]
+            out = self.diff[rows].view(z.shape[0], z.shape[1], -1)  # written in place: [n_heads, b*pos, d_model]
+            torch.bmm(z, self.model.blocks[layer].attn.W_O.detach(), out=out)
         else:
             self.diff[rows] -= act
 
@@ -164,61 +191,47 @@ class _GradientPass:
         ([batch, pos, n_heads, d_head] each; a missing one had no path to the metric).
 
         With ``v = w ⊙ u`` and ``u = (∂m/∂q_h) @ W_Q[h]^T``, ln1's pull-back is
-        ``(v - mean(v) - x̂ mean(v ⊙ x̂)) / σ`` (no ``mean(v)`` term for RMS norms), so the score
-        ``Σ diff_s · pullback`` splits into ``diff_s · (v / σ)`` and two rank-one corrections
-        built from per-position sums. ``w`` is folded into ``W_Q`` and ``1/σ`` into ∂m/∂q, so the
-        only [3 * n_heads, batch, pos, d_model] tensor is one batched product's output.
+        ``(v - mean(v) - x̂ mean(v ⊙ x̂)) / σ`` (no ``mean(v)`` term for RMS norms). ``w`` is folded
+        into ``W_Q`` and ``1/σ`` into ∂m/∂q; the two correction terms are applied in place to the one
+        [3 * n_heads, batch*pos, d_model] product (the pull-back itself), so the score is a single
+        matrix product with ``diff``: ``diff`` is read once per block and no
+        [senders, batch, pos, d_model] temporary is made (that was half the block's scoring time at
+        GPT-2-small width).
         """
-        block = self.model.blocks[layer]
         norm = self.model.cfg.normalization_type
         first = self.spec.head_dst(layer, 0, "q")  # a block's q, k, v receivers are contiguous
         d_model = self.model.cfg.d_model
         some = next(iter(grads.values()))
         with torch.no_grad():
-            g = torch.cat([grads.get(c, torch.zeros_like(some)) for c in "qkv"], 2)  # [b, pos, 3 * n_heads, d_head]
-            w_in = torch.cat([block.attn.W_Q, block.attn.W_K, block.attn.W_V])  # [3 * n_heads, d_model, d_head]
-            if norm in ("LN", "RMS"):
-                w_in = w_in * block.ln1.w[None, :, None]
+            g = torch.cat([grads.get(c, torch.zeros_like(some)) for c in "qkv"], 2)  # [r*b, pos, 3 * n_heads, d_head]
+            w = self._weights(layer)
             if norm is not None:
-                scale, x_hat = self.ln_stats[layer, "scale"], self.ln_stats[layer, "normalized"]  # [b,p,1], [b,p,d]
+                scale, x_hat = self.ln_stats[layer, "scale"], self.ln_stats[layer, "normalized"]  # [r*b,p,1], [r*b,p,d]
                 g = g / scale.unsqueeze(-1)
             n, r = g.shape[2], self.repeats
             g_sum = g.reshape(r, -1, *g.shape[1:]).sum(0) if r > 1 else g  # copies summed: u is linear in g
-            u = g_sum.reshape(-1, n, g.shape[-1]).transpose(0, 1) @ w_in.transpose(1, 2)  # [3 * n_heads, b*pos, d_model]
-            score = self._with_diff(prefix, u.reshape(n, -1))  # [(pos,) prefix, 3 * n_heads]
-            if norm is not None:  # x̂ differs between copies: these terms keep the copy axis
-                xw = self._normalized_projection(layer)  # x̂ @ (w ⊙ W): [r*b, pos, 3 * n_heads, d_head]
-                e = (g * xw).sum(-1).permute(2, 0, 1).reshape(n, -1)  # Σ_d u x̂: [3 * n_heads, r*b*pos]
-                x_hat_r = x_hat.reshape(r, *self.diff.shape[1:])  # [r, b, pos, d_model]
-                x_dot = (self.diff[:prefix, None] * x_hat_r).sum(-1).reshape(prefix, -1)  # Σ_d diff x̂: [prefix, r*b*pos]
-                score -= self._contract(x_dot, e, 1) / d_model
+            u = g_sum.reshape(-1, n, g.shape[-1]).transpose(0, 1) @ w.w_t  # [3 * n_heads, b*pos, d_model]
+            if norm is not None:  # x̂ differs between copies: one in-place correction per copy
+                xw = torch.cat([self.qkv_acts.pop((layer, c)) for c in "qkv"], 2) - w.offset  # x̂ @ (w ⊙ W): [r*b, pos, 3 * n_heads, d_head]
+                e = (g * xw).sum(-1).reshape(r, -1, n)  # Σ_d u x̂ per copy: [r, b*pos, 3 * n_heads]
+                x_hat_r = x_hat.reshape(r, -1, d_model)  # [r, b*pos, d_model]
+                for c in range(r):
+                    u.addcmul_(e[c].T.unsqueeze(-1), x_hat_r[c].unsqueeze(0), value=-1.0 / d_model)
                 if norm in ("LN", "LNPre"):
-                    b = (g_sum * w_in.sum(1)).sum(-1).permute(2, 0, 1).reshape(n, -1)  # Σ_d u: [3 * n_heads, b*pos]
-                    score -= self._contract(self._diff_sum()[:prefix], b, 1) / d_model
-            self.out[..., :prefix, first: first + n] += self.weight * score.float().cpu()
+                    mean_u = (g_sum * w.col_sum).sum(-1).reshape(-1, n)  # Σ_d u: [b*pos, 3 * n_heads]
+                    u.sub_(mean_u.T.unsqueeze(-1), alpha=1.0 / d_model)
+            score = self._with_diff(prefix, u.reshape(n, -1))  # [(pos,) prefix, 3 * n_heads]
+            self.out[..., :prefix, first: first + n] += self.weight * score.to(self.out.dtype)
 
-    def _normalized_projection(self, layer: int) -> torch.Tensor:  # [batch, pos, 3 * n_heads, d_head]
-        """``x̂ @ (w ⊙ W)`` for q, k, v, read off the forward pass: ``q = (x̂ ⊙ w + b_ln) @ W_Q + b_Q``."""
-        attn, ln = self.model.blocks[layer].attn, self.model.blocks[layer].ln1
-        parts = []
-        for c in "qkv":
-            offset = getattr(attn, f"b_{c.upper()}")  # [n_heads, d_head]
-            if self.model.cfg.normalization_type == "LN":
-                offset = offset + torch.einsum("d,hde->he", ln.b, getattr(attn, f"W_{c.upper()}"))
-            parts.append(self.qkv_acts.pop((layer, c)) - offset)
-        return torch.cat(parts, 2)
-
-    def _contract(self, a: torch.Tensor,  # [m, rows*pos*width]: rows = (copies,) batch
-                  b: torch.Tensor,  # [n, rows*pos*width], the same layout
-                  width: int) -> torch.Tensor:  # [m, n], or [pos, m, n] at position level
-        """``Σ a ⊙ b`` over the flattened axis; at position level the position axis is kept."""
-        if self.level != "position":
-            return a @ b.T
-        return torch.bmm(self._by_position(a, width), self._by_position(b, width).transpose(1, 2))
+    def _weights(self, layer: int) -> "_QKVWeights":
+        if layer not in self.weights:
+            self.weights[layer] = _QKVWeights.of(self.model, layer)
+        return self.weights[layer]
 
     def _with_diff(self, prefix: int, b: torch.Tensor,  # [n, batch*pos*d_model]
                    ) -> torch.Tensor:  # [prefix, n], or [pos, prefix, n] at position level
-        """``Σ diff[:prefix] ⊙ b``; at position level with one position-major copy of diff per pass."""
+        """``Σ diff[:prefix] ⊙ b`` over batch, position and d_model; at position level the position
+        axis is kept, with one position-major copy of ``diff`` per pass."""
         if self.level != "position":
             return self.diff_t[:prefix] @ b.T
         if "by_position" not in self.cache:
@@ -230,25 +243,20 @@ class _GradientPass:
         p = self.diff.shape[2]
         return t.reshape(t.shape[0], -1, p, width).permute(2, 0, 1, 3).reshape(p, t.shape[0], -1)
 
-    def _diff_sum(self) -> torch.Tensor:  # [n_src, batch*pos]: Σ_d diff
-        if "sum" not in self.cache:
-            self.cache["sum"] = self.diff.sum(-1).reshape(self.diff.shape[0], -1)
-        return self.cache["sum"]
-
     def _summed(self, grad: torch.Tensor) -> torch.Tensor:  # [repeats*batch, pos, d_model] -> [batch*pos*d_model]
         """Scores are linear in these gradients, so the copies' gradients are summed first."""
         return grad.reshape(self.repeats, -1).sum(0) if self.repeats > 1 else grad.reshape(-1)
 
     def _receiver_grad(self, prefix: int, cols: slice) -> Callable:
         def on_grad(grad):  # [repeats*batch, pos, d_model]
-            score = self._with_diff(prefix, self._summed(grad)[None, :])
-            self.out[..., :prefix, cols] += self.weight * score.float().cpu()  # [(pos,) prefix, 1]
+            score = self._with_diff(prefix, self._summed(grad)[None, :])  # [(pos,) prefix, 1]
+            self.out[..., :prefix, cols] += self.weight * score.to(self.out.dtype)
         return on_grad
 
     def _node_grad(self, rows: slice) -> Callable:
         # every sender in `rows` adds its output to the activation whose gradient arrives here
         def on_grad(grad):  # [repeats*batch, pos, d_model]
-            self.out[rows] += self.weight * (self.diff_t[rows] @ self._summed(grad)).float().cpu()  # [n_rows]
+            self.out[rows] += self.weight * (self.diff_t[rows] @ self._summed(grad)).to(self.out.dtype)  # [n_rows]
         return on_grad
 
     def run(self, model, tokens: torch.Tensor) -> torch.Tensor:  # [batch, pos] -> [batch, pos, d_vocab]
@@ -262,8 +270,7 @@ class _GradientPass:
         metric = copies_metric(batch, logits, reference, self.repeats).mean()  # over copies and examples
         metric.backward(inputs=[self.x])
         for layer, grads in list(self.pending.items()):  # blocks where q, k or v got no gradient
-            self._score_head_inputs(layer, self.spec.src_prefix[self.spec.head_dst(layer, 0, "q")].item(),
-                                    self.pending.pop(layer))
+            self._score_head_inputs(layer, self.prefix_of[self.spec.head_dst(layer, 0, "q")], self.pending.pop(layer))
 
 
 def _sender_major(values: torch.Tensor, batch: int, owned: bool) -> torch.Tensor:
@@ -305,15 +312,16 @@ def _gradient_scores(model, ds: TaskDataset, *, level: str, steps: int | None, a
     values_src = Ablation.parse(ablation).prepare(model, ds, batch_size, spec)
     device = model_device(model)
     shape = {"edge": (spec.n_src, spec.n_dst), "position": (ds.seq_len, spec.n_src, spec.n_dst)}.get(level, (spec.n_src,))
-    total = torch.zeros(shape, dtype=torch.float32)
+    total = torch.zeros(shape, dtype=torch.float32, device=device)  # on the model's device: no sync per receiver
     n = len(ds)
+    weights: dict[int, _QKVWeights] = {}  # shared by every pass of this call
     with graph_hooks_enabled(model, split_qkv=False):
         for batch in tqdm(list(ds.batches(batch_size)), desc="attribution", disable=not progress, leave=False):
             batch = batch.to(device)
             b = len(batch)
             if steps is None:  # eap: the clean forward with gradients also subtracts the clean outputs
                 diff, z_ablate = _ablated_sender_major(model, spec, values_src, batch)
-                gp = _GradientPass(model, spec, level, total, lambda x: x, diff, True, z_ablate)
+                gp = _GradientPass(model, spec, level, total, lambda x: x, diff, True, z_ablate, weights=weights)
                 logits = gp.run(model, batch.clean)
                 reference = logits.detach() if batch.metric is Metric.NEG_KL else None
                 gp.backward(logits, batch, reference, b / n)
@@ -334,10 +342,10 @@ def _gradient_scores(model, ds: TaskDataset, *, level: str, steps: int | None, a
                 def interpolate(x, alphas=alphas):  # -> [r*b, pos, d_model]
                     return (base_in + alphas[:, None, None, None] * (clean_in - base_in)).reshape(-1, *x.shape[1:])
 
-                gp = _GradientPass(model, spec, level, total, interpolate, diff, repeats=r)
+                gp = _GradientPass(model, spec, level, total, interpolate, diff, repeats=r, weights=weights)
                 logits = gp.run(model, batch.clean.repeat(r, 1))
                 gp.backward(logits, batch, reference, r * b / (n * steps))
-    return total
+    return total.cpu()  # one transfer per call, after every batch
 
 
 def _check_steps(steps: Any) -> int:

@@ -8,6 +8,7 @@ import sys
 from circuitkit.bench.config import DEFAULT_MODEL, FALLBACK_ARCH, PARTS, config_from_args
 from circuitkit.bench.parts import run_bench
 from circuitkit.bench.report import _command_line, write_results
+from circuitkit.bench.timing import CLOCK, Clock
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -15,7 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated parts to run (default all: {','.join(PARTS)})")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"zoo name or checkpoint folder (default {DEFAULT_MODEL}; a random {FALLBACK_ARCH} "
-                        f"model when it is not there); 'random:ARCH' for a random toy architecture")
+                        f"model when it is not there); 'random:ARCH' for random weights, ARCH a toy "
+                        f"architecture, a named shape (gpt2-small-shape: 12 layers, 12 heads, d_model 768, "
+                        f"d_mlp 3072, toy vocabulary) or a JSON object of HookedTransformerConfig fields")
     p.add_argument("--task", default="ioi", help="task whose clean/corrupted batch is attributed (default ioi)")
     p.add_argument("--batch", type=int, default=64, help="examples in the attributed batch (default 64)")
     p.add_argument("--ig-steps", type=int, default=5, help="eap-ig steps (default 5)")
@@ -30,6 +33,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scaling-arch", default=FALLBACK_ARCH, help="scaling: toy architecture widths")
     p.add_argument("--sparsity-batch", type=int, default=128, help="sparsity step batch (default 128)")
     p.add_argument("--sparsity-steps", type=int, default=30, help="sparsity steps per variant (default 30)")
+    p.add_argument("--sparsity-seq-lens", default="0",
+                   help="sparsity: comma-separated sequence lengths of random-token batches (0: the addition "
+                        "prompts, 12 tokens; default 0)")
+    p.add_argument("--sparsity-model", default="",
+                   help="sparsity: model for the step, a spec as --model (e.g. random:gpt2-small-shape); "
+                        "default the bench's model")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall time, or this process's CPU time (user + system) for a machine shared with other "
+                        "jobs (default wall)")
     p.add_argument("--out", default="benchmarks", help="folder for NAME.json and NAME.md (default benchmarks)")
     p.add_argument("--name", default="bench", help="file stem of the results (default bench)")
     p.add_argument("--figure", default="figures/scaling",
@@ -40,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    CLOCK[0] = Clock(args.clock)
     command = _command_line()
     res = run_bench(cfg, log=lambda s: print(s, file=sys.stderr, flush=True),
                     figure=args.figure if "scaling" in cfg["parts"] else None)

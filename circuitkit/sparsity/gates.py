@@ -144,19 +144,18 @@ class _ConcreteST(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z: torch.Tensor, u: torch.Tensor, kind: str, scale: float):  # noqa: D401
         s = torch.sigmoid(z)
-        t = s + u
-        m = torch.floor(t)
-        ctx.save_for_backward(s, u, t)
+        m = torch.floor(s + u)
+        ctx.save_for_backward(s, u)  # s + u is recomputed in backward: one [batch, head, q, k] tensor less kept
         ctx.kind, ctx.scale = kind, scale
         return m, _soft_reduce(s, kind, scale)
 
     @staticmethod
     def backward(ctx, grad_m: torch.Tensor | None, grad_soft: torch.Tensor | None):
-        s, u, t = ctx.saved_tensors
+        s, u = ctx.saved_tensors
         out = None
         if grad_m is not None:
             a = s * u
-            b = a - t
+            b = a - (s + u)
             b += 1  # (1 − s)(1 − u)
             den = a + b
             a *= b
