@@ -180,7 +180,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096):
     ``tokenizer.json``). Training is deterministic for the same texts and size.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     if vocab_size < 300:
         raise CircuitkitError(f"tokenizer_vocab must be at least 300 (256 bytes, {EOT} and some merges), got {vocab_size}")

@@ -259,6 +259,17 @@ class TrainingData:
             return {"ce": ce, "per_task": {"corpus": {"ce": ce, "n": min(n, self.corpus.heldout.shape[0])}}}
         return heldout(model, self.tasks, self.weights_by_task, n=n, seed=12345)
 
+    def constraint_set(self, model: HookedTransformer, n: int) -> dict[str, Any]:
+        """The base model's metrics that set sparse post-training's CE targets, in the form of
+        :meth:`heldout`. For tasks: the held-out prompts (fresh prompts of the training
+        distribution). For a corpus: the first ``n`` *train* rows, because the constraint holds the
+        CE of training windows, and a model that has overfit scores those well below held-out
+        text: a target from held-out CE would leave the constraint slack by the overfitting gap."""
+        if self.corpus is not None:
+            ce = corpus_ce(model, self.corpus.train[:n])
+            return {"ce": ce, "per_task": {"corpus": {"ce": ce, "n": min(n, self.corpus.train.shape[0])}}}
+        return self.heldout(model, n)
+
     def measure_data(self, n: int):
         if self.corpus is not None:
             return self.corpus.heldout[:n]

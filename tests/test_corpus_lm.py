@@ -18,7 +18,7 @@ from circuitkit.models import (TOKENIZER_FILE, build_model, load_card, load_mode
                                toy_config)
 from circuitkit.sparsity import load_model as load_sparse
 from circuitkit.sparsity.finetune import SparsifyConfig, finetune
-from circuitkit.training import TrainConfig, train
+from circuitkit.training import TrainConfig, corpus_ce, train
 
 # Real code to build the tiny corpus from: small standard-library modules.
 SOURCES = ["shlex.py", "textwrap.py", "bisect.py", "colorsys.py", "keyword.py", "fnmatch.py", "glob.py",
@@ -198,6 +198,13 @@ def test_sparsify_on_the_corpus_keeps_the_split_and_checks_it(tmp_path, tree):
                warmup=1, checkpoint_every=3, eval_every=100, eval_n=8, target_n=8, measure_n=4, seed=1)
     card = finetune(SparsifyConfig.from_dict(raw), progress=False)
     assert card["corpus_hash"] == code_corpus(f"stdlib:{tree}", heldout_fraction=0.2).hash
+    # the constraint holds train-window CE, so its target comes from the base's CE on train rows;
+    # the criterion (meets_target) is held-out CE against 1.05 x the base's held-out CE
+    base = load_model(tmp_path / "base" / "model")
+    rows = TextCorpus.from_source(f"stdlib:{tree}", base.tokenizer, seq_len=24, heldout_fraction=0.2)
+    assert card["target_ce"] == pytest.approx(corpus_ce(base, rows.train[:8]) * 1.05, rel=1e-5)
+    assert card["heldout_target_ce"] == pytest.approx(corpus_ce(base, rows.heldout[:8]) * 1.05, rel=1e-5)
+    assert card["meets_target"] == (card["heldout_ce"] <= card["heldout_target_ce"])
     sparse = load_sparse(tmp_path / "s")
     assert sparse.tokenizer is not None and sparse.to_str_tokens("def")[0] == EOT
     # another held-out fraction is another split: the CE constraint would be set on files the base trained on

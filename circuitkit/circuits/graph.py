@@ -428,8 +428,36 @@ class Edge:
 
 # ---------------------------------------------------------------- the graph
 
+class JsonFile:
+    """``to_json`` / ``from_json`` / ``save`` / ``load`` around a class's ``to_dict`` / ``from_dict``
+    (the component graph and the position-resolved graph share them); ``WHAT`` names it in errors."""
+
+    WHAT = "graph"
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str):
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise CircuitkitError(f"{cls.WHAT} JSON does not parse: {e}") from None
+
+    def save(self, path: str | os.PathLike) -> Path:
+        write_json(path, self.to_dict())
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike):
+        p = Path(path)
+        if not p.is_file():
+            raise CircuitkitError(f"no {cls.WHAT} file at {p}")
+        return cls.from_json(p.read_text())
+
+
 @dataclass(frozen=True, eq=False)
-class Graph:
+class Graph(JsonFile):
     """Edge scores and circuit membership of one model, as dense tensors.
 
     ``scores[s, d]`` is an attribution score (0 on non-edges) and ``in_graph[s, d]`` says
@@ -631,27 +659,6 @@ class Graph:
         dense[idx[:, 0], idx[:, 1]] = torch.tensor([float(x) for x in scores], dtype=torch.float32)
         member[idx[:, 0], idx[:, 1]] = torch.tensor([bool(x) for x in flags], dtype=torch.bool)
         return cls(spec, dense, member, d.get("metadata", {}) or {})
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
-
-    @classmethod
-    def from_json(cls, text: str) -> "Graph":
-        try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as e:
-            raise CircuitkitError(f"graph JSON does not parse: {e}") from None
-
-    def save(self, path: str | os.PathLike) -> Path:
-        write_json(path, self.to_dict())
-        return Path(path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "Graph":
-        p = Path(path)
-        if not p.is_file():
-            raise CircuitkitError(f"no graph file at {p}")
-        return cls.from_json(p.read_text())
 
     # -- networkx
     def to_networkx(self, in_graph_only: bool = False):

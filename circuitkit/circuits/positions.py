@@ -24,11 +24,8 @@ same two forwards and one backward, with the contraction keeping the position ax
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Iterator, Mapping
 
@@ -39,9 +36,8 @@ from circuitkit.circuits.attribution import (
     DEFAULT_IG_STEPS, IG_STEPS, Option, _check_finite, _check_steps, _edge_sites, _gradient_scores,
     _single_sender_patching,
 )
-from circuitkit.circuits.graph import QKV, Edge, Graph, GraphSpec, Node, _plain
+from circuitkit.circuits.graph import QKV, Edge, Graph, GraphSpec, JsonFile, Node, _plain
 from circuitkit.circuits.interventions import DEFAULT_BATCH_SIZE, Ablation, check_dataset
-from circuitkit.io import write_json
 from circuitkit.tasks.base import TaskDataset
 
 POSITION_GRAPH_FORMAT = "circuitkit.position_graph"
@@ -157,7 +153,7 @@ class PositionEdge:
 # ---------------------------------------------------------------- the graph
 
 @dataclass(frozen=True, eq=False)
-class PositionGraph:
+class PositionGraph(JsonFile):
     """Edge scores and circuit membership per token position, as dense tensors.
 
     ``scores[p, s, d]`` scores the edge ``s -> d`` at position ``p`` (0 on non-edges);
@@ -165,6 +161,8 @@ class PositionGraph:
     component graph at every position. Selection functions return new graphs; nothing here
     mutates in place.
     """
+
+    WHAT = "position graph"
 
     spec: GraphSpec
     positions: Positions
@@ -393,27 +391,6 @@ class PositionGraph:
         dense[tuple(idx.T)] = torch.tensor([float(x) for x in scores], dtype=torch.float32)
         member[tuple(idx.T)] = torch.tensor([bool(x) for x in flags], dtype=torch.bool)
         return cls(spec, positions, dense, member, d.get("metadata", {}) or {})
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
-
-    @classmethod
-    def from_json(cls, text: str) -> "PositionGraph":
-        try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as e:
-            raise CircuitkitError(f"position graph JSON does not parse: {e}") from None
-
-    def save(self, path: str | os.PathLike) -> Path:
-        write_json(path, self.to_dict())
-        return Path(path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "PositionGraph":
-        p = Path(path)
-        if not p.is_file():
-            raise CircuitkitError(f"no position graph file at {p}")
-        return cls.from_json(p.read_text())
 
     # -- networkx
     def to_networkx(self, in_graph_only: bool = False):

@@ -50,8 +50,8 @@ from circuitkit.sparsity.gates import GateConfig, GateMode, attach, gate_mode
 from circuitkit.sparsity.measure import measure_sparsity
 from circuitkit.sparsity.objective import Geco, GecoState, sparsity_objective
 from circuitkit.sparsity.storage import save_sparse_model
-from circuitkit.training import (RunKind, StepLog, TrainingData, check_mixture, load_checkpoint, make_optimizer,
-                                 prepare_run, save_checkpoint)
+from circuitkit.training import (RunKind, StepLog, TrainingData, check_mixture, corpus_ce, load_checkpoint,
+                                 make_optimizer, prepare_run, save_checkpoint)
 
 CSV_FILE = "log.csv"
 DEFAULT_TOLERANCE = 0.05
@@ -367,9 +367,9 @@ def _finetune(cfg, dd: _Dist, resume, max_steps, progress, command, device, on_b
                         max_tokens=cfg.corpus_max_tokens, seed=cfg.corpus_seed)
     _check_same_corpus(model, data)
     step, base = 0, None
-    if not resume:  # the base model's held-out metrics (dense, before the gates) fix the target
+    if not resume:  # the base model's metrics (dense, before the gates) fix the target
         if dd.main:
-            base = {"target_set": data.heldout(model, cfg.target_n), "eval_set": data.heldout(model, cfg.eval_n)}
+            base = {"target_set": data.constraint_set(model, cfg.target_n), "eval_set": data.heldout(model, cfg.eval_n)}
         if dd.on:
             box = [base]
             dist.broadcast_object_list(box, src=0)
@@ -560,6 +560,7 @@ def _final_card(cfg, model, data: TrainingData, extra, states: list[GecoState], 
     model.eval()
     with gate_mode(model, GateMode.EVAL, collect=False):
         h = data.heldout(model, cfg.eval_n)
+        train_ce = corpus_ce(model, data.corpus.train[:cfg.target_n]) if data.corpus is not None else None
     rep = measure_sparsity(model, data.measure_data(cfg.measure_n))
     base = extra["base_heldout"]
     targets = extra["targets"]
@@ -567,6 +568,11 @@ def _final_card(cfg, model, data: TrainingData, extra, states: list[GecoState], 
         target: Any = dict(zip(data.names, targets))
         meets = all(h["per_task"][k]["ce"] <= t for k, t in target.items())
         geco: Any = {k: {**st.to_dict(), "lam": st.lam} for k, st in zip(data.names, states)}
+    elif data.corpus is not None:  # the constraint held train-window CE; the criterion is held-out CE
+        tol = cfg.tolerance if cfg.tolerance is not None else DEFAULT_TOLERANCE
+        held_target = cfg.target_ce if cfg.target_ce is not None else base["ce"] * (1 + tol)
+        target, meets = targets[0], bool(h["ce"] <= held_target)
+        geco = {**states[0].to_dict(), "lam": states[0].lam}
     else:
         target, meets = targets[0], bool(h["ce"] <= targets[0])
         geco = {**states[0].to_dict(), "lam": states[0].lam}
@@ -585,6 +591,10 @@ def _final_card(cfg, model, data: TrainingData, extra, states: list[GecoState], 
         "geco": geco,
         "finetune_config": asdict(cfg),
     }
+    if data.corpus is not None:
+        card.update({"base_train_ce": extra["base_ce"], "base_heldout_ce": base["ce"], "heldout_target_ce": held_target,
+                     "heldout_ce_ratio": h["ce"] / base["ce"],
+                     "train_ce": train_ce})
     if data.corpus is None:
         card["accuracy_delta"] = {k: h["per_task"][k]["accuracy"] - base["per_task"][k]["accuracy"]
                                   for k in h["per_task"]}

@@ -14,7 +14,6 @@ from enum import Enum
 from typing import Callable, ClassVar, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from circuitkit import CircuitkitError
 
