@@ -93,8 +93,9 @@ class TrainConfig(TomlConfig):
                 raise CircuitkitError(f"{source}: corpus_seq_len must be at least 2, got {self.corpus_seq_len}")
             return
         if not self.tasks:
-            raise CircuitkitError(f"{source}: nothing to train on; give [tasks] (a toy model on a task mixture) or "
-                                  "corpus = \"stdlib\" (a language model on the standard library's code)")
+            raise CircuitkitError(f"{source}: nothing to train on; [tasks] needs at least one task with a positive weight "
+                                  "(a toy model on a task mixture), or give corpus = \"stdlib\" (a language model on the "
+                                  "standard library's code)")
         check_mixture(self.tasks, self.task_options, source)
 
 

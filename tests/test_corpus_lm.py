@@ -105,8 +105,9 @@ def test_tokenizer_round_trips_code_and_has_one_end_of_text_token(tok, tree):
     assert EOT not in tok.decode(ids) and len(tok) == 400
 
 
-def test_a_freshly_trained_tokenizer_goes_on_a_model_and_survives_saving(tok, tmp_path):
-    model = build_model(toy_config("toy-2l", d_vocab=len(tok)))
+def test_a_freshly_trained_tokenizer_goes_on_a_model_and_survives_saving(tree, tmp_path):
+    tok = train_tokenizer(code_corpus(f"stdlib:{tree}").texts("train"), vocab_size=400)  # not the shared one:
+    model = build_model(toy_config("toy-2l", d_vocab=len(tok)))  # TransformerLens sets model_max_length on it
     set_local_tokenizer(model, tok)  # in memory, never saved: TransformerLens must not look for it on disk
     x = model.to_tokens("def f(x):")
     assert x[0, 0] == 0 and (x[0] == 0).sum() == 1
@@ -183,7 +184,7 @@ def test_resume_refuses_a_corpus_that_changed(tmp_path, tree):
 
 
 def test_config_needs_tasks_or_a_corpus_not_both(tmp_path, tree):
-    with pytest.raises(CircuitkitError, match="nothing to train on"):
+    with pytest.raises(CircuitkitError, match="nothing to train on; \\[tasks\\] needs at least one task"):
         TrainConfig.from_dict(dict(name="x", out="o", run_dir="r"))
     with pytest.raises(CircuitkitError, match="not both"):
         TrainConfig.from_dict(dict(name="x", out="o", run_dir="r", tasks={"addition": 1.0}, corpus="stdlib"))

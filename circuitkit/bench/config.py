@@ -168,8 +168,11 @@ def tiled(ds, k: int):
     if k == 1:
         return ds
     t = ds.seq_len
+    labels = ds.position_labels  # the last copy keeps the roles; earlier copies are named role#copy
+    if labels is not None:
+        labels = tuple(f"{x}#{i}" for i in range(k - 1) for x in labels) + tuple(labels)
     return replace(ds, clean=ds.clean.repeat(1, k), corrupt=ds.corrupt.repeat(1, k),
-                   answer_pos=ds.answer_pos + (k - 1) * t)
+                   answer_pos=ds.answer_pos + (k - 1) * t, position_labels=labels)
 
 
 def _model_summary(model, description: str) -> dict[str, Any]:
