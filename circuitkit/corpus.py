@@ -389,10 +389,6 @@ class TextCorpus:
         return cls(train=chunk_tokens(train, seq_len, bos_id), heldout=chunk_tokens(held, seq_len, bos_id),
                    source=source, train_stream=train, bos_id=bos_id, manifest=corpus.manifest())
 
-    @property
-    def heldout_stream_tokens(self) -> int:
-        return self.heldout.numel() - (self.heldout.shape[0] if self.bos_id is not None else 0)
-
     def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` training sequences [n, seq_len] and their loss mask (every position).
 
