@@ -389,6 +389,16 @@ class TextCorpus:
         return cls(train=chunk_tokens(train, seq_len, bos_id), heldout=chunk_tokens(held, seq_len, bos_id),
                    source=source, train_stream=train, bos_id=bos_id, manifest=corpus.manifest())
 
+    def rows(self, split: str, n: int | None = None) -> torch.Tensor:  # [min(n, rows), seq_len]
+        """``n`` rows of ``split`` ("train" or "heldout") spread evenly over it (all rows when ``n`` is
+        None or at least their number): the first rows would all come from the first files."""
+        if split not in ("train", "heldout"):
+            raise CircuitkitError(f"split must be 'train' or 'heldout', got {split!r}")
+        t = self.train if split == "train" else self.heldout
+        if n is None or n >= t.shape[0]:
+            return t
+        return t[torch.linspace(0, t.shape[0] - 1, n).round().long()]
+
     def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` training sequences [n, seq_len] and their loss mask (every position).
 

@@ -256,24 +256,26 @@ class TrainingData:
         """Held-out metrics per task (or the CE of the first ``n`` held-out corpus rows) and the
         mixture-weighted CE (:func:`heldout`)."""
         if self.corpus is not None:
-            ce = corpus_ce(model, self.corpus.heldout[:n])
-            return {"ce": ce, "per_task": {"corpus": {"ce": ce, "n": min(n, self.corpus.heldout.shape[0])}}}
+            rows = self.corpus.rows("heldout", n)
+            ce = corpus_ce(model, rows)
+            return {"ce": ce, "per_task": {"corpus": {"ce": ce, "n": rows.shape[0]}}}
         return heldout(model, self.tasks, self.weights_by_task, n=n, seed=12345)
 
     def constraint_set(self, model: HookedTransformer, n: int) -> dict[str, Any]:
         """The base model's metrics that set sparse post-training's CE targets, in the form of
         :meth:`heldout`. For tasks: the held-out prompts (fresh prompts of the training
-        distribution). For a corpus: the first ``n`` *train* rows, because the constraint holds the
+        distribution). For a corpus: ``n`` *train* rows spread evenly over the train files, because the constraint holds the
         CE of training windows, and a model that has overfit scores those well below held-out
         text: a target from held-out CE would leave the constraint slack by the overfitting gap."""
         if self.corpus is not None:
-            ce = corpus_ce(model, self.corpus.train[:n])
-            return {"ce": ce, "per_task": {"corpus": {"ce": ce, "n": min(n, self.corpus.train.shape[0])}}}
+            rows = self.corpus.rows("train", n)
+            ce = corpus_ce(model, rows)
+            return {"ce": ce, "per_task": {"corpus": {"ce": ce, "n": rows.shape[0]}}}
         return self.heldout(model, n)
 
     def measure_data(self, n: int):
         if self.corpus is not None:
-            return self.corpus.heldout[:n]
+            return self.corpus.rows("heldout", n)
         return [t.dataset(n, seed=12345) for t in self.tasks.values()]
 
 
@@ -482,9 +484,9 @@ def _check_corpus(data: TrainingData, run_dir: Path, resume: bool) -> None:
 
 @torch.no_grad()
 def _lm_eval(model: HookedTransformer, data: TrainingData, n: int) -> dict[str, float]:
-    """Held-out CE on the first ``n`` held-out rows and train CE on the first ``n`` train rows."""
+    """Held-out CE and train CE, each on ``n`` rows spread evenly over the split."""
     c = data.corpus
-    return {"heldout_ce": corpus_ce(model, c.heldout[:n]), "train_ce": corpus_ce(model, c.train[:n])}
+    return {"heldout_ce": corpus_ce(model, c.rows("heldout", n)), "train_ce": corpus_ce(model, c.rows("train", n))}
 
 
 def _lm_card(cfg: TrainConfig, model: HookedTransformer, data: TrainingData, step: int) -> dict[str, Any]:

@@ -560,7 +560,7 @@ def _final_card(cfg, model, data: TrainingData, extra, states: list[GecoState], 
     model.eval()
     with gate_mode(model, GateMode.EVAL, collect=False):
         h = data.heldout(model, cfg.eval_n)
-        train_ce = corpus_ce(model, data.corpus.train[:cfg.target_n]) if data.corpus is not None else None
+        train_ce = corpus_ce(model, data.corpus.rows("train", cfg.target_n)) if data.corpus is not None else None
     rep = measure_sparsity(model, data.measure_data(cfg.measure_n))
     base = extra["base_heldout"]
     targets = extra["targets"]
