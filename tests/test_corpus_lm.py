@@ -214,3 +214,13 @@ def test_sparsify_on_the_corpus_keeps_the_split_and_checks_it(tmp_path, tree):
                                     "run_dir": str(tmp_path / "sr2")})
     with pytest.raises(CircuitkitError, match="not the one the base model was trained on"):
         finetune(bad, progress=False)
+
+
+def test_zoo_lists_a_language_model_by_its_heldout_ce(capsys):
+    from circuitkit.cli import main as cli_main
+
+    assert cli_main(["zoo"]) == 0
+    lines = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines() if ln.strip()}
+    card = load_card("code-lm")  # the shipped language model: no task accuracies, a held-out CE
+    assert f"held-out CE={card['heldout_ce']:.4f}" in lines["code-lm"]
+    assert "held-out accuracy=" in lines["toy-addition"]

@@ -23,7 +23,8 @@ def run_cli(args: argparse.Namespace) -> int:
     for name in zoo_names():
         card = load_card(name)
         cfg = card.get("config", {})
-        accs = {t: round(v["accuracy"], 4) for t, v in card.get("heldout", {}).items()}
+        accs = {t: round(v["accuracy"], 4) for t, v in card.get("heldout", {}).items() if "accuracy" in v}
+        what = f"held-out accuracy={accs}" if accs else f"held-out CE={card.get('heldout_ce', float('nan')):.4f}"  # an LM
         print(f"{name:28s} L={cfg.get('n_layers')} H={cfg.get('n_heads')} d={cfg.get('d_model')} "
-              f"steps={card.get('steps')} held-out accuracy={accs}")
+              f"steps={card.get('steps')} {what}")
     return 0
