@@ -28,7 +28,7 @@ import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -428,6 +428,32 @@ class Edge:
 
 # ---------------------------------------------------------------- the graph
 
+def settle_tensors(graph, shape: tuple[int, ...], what: str, layout: str, context: str,
+                   edge_name: Callable[..., str]) -> None:
+    """The checks and normal form shared by :class:`Graph` and the position-resolved graph:
+    ``scores`` and ``in_graph`` tensors of ``shape`` (``layout`` names its axes), ``in_graph`` bool
+    and only on real edges (``edge_name(*index)`` names the first offender); scores stored as CPU
+    float32 with 0 off the real edges, ``in_graph`` on the CPU, ``metadata`` a plain dict."""
+    spec = graph.spec
+    for name, t in (("scores", graph.scores), ("in_graph", graph.in_graph)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise CircuitkitError(f"{what} {name} must be a tensor of shape {layout} = {list(shape)} for {context} "
+                                  f"{spec.n_layers}-layer, {spec.n_heads}-head model, got {got}")
+    if graph.in_graph.dtype != torch.bool:
+        raise CircuitkitError(f"in_graph must be a bool tensor, got {graph.in_graph.dtype}")
+    real = spec.real  # [n_src, n_dst], broadcast over any leading axes
+    in_graph = graph.in_graph.detach().cpu()
+    if bool((in_graph & ~real).any()):
+        raise CircuitkitError(f"in_graph marks {edge_name(*(in_graph & ~real).nonzero()[0].tolist())}, which is not "
+                              "a real edge (the sender is computed after the receiver); only real edges "
+                              "(graph.spec.real) may be in a circuit")
+    scores = graph.scores.detach().cpu().to(torch.float32)
+    object.__setattr__(graph, "scores", torch.where(real, scores, torch.zeros((), dtype=torch.float32)))
+    object.__setattr__(graph, "in_graph", in_graph)
+    object.__setattr__(graph, "metadata", dict(graph.metadata))
+
+
 class JsonFile:
     """``to_json`` / ``from_json`` / ``save`` / ``load`` around a class's ``to_dict`` / ``from_dict``
     (the component graph and the position-resolved graph share them); ``WHAT`` names it in errors."""
@@ -471,26 +497,8 @@ class Graph(JsonFile):
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        shape = (self.spec.n_src, self.spec.n_dst)
-        for what, t in (("scores", self.scores), ("in_graph", self.in_graph)):
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
-                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise CircuitkitError(f"graph {what} must be a tensor of shape [n_src, n_dst] = {list(shape)} for a "
-                                      f"{self.spec.n_layers}-layer, {self.spec.n_heads}-head model, got {got}")
-        if self.in_graph.dtype != torch.bool:
-            raise CircuitkitError(f"in_graph must be a bool tensor, got {self.in_graph.dtype}")
-        real = self.spec.real
-        in_graph = self.in_graph.detach().cpu()
-        if bool((in_graph & ~real).any()):
-            s, d = (in_graph & ~real).nonzero()[0].tolist()
-            raise CircuitkitError(f"in_graph marks {self.spec.src_names[s]}->{self.spec.dst_names[d]}, which is not "
-                                  "a real edge (the sender is computed after the receiver); only real edges "
-                                  "(graph.spec.real) may be in a circuit")
-        scores = self.scores.detach().cpu().to(torch.float32)
-        scores = torch.where(real, scores, torch.zeros((), dtype=torch.float32))
-        object.__setattr__(self, "scores", scores)
-        object.__setattr__(self, "in_graph", in_graph)
-        object.__setattr__(self, "metadata", dict(self.metadata))
+        settle_tensors(self, (self.spec.n_src, self.spec.n_dst), "graph", "[n_src, n_dst]", "a",
+                       lambda s, d: f"{self.spec.src_names[s]}->{self.spec.dst_names[d]}")
 
     # -- constructors
     @classmethod

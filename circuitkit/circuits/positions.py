@@ -36,7 +36,7 @@ from circuitkit.circuits.attribution import (
     DEFAULT_IG_STEPS, IG_STEPS, Option, _check_finite, _check_steps, _edge_sites, _gradient_scores,
     _single_sender_patching,
 )
-from circuitkit.circuits.graph import QKV, Edge, Graph, GraphSpec, JsonFile, Node, _plain
+from circuitkit.circuits.graph import QKV, Edge, Graph, GraphSpec, JsonFile, Node, _plain, settle_tensors
 from circuitkit.circuits.interventions import DEFAULT_BATCH_SIZE, Ablation, check_dataset
 from circuitkit.tasks.base import TaskDataset
 
@@ -172,26 +172,8 @@ class PositionGraph(JsonFile):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "positions", Positions.coerce(self.positions))
-        shape = (len(self.positions), self.spec.n_src, self.spec.n_dst)
-        for what, t in (("scores", self.scores), ("in_graph", self.in_graph)):
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
-                got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise CircuitkitError(f"position graph {what} must be a tensor of shape [pos, n_src, n_dst] = "
-                                      f"{list(shape)} for {len(self.positions)} positions of a {self.spec.n_layers}-"
-                                      f"layer, {self.spec.n_heads}-head model, got {got}")
-        if self.in_graph.dtype != torch.bool:
-            raise CircuitkitError(f"in_graph must be a bool tensor, got {self.in_graph.dtype}")
-        real = self.spec.real
-        in_graph = self.in_graph.detach().cpu()
-        if bool((in_graph & ~real).any()):
-            p, s, d = (in_graph & ~real).nonzero()[0].tolist()
-            raise CircuitkitError(f"in_graph marks {self.edge_name(p, s, d)}, which is not a real edge (the sender "
-                                  "is computed after the receiver); only real edges may be in a circuit")
-        scores = self.scores.detach().cpu().to(torch.float32)
-        scores = torch.where(real, scores, torch.zeros((), dtype=torch.float32))
-        object.__setattr__(self, "scores", scores)
-        object.__setattr__(self, "in_graph", in_graph)
-        object.__setattr__(self, "metadata", dict(self.metadata))
+        settle_tensors(self, (len(self.positions), self.spec.n_src, self.spec.n_dst), "position graph",
+                       "[pos, n_src, n_dst]", f"{len(self.positions)} positions of a", self.edge_name)
 
     # -- constructors
     @classmethod
