@@ -19,7 +19,7 @@ from circuitkit.tasks import code_task_names, get_task, task_for_model, toy_task
 
 TRAIN_FILES = ["argparse.py", "configparser.py", "textwrap.py"]
 HELDOUT_FILES = ["shlex.py", "fnmatch.py"]
-TEMPLATE_TASKS = ("code-args", "code-kwargs", "code-return")
+TEMPLATE_TASKS = ("code-args", "code-kwargs", "code-return", "code-quote")
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def text(tok, ids) -> str:
 
 def test_code_tasks_are_registered_but_not_toy_tasks():
     # a study looping over toy_task_names() would build code tasks without a tokenizer
-    assert set(code_task_names()) == {"code-induction", "code-args", "code-kwargs", "code-return"}
+    assert set(code_task_names()) == {"code-induction", "code-args", "code-kwargs", "code-return", "code-quote"}
     assert not set(code_task_names()) & set(toy_task_names())
 
 
@@ -128,6 +128,31 @@ def test_return_answer_is_the_bound_local(tok, heldout):
         assert s.endswith("\n    return") and tok.decode([int(ds.correct[b, 0])]) == " " + local
         assert sorted(tok.decode([int(d)]) for d in ds.distractors[b, 0]) == sorted(" " + a for a in _signature(s))
         assert local not in _signature(s)
+
+
+@pytest.mark.parametrize("words", [1, 3])
+def test_quote_closes_with_the_quote_that_opened_the_string(words, tok, heldout):
+    ds = make("code-quote", tok, heldout, words=words).dataset(64, seed=0)
+    labels = ds.position_labels
+    assert labels is not None and len(labels) == ds.seq_len and labels[0] == "bos"
+    at = labels.index("open quote")
+    assert labels[at + 1:] == (("word",) if words == 1 else tuple(f"word{i + 1}" for i in range(words)))
+    seen = set()
+    for b in range(len(ds)):
+        s, x = text(tok, ds.clean[b]), text(tok, ds.corrupt[b])
+        m = re.fullmatch(r"    (\w+) = (['\"])(\w+(?: \w+)*)", s)
+        assert m is not None and len(m.group(3).split()) == words and m.group(1) not in m.group(3).split()
+        q = m.group(2)
+        other = "'" if q == '"' else '"'
+        seen.add(q)
+        assert tok.decode([int(ds.correct[b, 0])]) == q and tok.decode([int(ds.distractors[b, 0, 0])]) == other
+        # the corruption swaps the opening quote and nothing else: one token, at the labelled position
+        assert x == s.replace(" " + q, " " + other, 1)
+        differ = (ds.clean[b] != ds.corrupt[b]).nonzero()[:, 0].tolist()
+        assert differ == [at] and tok.decode([int(ds.clean[b, at])]) == " " + q
+    assert seen == {"'", '"'}
+    with pytest.raises(CircuitkitError, match="1 to 3"):
+        make("code-quote", tok, heldout, words=0)
 
 
 def test_induction_repeats_real_held_out_code(tok, heldout):

@@ -26,9 +26,10 @@ from circuitkit.sparsity import load_model
 from circuitkit.tasks import task_for_model
 
 ENTRY_ACCURACY = 0.80
-TASKS = [("code-induction", {}), ("code-args", {}), ("code-kwargs", {}), ("code-return", {})]
+TASKS = [("code-induction", {}), ("code-args", {}), ("code-kwargs", {}), ("code-return", {}), ("code-quote", {})]
 VARIANTS = [("code-induction", {"length": 10, "prefix": 5}), ("code-induction", {"words_only": True}),
-            ("code-args", {"in_order": True}), ("code-kwargs", {"in_order": True})]
+            ("code-args", {"in_order": True}), ("code-kwargs", {"in_order": True}),
+            ("code-quote", {"words": 2}), ("code-quote", {"words": 3})]
 
 
 def load_checkpoint(path: Path, config: Path):

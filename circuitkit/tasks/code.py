@@ -20,6 +20,9 @@ contract as every other task, so every circuit method and the study run on them 
   (keyword pass-through, the stdlib's most common call shape); distractors: the other two.
 - ``code-return``: ``def f(A, B):`` / ``C = g(A, B)`` / ``return`` → `` C``, the local just
   bound rather than an argument (distractors: the arguments).
+- ``code-quote``: ``    A = 'W`` → ``'`` (closing what was opened): a string opened with one
+  quote is closed with the same one. Corrupted: the same line opened with the other quote, so
+  the answer and the distractor swap (a one-token corruption, as IOI's).
 
 Identifiers come from :data:`CODE_NAMES` (common stdlib parameter names), filtered to those
 that are one token both with a leading space (`` beta`` in an argument list) and without
@@ -69,6 +72,8 @@ ARGS_TEMPLATE = ("class {CLS}:\n\n    def __init__(self, {A}, {B}, {C}):\n      
                  "        self.{Q} = {Q}\n        self.{R} =")
 KWARGS_TEMPLATE = "    def {F}(self, {A}, {B}, {C}):\n        return self.{G}({P}={P}, {Q}={Q}, {R}="
 RETURN_TEMPLATE = "def {F}({A}, {B}):\n    {C} = {G}({A}, {B})\n    return"
+QUOTE_TEMPLATE = "    {A} = {Q}{W}"
+QUOTES = ("'", '"')
 
 
 def is_code_task(name: str) -> bool:
@@ -117,6 +122,27 @@ class CodeTask(TokenizerTask):
                     f"{answers[b]!r} after {text[-40:]!r} as one separate token ({self.tokenizer.convert_ids_to_tokens(f[-3:])}); "
                     "choose names= that are single tokens in this position")
 
+    # Every code task samples the same standard keys: ``clean``, ``corrupt`` [n, pos],
+    # ``answer_pos`` [n, 1], ``correct`` [n], ``distractors`` [n, k], plus its ``label_keys``, and
+    # ``position_labels`` (names of the positions) where every prompt has the same layout.
+    label_keys: tuple[str, ...] = ()
+
+    def _sample(self, n: int, gen: torch.Generator) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def dataset(self, n: int, seed: int = 0) -> TaskDataset:
+        check_n(n)
+        p = self._sample(n, torch.Generator().manual_seed(seed))
+        return TaskDataset(task=self.name, clean=p["clean"], corrupt=p["corrupt"], answer_pos=p["answer_pos"],
+                           correct=p["correct"][:, None], distractors=p["distractors"][:, None, :],
+                           metric=self.metric, labels={k: p[k] for k in self.label_keys},
+                           position_labels=p.get("position_labels"))
+
+    def train_batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        check_n(n)
+        p = self._sample(n, generator)
+        return self.train_tokens(p["clean"], p["answer_pos"], p["correct"])
+
 
 # --------------------------------------------------------------------------- name-copying templates
 
@@ -131,6 +157,7 @@ class NameCopyTask(CodeTask):
     n_args: int
     answer_space: bool  # the answer is written with a leading space (" beta") or without ("beta")
     metric = Metric.LOGIT_DIFF
+    label_keys = ("names", "answer_slot")
 
     def __init__(self, tokenizer: Any = None, d_vocab: int | None = None, names: Sequence[str] | None = None,
                  classes: Sequence[str] | None = None, funcs: Sequence[str] | None = None,
@@ -176,18 +203,6 @@ class NameCopyTask(CodeTask):
         distract = ids[idx.gather(1, others)]  # [n, n_args - 1]
         return dict(clean=clean_t, corrupt=corrupt_t, answer_pos=answer_pos, correct=correct,
                     distractors=distract, names=self.spaced_ids[idx], answer_slot=slot)
-
-    def dataset(self, n: int, seed: int = 0) -> TaskDataset:
-        check_n(n)
-        p = self._sample(n, torch.Generator().manual_seed(seed))
-        return TaskDataset(task=self.name, clean=p["clean"], corrupt=p["corrupt"], answer_pos=p["answer_pos"],
-                           correct=p["correct"][:, None], distractors=p["distractors"][:, None, :],
-                           metric=self.metric, labels={k: p[k] for k in ("names", "answer_slot")})
-
-    def train_batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        check_n(n)
-        p = self._sample(n, generator)
-        return self.train_tokens(p["clean"], p["answer_pos"], p["correct"])
 
 
 @register_task("code-args")
@@ -236,6 +251,85 @@ class CodeReturn(NameCopyTask):
         return self.template.format(F=f, G=g, A=a, B=b, C=names[r])
 
 
+# --------------------------------------------------------------------------- closing a string
+
+@register_task("code-quote")
+class CodeQuote(CodeTask):
+    """``    A = 'W`` → ``'``: the closing quote is the one that opened the string.
+
+    ``words`` identifiers (1–3, space-separated) form the string, so the opening quote is
+    ``words`` tokens before the answer. Words are kept only where the tokenizer writes each quote,
+    the word and the closing quote as three tokens (the byte-level pre-tokenizer splits ``'s``,
+    ``'t``, ``'d``, … as contractions, so ``'size`` is not ``'`` + ``size``). ``labels["quote"]``:
+    0 for ``'``, 1 for ``"`` in the clean prompt.
+    """
+
+    name = "code-quote"
+    metric = Metric.LOGIT_DIFF
+    label_keys = ("quote",)
+
+    def __init__(self, tokenizer: Any = None, d_vocab: int | None = None, names: Sequence[str] | None = None,
+                 words: int = 1) -> None:
+        super().__init__(tokenizer, d_vocab)
+        if not (isinstance(words, int) and not isinstance(words, bool) and 1 <= words <= 3):
+            raise CircuitkitError(f"task {self.name!r}: words= is the number of identifiers inside the string, "
+                                  f"1 to 3; got {words!r}")
+        self.words = words
+        names, _, _ = self.code_names(names, words + 1)
+        # the closing quotes as the answer tokens, and the words each quote leaves whole
+        self.close_ids = torch.tensor([self._one_token(q) for q in QUOTES])  # [2]
+        open_ids = [self._one_token(" " + q) for q in QUOTES]
+        ok = []
+        for w in names:
+            bare = self.encode(w)
+            if all(self.encode(f" {q}{w}{q}") == [o, *bare, int(c)] for q, o, c in zip(QUOTES, open_ids, self.close_ids)):
+                ok.append(w)
+        if len(ok) < words + 1:
+            raise CircuitkitError(f"task {self.name!r}: only {len(ok)} of the names are written by tokenizer "
+                                  f"{tokenizer_name(self.tokenizer)!r} as quote + name + quote in separate tokens; "
+                                  f"need {words + 1}. Pass names= of plain identifiers such as 'value'")
+        self.names = ok
+
+    def _one_token(self, text: str) -> int:
+        ids = self.encode(text)
+        if len(ids) != 1:
+            raise CircuitkitError(f"task {self.name!r}: tokenizer {tokenizer_name(self.tokenizer)!r} writes {text!r} "
+                                  f"as {len(ids)} tokens; the task needs it as one (a byte-level BPE trained on code has it)")
+        return ids[0]
+
+    def _position_labels(self, length: int) -> tuple[str, ...] | None:
+        """``bos``, the indent pieces, ``target``, ``=``, ``open quote``, the words."""
+        n_prefix = length - 3 - self.words
+        if n_prefix < 1:
+            return None
+        head = ["bos"] if self.bos_id is not None else []
+        rest = n_prefix - len(head)
+        head += ["indent"] if rest == 1 else [f"indent{i + 1}" for i in range(rest)]
+        words = ["word"] if self.words == 1 else [f"word{i + 1}" for i in range(self.words)]
+        return (*head, "target", "=", "open quote", *words)
+
+    def _sample(self, n: int, gen: torch.Generator) -> dict[str, Any]:
+        idx = sample_distinct(n, self.words + 1, len(self.names), gen)  # [n, 1 + words]: target, then words
+        quote = torch.randint(2, (n,), generator=gen)  # [n] 0 = ', 1 = "
+        texts = []
+        for b in range(n):
+            target, *words = (self.names[i] for i in idx[b].tolist())
+            q = int(quote[b])
+            texts.append(tuple(QUOTE_TEMPLATE.format(A=target, Q=QUOTES[k], W=" ".join(words)) for k in (q, 1 - q)))
+        clean = [self._with_bos(x) for x in self.encode_batch([c for c, _ in texts])]
+        corrupt = [self._with_bos(x) for x in self.encode_batch([x for _, x in texts])]
+        correct = self.close_ids[quote]  # [n]
+        self.check_answers([c for c, _ in texts], clean, [QUOTES[int(q)] for q in quote], correct)
+        clean_t, corrupt_t, answer_pos = self.assemble(clean, corrupt, texts)
+        if len({len(c) for c in clean}) != 1:
+            raise CircuitkitError(f"task {self.name!r}: tokenizer {tokenizer_name(self.tokenizer)!r} gives the prompts "
+                                  "different token lengths (an indent or a name is split differently); pass names= "
+                                  "that are single tokens")
+        return dict(clean=clean_t, corrupt=corrupt_t, answer_pos=answer_pos, correct=correct,
+                    distractors=self.close_ids[1 - quote][:, None], quote=quote,
+                    position_labels=self._position_labels(clean_t.shape[1]))
+
+
 # --------------------------------------------------------------------------- induction on held-out code
 
 @register_task("code-induction")
@@ -253,6 +347,7 @@ class CodeInduction(CodeTask):
 
     name = "code-induction"
     metric = Metric.LOGIT_DIFF
+    label_keys = ("start", "corrupt_start")
 
     def __init__(self, tokenizer: Any = None, d_vocab: int | None = None, length: int = 16, prefix: int = 8,
                  corpus: str = "stdlib", corpus_seed: int = 0, heldout_fraction: float = 0.05,
@@ -323,18 +418,6 @@ class CodeInduction(CodeTask):
         clean = torch.cat([bos, first, first[:, :k]], dim=1)  # [n, 1 + length + prefix]
         corrupt = torch.cat([bos, other, first[:, :k]], dim=1)
         assert clean.shape == corrupt.shape
-        return dict(clean=clean, corrupt=corrupt, correct=first[:, k], distractor=other[:, k],
+        return dict(clean=clean, corrupt=corrupt, correct=first[:, k], distractors=other[:, k, None],
                     answer_pos=torch.full((n, 1), clean.shape[1] - 1, dtype=torch.long),
                     start=start, corrupt_start=corrupt_start)
-
-    def dataset(self, n: int, seed: int = 0) -> TaskDataset:
-        check_n(n)
-        p = self._sample(n, torch.Generator().manual_seed(seed))
-        return TaskDataset(task=self.name, clean=p["clean"], corrupt=p["corrupt"], answer_pos=p["answer_pos"],
-                           correct=p["correct"][:, None], distractors=p["distractor"][:, None, None],
-                           metric=self.metric, labels={"start": p["start"], "corrupt_start": p["corrupt_start"]})
-
-    def train_batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        check_n(n)
-        p = self._sample(n, generator)
-        return self.train_tokens(p["clean"], p["answer_pos"], p["correct"])
