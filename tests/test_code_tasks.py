@@ -19,13 +19,16 @@ from circuitkit.tasks import code_task_names, get_task, task_for_model, toy_task
 
 TRAIN_FILES = ["argparse.py", "configparser.py", "textwrap.py"]
 HELDOUT_FILES = ["shlex.py", "fnmatch.py"]
-TEMPLATE_TASKS = ("code-args", "code-kwargs", "code-return", "code-quote")
+TEMPLATE_TASKS = ("code-args", "code-kwargs", "code-return", "code-quote", "code-key")
 
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     root = stdlib_root()
-    trained = train_tokenizer([(root / f).read_text(encoding="utf-8") for f in TRAIN_FILES], vocab_size=1200)
+    # plus string subscripts in both quotes, so that ['  '] ["  "] are merges of this small vocabulary (code-key)
+    subscripts = "".join(f"    {a}['{b}'] = {a}[\"{b}\"]\n" for a in ("data", "self", "opts") for b in ("name", "key"))
+    trained = train_tokenizer([(root / f).read_text(encoding="utf-8") for f in TRAIN_FILES] + [subscripts * 40],
+                              vocab_size=1200)
     # saved and loaded back, as a model's tokenizer is (TransformerLens needs the loaded form's name_or_path)
     folder = tmp_path_factory.mktemp("code-tokenizer")
     trained.save_pretrained(str(folder))
@@ -50,7 +53,7 @@ def text(tok, ids) -> str:
 
 def test_code_tasks_are_registered_but_not_toy_tasks():
     # a study looping over toy_task_names() would build code tasks without a tokenizer
-    assert set(code_task_names()) == {"code-induction", "code-args", "code-kwargs", "code-return", "code-quote"}
+    assert set(code_task_names()) == {"code-induction", "code-args", "code-kwargs", "code-return", "code-quote", "code-key"}
     assert not set(code_task_names()) & set(toy_task_names())
 
 
@@ -130,9 +133,17 @@ def test_return_answer_is_the_bound_local(tok, heldout):
         assert local not in _signature(s)
 
 
-@pytest.mark.parametrize("words", [1, 3])
-def test_quote_closes_with_the_quote_that_opened_the_string(words, tok, heldout):
-    ds = make("code-quote", tok, heldout, words=words).dataset(64, seed=0)
+# what each string task's line looks like, how the string opens (per quote) and closes
+STRING_TASKS = {
+    "code-quote": (r"    (\w+) = (['\"])(\w+(?: \w+)*)", {"'": " '", '"': ' "'}, {"'": "'", '"': '"'}),
+    "code-key": (r"        (\w+)\[(['\"])(\w+(?: \w+)*)", {"'": "['", '"': '["'}, {"'": "']", '"': '"]'}),
+}
+
+
+@pytest.mark.parametrize("name,words", [("code-quote", 1), ("code-quote", 3), ("code-key", 2)])
+def test_string_closes_with_the_quote_that_opened_it(name, words, tok, heldout):
+    pattern, opener, closer = STRING_TASKS[name]
+    ds = make(name, tok, heldout, words=words).dataset(64, seed=0)
     labels = ds.position_labels
     assert labels is not None and len(labels) == ds.seq_len and labels[0] == "bos"
     at = labels.index("open quote")
@@ -140,19 +151,20 @@ def test_quote_closes_with_the_quote_that_opened_the_string(words, tok, heldout)
     seen = set()
     for b in range(len(ds)):
         s, x = text(tok, ds.clean[b]), text(tok, ds.corrupt[b])
-        m = re.fullmatch(r"    (\w+) = (['\"])(\w+(?: \w+)*)", s)
+        m = re.fullmatch(pattern, s)
         assert m is not None and len(m.group(3).split()) == words and m.group(1) not in m.group(3).split()
         q = m.group(2)
         other = "'" if q == '"' else '"'
         seen.add(q)
-        assert tok.decode([int(ds.correct[b, 0])]) == q and tok.decode([int(ds.distractors[b, 0, 0])]) == other
+        assert tok.decode([int(ds.correct[b, 0])]) == closer[q]
+        assert tok.decode([int(ds.distractors[b, 0, 0])]) == closer[other]
         # the corruption swaps the opening quote and nothing else: one token, at the labelled position
-        assert x == s.replace(" " + q, " " + other, 1)
+        assert x == s.replace(opener[q], opener[other], 1)
         differ = (ds.clean[b] != ds.corrupt[b]).nonzero()[:, 0].tolist()
-        assert differ == [at] and tok.decode([int(ds.clean[b, at])]) == " " + q
+        assert differ == [at] and tok.decode([int(ds.clean[b, at])]) == opener[q]
     assert seen == {"'", '"'}
     with pytest.raises(CircuitkitError, match="1 to 3"):
-        make("code-quote", tok, heldout, words=0)
+        make(name, tok, heldout, words=0)
 
 
 def test_induction_repeats_real_held_out_code(tok, heldout):

@@ -26,10 +26,11 @@ from circuitkit.sparsity import load_model
 from circuitkit.tasks import task_for_model
 
 ENTRY_ACCURACY = 0.80
-TASKS = [("code-induction", {}), ("code-args", {}), ("code-kwargs", {}), ("code-return", {}), ("code-quote", {})]
+TASKS = [("code-induction", {}), ("code-args", {}), ("code-kwargs", {}), ("code-return", {}), ("code-quote", {}),
+         ("code-key", {})]
 VARIANTS = [("code-induction", {"length": 10, "prefix": 5}), ("code-induction", {"words_only": True}),
             ("code-args", {"in_order": True}), ("code-kwargs", {"in_order": True}),
-            ("code-quote", {"words": 2}), ("code-quote", {"words": 3})]
+            ("code-quote", {"words": 2}), ("code-quote", {"words": 3}), ("code-key", {"words": 2})]
 
 
 def load_checkpoint(path: Path, config: Path):

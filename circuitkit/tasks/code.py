@@ -23,6 +23,8 @@ contract as every other task, so every circuit method and the study run on them 
 - ``code-quote``: ``    A = 'W`` → ``'`` (closing what was opened): a string opened with one
   quote is closed with the same one. Corrupted: the same line opened with the other quote, so
   the answer and the distractor swap (a one-token corruption, as IOI's).
+- ``code-key``: ``        A['W`` → ``']``, a subscript by a string key: the answer closes the
+  string and the bracket in one token (``']`` or ``"]``); corrupted as code-quote.
 
 Identifiers come from :data:`CODE_NAMES` (common stdlib parameter names), filtered to those
 that are one token both with a leading space (`` beta`` in an argument list) and without
@@ -72,8 +74,6 @@ ARGS_TEMPLATE = ("class {CLS}:\n\n    def __init__(self, {A}, {B}, {C}):\n      
                  "        self.{Q} = {Q}\n        self.{R} =")
 KWARGS_TEMPLATE = "    def {F}(self, {A}, {B}, {C}):\n        return self.{G}({P}={P}, {Q}={Q}, {R}="
 RETURN_TEMPLATE = "def {F}({A}, {B}):\n    {C} = {G}({A}, {B})\n    return"
-QUOTE_TEMPLATE = "    {A} = {Q}{W}"
-QUOTES = ("'", '"')
 
 
 def is_code_task(name: str) -> bool:
@@ -258,15 +258,21 @@ class CodeQuote(CodeTask):
     """``    A = 'W`` → ``'``: the closing quote is the one that opened the string.
 
     ``words`` identifiers (1–3, space-separated) form the string, so the opening quote is
-    ``words`` tokens before the answer. Words are kept only where the tokenizer writes each quote,
-    the word and the closing quote as three tokens (the byte-level pre-tokenizer splits ``'s``,
-    ``'t``, ``'d``, … as contractions, so ``'size`` is not ``'`` + ``size``). ``labels["quote"]``:
-    0 for ``'``, 1 for ``"`` in the clean prompt.
+    ``words`` tokens before the answer. A subclass changes the line (``template``, with ``{A}``
+    the target and ``{O}`` the opener) and what opens and closes the string (``opener`` /
+    ``closer``, one text per quote, each one token). Words are kept only where the tokenizer
+    writes opener, word and closer as three tokens (the byte-level pre-tokenizer splits ``'s``,
+    ``'t``, ``'d``, … as contractions, so ``'size`` is not ``'`` + ``size``).
+    ``labels["quote"]``: 0 for ``'``, 1 for ``"`` in the clean prompt.
     """
 
     name = "code-quote"
     metric = Metric.LOGIT_DIFF
     label_keys = ("quote",)
+    template = "    {A} ={O}{W}"  # the opener carries its leading space
+    opener = (" '", ' "')
+    closer = ("'", '"')
+    head_labels = ("target", "=", "open quote")  # the labels of the tokens from {A} to the opener
 
     def __init__(self, tokenizer: Any = None, d_vocab: int | None = None, names: Sequence[str] | None = None,
                  words: int = 1) -> None:
@@ -276,17 +282,14 @@ class CodeQuote(CodeTask):
                                   f"1 to 3; got {words!r}")
         self.words = words
         names, _, _ = self.code_names(names, words + 1)
-        # the closing quotes as the answer tokens, and the words each quote leaves whole
-        self.close_ids = torch.tensor([self._one_token(q) for q in QUOTES])  # [2]
-        open_ids = [self._one_token(" " + q) for q in QUOTES]
-        ok = []
-        for w in names:
-            bare = self.encode(w)
-            if all(self.encode(f" {q}{w}{q}") == [o, *bare, int(c)] for q, o, c in zip(QUOTES, open_ids, self.close_ids)):
-                ok.append(w)
+        # the closers are the answer tokens; keep the words that each quote leaves whole
+        self.close_ids = torch.tensor([self._one_token(c) for c in self.closer])  # [2]
+        open_ids = [self._one_token(o) for o in self.opener]
+        ok = [w for w in names if all(self.encode(f"{o}{w}{c}") == [oi, *self.encode(w), int(ci)]
+                                      for o, c, oi, ci in zip(self.opener, self.closer, open_ids, self.close_ids))]
         if len(ok) < words + 1:
             raise CircuitkitError(f"task {self.name!r}: only {len(ok)} of the names are written by tokenizer "
-                                  f"{tokenizer_name(self.tokenizer)!r} as quote + name + quote in separate tokens; "
+                                  f"{tokenizer_name(self.tokenizer)!r} as opener + name + closer in separate tokens; "
                                   f"need {words + 1}. Pass names= of plain identifiers such as 'value'")
         self.names = ok
 
@@ -298,15 +301,15 @@ class CodeQuote(CodeTask):
         return ids[0]
 
     def _position_labels(self, length: int) -> tuple[str, ...] | None:
-        """``bos``, the indent pieces, ``target``, ``=``, ``open quote``, the words."""
-        n_prefix = length - 3 - self.words
+        """``bos``, the indent pieces, ``head_labels`` (target ... opener), the words."""
+        n_prefix = length - len(self.head_labels) - self.words
         if n_prefix < 1:
             return None
         head = ["bos"] if self.bos_id is not None else []
         rest = n_prefix - len(head)
         head += ["indent"] if rest == 1 else [f"indent{i + 1}" for i in range(rest)]
         words = ["word"] if self.words == 1 else [f"word{i + 1}" for i in range(self.words)]
-        return (*head, "target", "=", "open quote", *words)
+        return (*head, *self.head_labels, *words)
 
     def _sample(self, n: int, gen: torch.Generator) -> dict[str, Any]:
         idx = sample_distinct(n, self.words + 1, len(self.names), gen)  # [n, 1 + words]: target, then words
@@ -315,11 +318,11 @@ class CodeQuote(CodeTask):
         for b in range(n):
             target, *words = (self.names[i] for i in idx[b].tolist())
             q = int(quote[b])
-            texts.append(tuple(QUOTE_TEMPLATE.format(A=target, Q=QUOTES[k], W=" ".join(words)) for k in (q, 1 - q)))
+            texts.append(tuple(self.template.format(A=target, O=self.opener[k], W=" ".join(words)) for k in (q, 1 - q)))
         clean = [self._with_bos(x) for x in self.encode_batch([c for c, _ in texts])]
         corrupt = [self._with_bos(x) for x in self.encode_batch([x for _, x in texts])]
         correct = self.close_ids[quote]  # [n]
-        self.check_answers([c for c, _ in texts], clean, [QUOTES[int(q)] for q in quote], correct)
+        self.check_answers([c for c, _ in texts], clean, [self.closer[int(q)] for q in quote], correct)
         clean_t, corrupt_t, answer_pos = self.assemble(clean, corrupt, texts)
         if len({len(c) for c in clean}) != 1:
             raise CircuitkitError(f"task {self.name!r}: tokenizer {tokenizer_name(self.tokenizer)!r} gives the prompts "
@@ -328,6 +331,17 @@ class CodeQuote(CodeTask):
         return dict(clean=clean_t, corrupt=corrupt_t, answer_pos=answer_pos, correct=correct,
                     distractors=self.close_ids[1 - quote][:, None], quote=quote,
                     position_labels=self._position_labels(clean_t.shape[1]))
+
+
+@register_task("code-key")
+class CodeKey(CodeQuote):
+    """``        A['W`` → ``']``: a string subscript closes its string and its bracket in one token."""
+
+    name = "code-key"
+    template = "        {A}{O}{W}"
+    opener = ("['", '["')
+    closer = ("']", '"]')
+    head_labels = ("target", "open quote")
 
 
 # --------------------------------------------------------------------------- induction on held-out code
