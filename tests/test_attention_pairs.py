@@ -221,12 +221,19 @@ def test_token_figures_are_written(tmp_path):
         mc = MinimalPairs(3, 0.95, True, 0.9, ps.top_k_mask(3))
         curve = PairCurve((1, 2, 3, spec.n_pairs), (0.1, 0.5, 0.95, 1.0), 1.0, 0.0)
         results.append(PairResult(name, ps, pair_mass(ps), head_mass(ps), curve, mc))
+    from circuitkit.circuits import PositionGraph, top_n
+
+    pg = PositionGraph.from_model(build_model(toy_config("toy-2l", seed=0)), 4)
+    pg = top_n(pg.with_scores(torch.randn(pg.scores.shape, generator=g) * pg.spec.real), 9, prune=False)
     paths = pair_mass_figure([("t", *results)], tmp_path / "mass")
-    paths += token_circuit_figure([("p", list("abcd"), [(r.model, r.scores, r.minimal.keep) for r in results])],
-                                  tmp_path / "tok")
+    paths += token_circuit_figure([("p", list("abcd"), [(r.model, r.scores, r.minimal.keep) for r in results]
+                                    + [("positions", pg)])], tmp_path / "tok")
     assert sorted(p.name for p in paths) == ["mass.png", "mass.svg", "tok.png", "tok.svg"]
     assert all(p.stat().st_size > 1000 for p in paths)
-    assert "3 pairs" in (tmp_path / "tok.svg").read_text()  # the panel title counts the pairs drawn
+    svg = (tmp_path / "tok.svg").read_text()
+    assert "3 pairs" in svg  # the panel title counts the pairs drawn
+    n_pos = len({p for p, _, _ in pg.in_graph.nonzero().tolist()})
+    assert f"9 position edges, {pg.n_heads} heads, {n_pos} positions" in svg  # ... and the position edges
 
 
 def test_study_with_the_token_levels_writes_their_tables(tmp_path):
