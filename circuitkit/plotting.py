@@ -16,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
+from matplotlib.patches import FancyArrowPatch  # noqa: E402
 
 from circuitkit.circuits.graph import Graph  # noqa: E402
 from circuitkit.io import atomic_path  # noqa: E402
@@ -354,8 +355,6 @@ def draw_position_circuit(ax, graph, tokens: Sequence[str], title: str) -> None:
     teaser's layout: positions across, layers up. The edge ``u@p -> v@p`` is an arc at position p
     from sender u's height to receiver v's node, coloured by the receiver (q, k, v input of a
     head, MLP, logits); nodes with a circuit edge at that position are dark dots."""
-    from matplotlib.patches import FancyArrowPatch
-
     spec = graph.spec
     T = graph.n_positions
     edges = graph.in_graph.nonzero().tolist()  # [(pos, src, dst)]
