@@ -19,8 +19,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from circuitkit.circuits import attribution
-from circuitkit.circuits.attribution import attribute, get_method, method_names
+from circuitkit.circuits.attribution import COMPONENT, POSITION, attribute, get_method, method_names
 from circuitkit import parse_enum
 from circuitkit.circuits.graph import Graph
 from circuitkit.circuits.interventions import DEFAULT_BATCH_SIZE, Ablation, faithfulness
@@ -35,8 +34,8 @@ DEFAULT_EDGES = 200
 class Level(Enum):
     """The graph a circuit is found in: components summed over positions, or every edge at every position."""
 
-    COMPONENT = attribution.COMPONENT
-    POSITION = attribution.POSITION
+    COMPONENT = COMPONENT
+    POSITION = POSITION
 
     @classmethod
     def parse(cls, value: "Level | str") -> "Level":
