@@ -19,7 +19,8 @@ from typing import Any
 import pandas as pd
 
 from circuitkit import CircuitkitError, plotting
-from circuitkit.evaluation.compare import check_pair, overlap_table, pair_table, study_pair, write_table
+from circuitkit.evaluation.compare import (check_pair, overlap_table, pair_table, position_table, study_pair,
+                                           write_table)
 from circuitkit.evaluation.pairs import PAPER_MASS_RATIOS, pair_row, study_pair_tokens
 from circuitkit.evaluation.study import StudyConfig, TaskResult
 from circuitkit.io import POSITIVE, TomlConfig, check_fields, check_keys, check_writable_dir, write_text
@@ -141,7 +142,7 @@ def run(cfg: RunConfig, progress: bool = True) -> Path:
     results: dict[str, list[TaskResult]] = {}
     pair_rows: list[tuple[str, TaskResult, TaskResult]] = []
     token_panels: list[tuple[str, Any, Any]] = []  # (title, base PairResult, sparse PairResult)
-    tables = []
+    tables, position_tables = [], []
     for pair in cfg.pairs:
         study = cfg.study if pair.n is None else replace(cfg.study, n=pair.n)
         base, sparse = study_pair(pair.base, pair.sparse, pair.tasks, study, out, progress=progress)
@@ -155,14 +156,26 @@ def run(cfg: RunConfig, progress: bool = True) -> Path:
         table.insert(4, "n_prompts", study.n)
         tables.append(table)
         pair_rows += [(f"{Path(pair.base).name}: {b.task}", b, s) for b, s in zip(base, sparse)]
+        if "position" in study.levels:  # the position-resolved graph's minimal circuits
+            ptable = position_table(base, sparse)
+            ptable.insert(0, "base_model", Path(pair.base).name)
+            ptable.insert(2, "n_prompts", study.n)
+            position_tables.append(ptable)
         if "pairs" in study.levels:  # the token level: attention pairs (docs/method.md §10)
             token_panels += [(f"{b.model}: {b.scores.task}", b, s) for b, s in study_pair_tokens(
-                pair.base, pair.sparse, pair.tasks, study.pair_method, study.n, study.seed, study.threshold,
+                pair.base, pair.sparse, pair.tasks, study.pair_method, study.pair_n or study.n, study.seed,
+                study.threshold,
                 study.batch_size, progress)]
     main_table = pd.concat(tables, ignore_index=True)
     token_table = pd.DataFrame([pair_row(b, s) for _, b, s in token_panels]) if token_panels else None
     if token_table is not None:
         write_table(token_table, out / "token_pairs")
+    positions = pd.concat(position_tables, ignore_index=True) if position_tables else None
+    if positions is not None:
+        write_table(positions, out / "token_positions")
+    levels = level_table(main_table, positions, token_table)
+    if levels is not None:
+        write_table(levels, out / "token_levels")
     write_table(main_table, out / "base_vs_sparse")
     write_table(main_table[RATIO_VS_SIZE_COLUMNS], out / "ratio_vs_size")
     overlaps = {m: overlap_table(rs) for m, rs in results.items() if len(rs) > 1}
@@ -179,12 +192,30 @@ def run(cfg: RunConfig, progress: bool = True) -> Path:
             figs += plotting.pair_mass_figure(token_panels, out / "figures" / "token_mass", cfg.study.threshold,
                                               PAPER_MASS_RATIOS)
     wall = time.time() - t0
-    write_text(out / "report.md", report(cfg, main_table, overlaps, figs, out, wall, token_table))
+    write_text(out / "report.md", report(cfg, main_table, overlaps, figs, out, wall, token_table, positions, levels))
     write_text(out / "run.json", json.dumps({"config": asdict(cfg), "wall_time_s": round(wall, 1)}, indent=2))
     return out
 
 
-def report(cfg: RunConfig, table, overlaps, figs: list[Path], out: Path, wall: float, token_table=None) -> str:
+def level_table(main_table: pd.DataFrame, positions: pd.DataFrame | None,
+                token_table: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The minimal circuits of every study level side by side, one row per (pair, task): component
+    edges, position edges, attention pairs (base → sparse and the ratio); None at the component level alone."""
+    if positions is None and token_table is None:
+        return None
+    keys = ["base_model", "task"]
+    out = main_table[keys + ["base_edges", "sparse_edges", "edge_ratio"]]
+    if positions is not None:
+        out = out.merge(positions[keys + ["base_position_edges", "sparse_position_edges", "position_edge_ratio"]],
+                        on=keys, how="left")
+    if token_table is not None:
+        out = out.merge(token_table[keys + ["base_minimal_pairs", "sparse_minimal_pairs", "minimal_pair_ratio"]],
+                        on=keys, how="left")
+    return out
+
+
+def report(cfg: RunConfig, table, overlaps, figs: list[Path], out: Path, wall: float, token_table=None,
+           positions=None, levels=None) -> str:
     s = cfg.study
     lines = ["# circuitkit study", "",
              f"Method `{s.method}` (IG steps {s.ig_steps}), ablation `{s.ablation}`, {s.n} prompts per task "
@@ -200,9 +231,23 @@ def report(cfg: RunConfig, table, overlaps, figs: list[Path], out: Path, wall: f
              + (f" (estimated on {s.minimality_max_edges} edges drawn at random for larger circuits)."
                 if s.minimality_max_edges else "."), "",
              table.to_markdown(index=False, floatfmt=".3g"), ""]
+    if levels is not None:
+        lines += ["## Token level beside component level", "",
+                  f"Minimal circuits (f ≥ {s.threshold}) of each level, base → sparse: `edge_ratio` counts component "
+                  "edges (summed over positions), `position_edge_ratio` edges at single token positions (every edge "
+                  "at every position, scored with the study's method and ablation), `minimal_pair_ratio` attention "
+                  "pairs (layer, head, query, key) with every other pair removed from the pattern.", "",
+                  levels.to_markdown(index=False, floatfmt=".3g"), ""]
+    if positions is not None:
+        lines += ["## Token level: position-resolved edges", "",
+                  f"`{s.method}` scores every edge `u@p -> v@p` (sender output at position p into the receiver's "
+                  f"input at p); minimal circuit = fewest top-scoring position edges with f ≥ {s.threshold} "
+                  "(the component level's search, dangling edges removed across positions). `positions` = token "
+                  "positions with at least one circuit edge; completeness as above.", "",
+                  positions.to_markdown(index=False, floatfmt=".3g"), ""]
     if token_table is not None:
         lines += ["## Token level: attention pairs", "",
-                  f"Pairs scored `{s.pair_method}` (docs/method.md §10). `pairs_ratio_80` = base ÷ sparse number of "
+                  f"Pairs scored `{s.pair_method}` on {s.pair_n or s.n} prompts per task (docs/method.md §10). `pairs_ratio_80` = base ÷ sparse number of "
                   "top pairs holding 80% of the total |attribution| (`heads_*`: heads, a head's score = Σ |pair "
                   f"scores|; the paper: {PAPER_MASS_RATIOS['pairs']}× and {PAPER_MASS_RATIOS['heads']}× on GPT-2); "
                   f"`minimal_pair_ratio` = base ÷ sparse fewest top pairs with f ≥ {s.threshold}, every other pair "

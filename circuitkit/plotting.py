@@ -16,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
+from matplotlib.patches import FancyArrowPatch  # noqa: E402
 
 from circuitkit.circuits.graph import Graph  # noqa: E402
 from circuitkit.io import atomic_path  # noqa: E402
@@ -331,16 +332,81 @@ def draw_token_circuit(ax, scores, keep, tokens: Sequence[str], title: str) -> N
         ax.legend(fontsize=6, loc="upper left", frameon=False, ncol=min(4, H))
 
 
+# receiver kinds of a position edge, drawn in these colours
+_RECEIVER_COLOURS = {"q": "#1f77b4", "k": "#2ca02c", "v": "#ff7f0e", "mlp": "#9467bd", "logits": "#d62728"}
+
+
+def _position_node_y(spec, node: int) -> float:
+    """Height of a node in the position panel, on the pair panel's layer scale: input at 0, head h
+    of layer l between l and l + 1 (by h), MLP l just below l + 1, logits above the last layer."""
+    L, H = spec.n_layers, spec.n_heads
+    if node == 0:
+        return 0.0
+    if node == spec.logits_node:
+        return L + 0.45
+    layer, within = divmod(node - 1, H + (0 if spec.attn_only else 1))
+    if within < H:
+        return layer + 0.15 + 0.55 * within / max(H - 1, 1)
+    return layer + 0.85
+
+
+def draw_position_circuit(ax, graph, tokens: Sequence[str], title: str) -> None:
+    """A position-resolved circuit (:class:`~circuitkit.circuits.positions.PositionGraph`) in the
+    teaser's layout: positions across, layers up. The edge ``u@p -> v@p`` is an arc at position p
+    from sender u's height to receiver v's node, coloured by the receiver (q, k, v input of a
+    head, MLP, logits); nodes with a circuit edge at that position are dark dots."""
+    spec = graph.spec
+    T = graph.n_positions
+    edges = graph.in_graph.nonzero().tolist()  # [(pos, src, dst)]
+    smax = max((abs(float(graph.scores[tuple(e)])) for e in edges), default=1.0) or 1.0
+    used, kinds = set(), set()
+    for p, src, dst in edges:
+        node = int(spec.dst_node[dst])
+        name = spec.dst_names[dst]
+        kind = name[-2] if name.endswith(">") else ("logits" if node == spec.logits_node else "mlp")
+        y0, y1 = _position_node_y(spec, src), _position_node_y(spec, node)
+        w = abs(float(graph.scores[p, src, dst])) / smax
+        ax.add_patch(FancyArrowPatch((p, y0), (p, y1), arrowstyle="-", connectionstyle="arc3,rad=-0.12",
+                                     color=_RECEIVER_COLOURS[kind], lw=0.5 + 2.0 * w, alpha=0.35 + 0.6 * w, zorder=2))
+        used.update({(p, src), (p, node)})
+        kinds.add(kind)
+    ys = [_position_node_y(spec, n) for n in range(spec.n_nodes)]
+    for y in ys:
+        ax.scatter(range(T), [y] * T, s=3, color="#cccccc", zorder=3)
+    if used:
+        px, py = zip(*[(p, _position_node_y(spec, n)) for p, n in used])
+        ax.scatter(px, py, s=9, color="#333333", zorder=4)
+    ax.set_xticks(range(T), list(tokens), fontsize=7)
+    ax.set_yticks(range(spec.n_layers + 1), ["emb"] + [f"after {l}" for l in range(spec.n_layers)], fontsize=6)
+    ax.set_xlim(-0.6, T - 0.4)
+    ax.set_ylim(-0.3, spec.n_layers + 0.9)
+    ax.set_title(f"{title}\n{len(edges)} position edges, {graph.n_heads} heads, "
+                 f"{len({p for p, _, _ in edges})} positions", fontsize=8)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    for k in _RECEIVER_COLOURS:
+        if k in kinds:
+            ax.plot([], [], color=_RECEIVER_COLOURS[k], lw=2, label=f"into {k}")
+    if kinds:
+        ax.legend(fontsize=6, loc="upper left", frameon=False, ncol=5)
+
+
 def token_circuit_figure(rows: Sequence[tuple], stem: Path) -> list[Path]:
     """Token-level minimal circuits, base and sparse side by side, one row per prompt.
 
-    ``rows``: (row label, tokens as text, [(panel title, PairScores, keep mask [layer, head, query, key])…]).
+    ``rows``: (row label, tokens as text, panels), each panel either (title, PairScores, keep mask
+    [layer, head, query, key]): the pairs of a minimal pair circuit, or (title, PositionGraph): the
+    position edges of a minimal position-level circuit.
     """
     n_cols = max(len(r[2]) for r in rows)
     fig, axes = plt.subplots(len(rows), n_cols, figsize=(5.2 * n_cols, 3.0 * len(rows)), squeeze=False)
     for r, (label, tokens, panels) in enumerate(rows):
-        for c, (title, scores, keep) in enumerate(panels):
-            draw_token_circuit(axes[r, c], scores.scores, keep, tokens, f"{label}: {title}")
+        for c, panel in enumerate(panels):
+            if len(panel) == 2:
+                draw_position_circuit(axes[r, c], panel[1], tokens, f"{label}: {panel[0]}")
+            else:
+                title, scores, keep = panel
+                draw_token_circuit(axes[r, c], scores.scores, keep, tokens, f"{label}: {title}")
         for c in range(len(panels), n_cols):
             axes[r, c].axis("off")
     fig.tight_layout()

@@ -221,38 +221,67 @@ def test_token_figures_are_written(tmp_path):
         mc = MinimalPairs(3, 0.95, True, 0.9, ps.top_k_mask(3))
         curve = PairCurve((1, 2, 3, spec.n_pairs), (0.1, 0.5, 0.95, 1.0), 1.0, 0.0)
         results.append(PairResult(name, ps, pair_mass(ps), head_mass(ps), curve, mc))
+    from circuitkit.circuits import PositionGraph, top_n
+
+    pg = PositionGraph.from_model(build_model(toy_config("toy-2l", seed=0)), 4)
+    pg = top_n(pg.with_scores(torch.randn(pg.scores.shape, generator=g) * pg.spec.real), 9, prune=False)
     paths = pair_mass_figure([("t", *results)], tmp_path / "mass")
-    paths += token_circuit_figure([("p", list("abcd"), [(r.model, r.scores, r.minimal.keep) for r in results])],
-                                  tmp_path / "tok")
+    paths += token_circuit_figure([("p", list("abcd"), [(r.model, r.scores, r.minimal.keep) for r in results]
+                                    + [("positions", pg)])], tmp_path / "tok")
     assert sorted(p.name for p in paths) == ["mass.png", "mass.svg", "tok.png", "tok.svg"]
     assert all(p.stat().st_size > 1000 for p in paths)
-    assert "3 pairs" in (tmp_path / "tok.svg").read_text()  # the panel title counts the pairs drawn
+    svg = (tmp_path / "tok.svg").read_text()
+    assert "3 pairs" in svg  # the panel title counts the pairs drawn
+    n_pos = len({p for p, _, _ in pg.in_graph.nonzero().tolist()})
+    assert f"9 position edges, {pg.n_heads} heads, {n_pos} positions" in svg  # ... and the position edges
 
 
-def test_study_with_the_pair_level_writes_the_token_table(tmp_path):
+def test_study_with_the_token_levels_writes_their_tables(tmp_path):
+    """levels = component, position, pairs: the position-level minimal circuit is saved, and
+    re-verified here from its file (f and edges as the table says); the levels table puts the
+    three ratios of one task on one row."""
     import pandas as pd
 
+    from circuitkit.circuits import PositionGraph, faithfulness
     from circuitkit.evaluation.study import StudyConfig
     from circuitkit.models import save_model
     from circuitkit.pipeline import RunConfig, run
 
+    models = {}
     for name, seed in (("base", 1), ("sparse", 2)):
-        save_model(build_model(toy_config("toy-2l", seed=seed)), tmp_path / name, {"name": name})
+        models[name] = build_model(toy_config("toy-2l", seed=seed))
+        save_model(models[name], tmp_path / name, {"name": name})
     cfg = RunConfig.from_dict({
         "out": str(tmp_path / "results"),
-        "study": {"method": "eap", "n": 6, "batch_size": 64, "levels": ["component", "pairs"],
-                  "pair_method": "gradient", "minimality_max_edges": 5},
+        "study": {"method": "eap", "n": 6, "batch_size": 64, "levels": ["component", "position", "pairs"],
+                  "pair_method": "gradient", "pair_n": 4, "minimality_max_edges": 5},
         "pairs": [{"base": str(tmp_path / "base"), "sparse": str(tmp_path / "sparse"), "tasks": ["addition"]}],
+        "figures": False,
     })
     out = run(cfg, progress=False)
-    table = pd.read_csv(out / "token_pairs.csv")
-    row = table.iloc[0]
-    assert (row["task"], row["method"], row["n_prompts"]) == ("addition", "gradient", 6)
+    row = pd.read_csv(out / "token_pairs.csv").iloc[0]
+    assert (row["task"], row["method"], row["n_prompts"]) == ("addition", "gradient", 4)  # pair_n, not n
     assert row["minimal_pair_ratio"] == pytest.approx(row["base_minimal_pairs"] / row["sparse_minimal_pairs"])
-    assert "Token level: attention pairs" in (out / "report.md").read_text()
-    assert (out / "figures" / "token_mass.png").exists()
+    pos = pd.read_csv(out / "token_positions.csv").iloc[0]
+    ds = get_task("addition").dataset(6, seed=0)
+    for role in ("base", "sparse"):
+        circuit = PositionGraph.load(out / "circuits" / f"{role}__addition__position.json")
+        assert circuit.n_edges == pos[f"{role}_position_edges"] and circuit.metadata["level"] == "position"
+        f = faithfulness(models[role], circuit, ds).explained
+        assert f == pytest.approx(pos[f"{role}_position_f"], abs=1e-4) and f >= 0.9
+    assert pos["position_edge_ratio"] == pytest.approx(pos["base_position_edges"] / pos["sparse_position_edges"])
+    levels = pd.read_csv(out / "token_levels.csv").iloc[0]
+    main_row = pd.read_csv(out / "base_vs_sparse.csv").iloc[0]
+    assert levels["edge_ratio"] == pytest.approx(main_row["edge_ratio"])
+    assert levels["position_edge_ratio"] == pytest.approx(pos["position_edge_ratio"])
+    assert levels["minimal_pair_ratio"] == pytest.approx(row["minimal_pair_ratio"])
+    report = (out / "report.md").read_text()
+    assert all(h in report for h in ("Token level: attention pairs", "Token level: position-resolved edges",
+                                     "Token level beside component level"))
     with pytest.raises(CircuitkitError, match="levels"):
         StudyConfig(levels=("pairs",))
+    with pytest.raises(CircuitkitError, match="'acdc' has no position-level variant"):
+        StudyConfig(method="acdc", levels=("component", "position"))
     with pytest.raises(CircuitkitError, match="pair_method"):
         RunConfig.from_dict({"study": {"pair_method": "ig"}})
-    assert "pairs" not in StudyConfig().levels  # the default study is unchanged
+    assert StudyConfig().levels == ("component",)  # the default study is unchanged

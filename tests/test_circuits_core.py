@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import pandas as pd
 import pytest
 import torch
 from transformer_lens import HookedTransformer
@@ -451,6 +452,18 @@ def test_methods_roughly_agree_on_a_random_model(model, ds):
     g = attribute(model, ds, "eap")
     same = compare_scores(g, g, k=20)
     assert same.top_k_overlap == 1.0 and same.pearson == pytest.approx(1.0)
+    # Spearman compares ranks: an order-preserving transform keeps it at 1 while Pearson drops;
+    # reversed ranks give -1 (catches ranks scattered back to the wrong edges)
+    cubed = compare_scores(g, g.with_scores(g.scores ** 3 * 100), k=20)
+    assert cubed.spearman == pytest.approx(1.0) and cubed.pearson < 0.999
+    flipped = compare_scores(g, g.with_scores(-g.scores), k=20)
+    assert flipped.spearman == pytest.approx(-1.0)
+    ties = g.with_scores(torch.where(g.spec.real, torch.sign(g.scores), 0.0))  # three values, many ties
+    a = compare_scores(g, ties, k=20)
+    s = g.scores[g.spec.real].double()
+    ranks = torch.tensor(pd.Series(s.numpy()).rank().to_numpy())  # pandas' average ranks as the reference
+    tie_ranks = torch.tensor(pd.Series(torch.sign(s).numpy()).rank().to_numpy())
+    assert a.spearman == pytest.approx(float(torch.corrcoef(torch.stack([ranks, tie_ranks]))[0, 1]), abs=1e-9)
 
 
 def test_determinism(model):

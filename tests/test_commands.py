@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from circuitkit import CircuitkitError
-from circuitkit.circuits import attribute
+from circuitkit.circuits import PositionGraph, attribute, attribute_positions
 from circuitkit.circuits import attribution as attr
 from circuitkit.circuits.attribution import Option, method_names, register_method
 from circuitkit.circuits.graph import Graph, GraphSpec
@@ -53,8 +53,12 @@ def scaled_method():
         out[spec.real] = scale * torch.arange(1, int(spec.real.sum()) + 1, dtype=torch.float32)
         return out
 
+    def position_fn(model, ds, *, ablation, batch_size, progress, scale: float = 1.0):  # [pos, n_src, n_dst]
+        at = torch.arange(1, ds.seq_len + 1, dtype=torch.float32)[:, None, None]
+        return edge_fn(model, ds, ablation=ablation, batch_size=batch_size, progress=progress, scale=scale) * at
+
     m = register_method("test-scaled", "test: scale x rank", edge_fn,
-                        options=(Option("scale", float, 1.0, "multiplier of every score"),))
+                        options=(Option("scale", float, 1.0, "multiplier of every score"),), position_fn=position_fn)
     yield m
     attr._REGISTRY.pop("test-scaled")
 
@@ -121,6 +125,27 @@ def test_a_method_registered_outside_the_package_is_reachable(scaled_method, toy
                "--out", str(tmp_path / "d")])
     assert rc == 2 and "--scale does not apply to method 'eap'" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+    # the one registry carries the position level too: attribute_positions and discover --level position
+    assert "test-scaled" in attr.POSITION_METHODS and attr.get_method("test-scaled").levels == attr.LEVELS
+    pg = attribute_positions(model, ds, "test-scaled", scale=2.0)
+    assert torch.equal(pg.scores[:, spec.real], expected * torch.arange(1, ds.seq_len + 1.0)[:, None])
+    rc = main(["discover", "--model", str(toy_dir), "--task", "addition", "--method", "test-scaled", "--scale", "3",
+               "--level", "position", "--edges", "5", "--n", "4", "--no-progress", "--out", str(tmp_path / "p")])
+    assert rc == 0, capsys.readouterr().err
+    assert PositionGraph.load(tmp_path / "p" / "circuit.json").metadata["scale"] == 3.0
+
+
+def test_a_method_without_a_position_variant_is_refused_at_that_level(scaled_method):
+    """acdc scores components only; the error lists the position-level methods, one registered outside included."""
+    model = build_model(toy_config("toy-2l", seed=4))
+    ds = get_task("addition").dataset(2, seed=0)
+    assert attr.get_method("acdc").levels == ("component",) and "acdc" not in attr.POSITION_METHODS
+    assert list(attr.POSITION_METHODS) == ["patching", "eap", "eap-ig", "test-scaled"]
+    with pytest.raises(CircuitkitError, match="'acdc' has no position-level variant; position-level methods: "
+                                              "patching, eap, eap-ig, test-scaled"):
+        attribute_positions(model, ds, "acdc")
+    with pytest.raises(KeyError):
+        attr.POSITION_METHODS["acdc"]
 
 
 def test_register_method_refuses_clashes(scaled_method):

@@ -15,22 +15,22 @@ Typical use::
 """
 
 from circuitkit.circuits.agreement import Agreement, agreement, compare_scores
-from circuitkit.circuits.attribution import (METHODS, Method, Option, attribute, attribute_nodes, get_method, method_names,
-                                             register_method)
+from circuitkit.circuits.attribution import (LEVELS, METHODS, POSITION_METHODS, Method, Option, attribute, attribute_nodes,
+                                             get_method, method_names, register_method)
 from circuitkit.circuits.graph import Edge, Graph, GraphSpec, Node, check_graph_support
 from circuitkit.circuits.interventions import (
     Ablation, AblationValues, Faithfulness, capture_senders, explained_effect, faithfulness, graph_hooks_enabled, metric_with_graph,
     metric_with_graphs, patched, patched_masks, run_with_graph,
 )
 from circuitkit.circuits.positions import (
-    POSITION_METHODS, PositionEdge, PositionGraph, Positions, attribute_positions, exact_position_scores,
+    PositionEdge, PositionGraph, Positions, attribute_positions, exact_position_scores,
 )
 from circuitkit.circuits.selection import (
     edge_order, from_nodes, greedy, remove_dangling, threshold, top_heads, top_n,
 )
 
 __all__ = [
-    "Ablation", "AblationValues", "Agreement", "Edge", "Faithfulness", "Graph", "GraphSpec", "METHODS", "Method",
+    "Ablation", "AblationValues", "Agreement", "Edge", "Faithfulness", "Graph", "GraphSpec", "LEVELS", "METHODS", "Method",
     "Node", "Option", "POSITION_METHODS", "PositionEdge", "PositionGraph", "Positions", "agreement", "attribute",
     "attribute_nodes", "attribute_positions", "capture_senders", "check_graph_support", "compare_scores",
     "edge_order", "exact_position_scores", "explained_effect", "faithfulness", "from_nodes", "get_method",

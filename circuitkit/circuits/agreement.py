@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
+import torch
+
 from circuitkit import CircuitkitError
 from circuitkit.circuits.attribution import attribute
 from circuitkit.circuits.graph import Graph
@@ -22,7 +24,8 @@ from circuitkit.tasks.base import TaskDataset
 @dataclass(frozen=True)
 class Agreement:
     """``top_k_overlap``: fraction of A's top-k edges (by |score|) that are in B's top k.
-    ``pearson``: correlation of the signed scores over all real edges."""
+    ``pearson``: correlation of the signed scores over all real edges; ``spearman``: the same of
+    their ranks (ties share their mean rank)."""
 
     method_a: str
     method_b: str
@@ -30,6 +33,7 @@ class Agreement:
     top_k_overlap: float
     pearson: float
     n_edges: int
+    spearman: float = float("nan")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -47,11 +51,23 @@ def compare_scores(a: Graph, b: Graph, k: int = 50) -> Agreement:
     top_b = {tuple(e) for e in edge_order(b)[:k].tolist()}
     real = a.real_mask
     sa, sb = a.scores[real].double(), b.scores[real].double()
-    sa, sb = sa - sa.mean(), sb - sb.mean()
-    denom = (sa.norm() * sb.norm()).item()
-    pearson = float("nan") if denom == 0 else float((sa @ sb).item() / denom)
     return Agreement(str(a.metadata.get("method", "a")), str(b.metadata.get("method", "b")), k,
-                     len(top_a & top_b) / k, pearson, n_real)
+                     len(top_a & top_b) / k, _pearson(sa, sb), n_real, _pearson(_ranks(sa), _ranks(sb)))
+
+
+def _pearson(x: torch.Tensor, y: torch.Tensor) -> float:  # [n], [n] float64
+    x, y = x - x.mean(), y - y.mean()
+    denom = (x.norm() * y.norm()).item()
+    return float("nan") if denom == 0 else float((x @ y).item() / denom)
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:  # [n] -> [n] float64: 1-based ranks, ties share their mean rank
+    order = torch.argsort(x, stable=True)
+    _, inverse, counts = torch.unique_consecutive(x[order], return_inverse=True, return_counts=True)
+    last = counts.cumsum(0).double()
+    ranks = torch.empty(len(x), dtype=torch.float64)
+    ranks[order] = ((last - counts + 1 + last) / 2)[inverse]
+    return ranks
 
 
 def agreement(model, ds: TaskDataset, method_a: str = "patching", method_b: str = "eap-ig", *, k: int = 50,

@@ -28,13 +28,19 @@ and ``eap`` / ``eap-ig`` (gradient estimates) can be compared directly.
 
 Node scores use the same ideas at the senders' outputs: for eap and eap-ig they equal the
 sum of the node's outgoing edge scores; node patching ablates all of a node's outputs.
+
+One registry serves both graph levels (:data:`LEVELS`): a :class:`Method` with a
+``position_fn`` also scores every edge at every token position (``patching``, ``eap`` and
+``eap-ig`` do: the same passes with the position axis kept), which
+:func:`~circuitkit.circuits.positions.attribute_positions` and ``discover --level position`` use.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -47,6 +53,9 @@ from circuitkit.circuits.interventions import (
 )
 from circuitkit.tasks.base import Metric, TaskDataset
 
+# the graphs a method scores: components summed over positions, and every edge at every token position
+COMPONENT, POSITION = "component", "position"
+LEVELS = (COMPONENT, POSITION)
 DEFAULT_IG_STEPS = 5
 DEFAULT_ACDC_TAU = 0.01
 # eap-ig runs several interpolation steps in one pass, up to this many input numbers [steps*batch, pos, d_model]
@@ -653,6 +662,32 @@ def _patching_edges(model, ds, *, ablation, batch_size, progress) -> torch.Tenso
     return scores
 
 
+def exact_position_patching(model, ds: TaskDataset, positions: list[int] | None = None, *,
+                            ablation: Ablation | str = Ablation.PATCHING, batch_size: int = DEFAULT_BATCH_SIZE,
+                            progress: bool = False) -> torch.Tensor:  # [pos, n_src, n_dst]
+    """Exact position-level patching: the mean metric change when one edge at one token position
+    alone is ablated. It costs ``n_pos`` times component-level patching; ``positions`` (indices)
+    measures those only and leaves the others' scores 0 (not measured)."""
+    spec = GraphSpec.from_model(model)
+    check_dataset(model, ds)
+    chosen = list(range(ds.seq_len)) if positions is None else sorted(set(positions))
+    if any(not isinstance(p, int) or not 0 <= p < ds.seq_len for p in chosen):
+        raise CircuitkitError(f"positions {positions!r} must be integers in [0, {ds.seq_len})")
+    edges, sites = _edge_sites(spec)  # [n_real, 2], n_real sites
+    n_real = len(edges)
+    at = torch.tensor(chosen, dtype=torch.long).repeat_interleave(n_real)  # position-major items
+    srcs, dsts = edges[:, 0].repeat(len(chosen)), edges[:, 1].repeat(len(chosen))
+    delta = _single_sender_patching(model, ds, srcs, sites * len(chosen), ablation=ablation,
+                                    batch_size=batch_size, progress=progress, positions=at)
+    scores = torch.zeros(ds.seq_len, spec.n_src, spec.n_dst)
+    scores[at, srcs, dsts] = delta
+    return scores
+
+
+def _patching_positions(model, ds, *, ablation, batch_size, progress) -> torch.Tensor:  # [pos, n_src, n_dst]
+    return exact_position_patching(model, ds, ablation=ablation, batch_size=batch_size, progress=progress)
+
+
 def _patching_nodes(model, ds, *, ablation, batch_size, progress) -> torch.Tensor:
     spec = GraphSpec.from_model(model)
     return _single_sender_patching(model, ds, torch.arange(spec.n_src), _node_sites(spec), ablation=ablation,
@@ -738,11 +773,14 @@ ACDC_TAU = Option("tau", float, DEFAULT_ACDC_TAU,
 
 @dataclass(frozen=True)
 class Method:
-    """An attribution method: edge scores [n_src, n_dst] and node scores [n_src].
+    """An attribution method: edge scores [n_src, n_dst], node scores [n_src] and, where it has a
+    position-level variant, position edge scores [pos, n_src, n_dst].
 
     ``edge_fn(model, ds, *, ablation, batch_size, progress, **options)`` returns the edge
     scores [n_src, n_dst] (``GraphSpec.from_model(model)`` numbering), ``node_fn`` the node
-    scores [n_src]; ``options`` declares the keyword options both take.
+    scores [n_src], ``position_fn`` (None: component level only) the scores of every edge at
+    every token position [pos, n_src, n_dst] (:mod:`~circuitkit.circuits.positions`);
+    ``options`` declares the keyword options they take. :attr:`levels` says which graphs it scores.
     """
 
     name: str
@@ -750,6 +788,21 @@ class Method:
     edge_fn: Callable[..., torch.Tensor]
     node_fn: Callable[..., torch.Tensor]
     options: tuple[Option, ...] = ()
+    position_fn: Callable[..., torch.Tensor] | None = None
+
+    @property
+    def levels(self) -> tuple[str, ...]:
+        """The graph levels this method scores (:data:`LEVELS`)."""
+        return LEVELS if self.position_fn is not None else LEVELS[:1]
+
+    def check_level(self, level: str) -> "Method":
+        """This method, or a clear error when it has no variant at ``level``."""
+        if level not in LEVELS:
+            raise CircuitkitError(f"unknown graph level {level!r}; levels: {', '.join(LEVELS)}")
+        if level not in self.levels:
+            raise CircuitkitError(f"method {self.name!r} has no {level}-level variant; {level}-level methods: "
+                                  f"{', '.join(method_names(level))}")
+        return self
 
     @property
     def option_names(self) -> tuple[str, ...]:
@@ -782,16 +835,46 @@ class Method:
         options = self._check(options)
         return self.node_fn(model, ds, ablation=ablation, batch_size=batch_size, progress=progress, **options)
 
+    def position_scores(self, model, ds: TaskDataset, *, ablation: Ablation | str = Ablation.PATCHING,
+                        batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False,
+                        **options) -> torch.Tensor:  # [pos, n_src, n_dst]
+        self.check_level(POSITION)
+        options = self._check(options)
+        return self.position_fn(model, ds, ablation=ablation, batch_size=batch_size, progress=progress, **options)
+
 
 _REGISTRY: dict[str, Method] = {}
 METHODS: Mapping[str, Method] = MappingProxyType(_REGISTRY)  # read-only view; add with register_method
 
 
+class _MethodsAt(Mapping):
+    """A live read-only view of the registered methods that score graphs at one level."""
+
+    def __init__(self, level: str) -> None:
+        self.level = level
+
+    def __getitem__(self, name: str) -> Method:
+        m = _REGISTRY[name]
+        if self.level not in m.levels:
+            raise KeyError(name)
+        return m
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([n for n, m in _REGISTRY.items() if self.level in m.levels])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+POSITION_METHODS: Mapping[str, Method] = _MethodsAt(POSITION)  # the methods with a position-level variant
+
+
 def register_method(name: str, summary: str, edge_fn: Callable[..., torch.Tensor],
                     node_fn: Callable[..., torch.Tensor] | None = None, options: tuple[Option, ...] = (),
-                    *, replace: bool = False) -> Method:
+                    *, position_fn: Callable[..., torch.Tensor] | None = None, replace: bool = False) -> Method:
     """Add an attribution method to the registry, so that :func:`attribute`, the study and the
-    command line (``--method NAME`` and a flag per option) reach it by name.
+    command line (``--method NAME`` and a flag per option) reach it by name; with ``position_fn``
+    also :func:`~circuitkit.circuits.positions.attribute_positions` and ``discover --level position``.
 
     ``node_fn`` may be None for a method that scores edges only. An option that another
     method already declares must be declared alike (same type, default and flag).
@@ -801,8 +884,8 @@ def register_method(name: str, summary: str, edge_fn: Callable[..., torch.Tensor
     if name in _REGISTRY and not replace:
         raise CircuitkitError(f"an attribution method named {name!r} is already registered; pick another name "
                               "or pass replace=True")
-    if not callable(edge_fn) or (node_fn is not None and not callable(node_fn)):
-        raise CircuitkitError(f"method {name!r}: edge_fn and node_fn must be callables")
+    if not callable(edge_fn) or any(f is not None and not callable(f) for f in (node_fn, position_fn)):
+        raise CircuitkitError(f"method {name!r}: edge_fn, node_fn and position_fn must be callables")
     options = tuple(options)
     for o in options:
         if not isinstance(o, Option):
@@ -817,7 +900,7 @@ def register_method(name: str, summary: str, edge_fn: Callable[..., torch.Tensor
     if node_fn is None:
         def node_fn(model, ds, **_):
             raise CircuitkitError(f"method {name!r} scores edges only; for node scores use patching, eap or eap-ig")
-    method = Method(name, summary, edge_fn, node_fn, options)
+    method = Method(name, summary, edge_fn, node_fn, options, position_fn)
     _REGISTRY[name] = method
     return method
 
@@ -831,11 +914,14 @@ def all_options() -> list[Option]:
     return list(seen.values())
 
 
-register_method("patching", "exact: metric change when ablating each edge alone", _patching_edges, _patching_nodes)
+register_method("patching", "exact: metric change when ablating each edge (at one position: position level) alone",
+                _patching_edges, _patching_nodes, position_fn=_patching_positions)
 register_method("eap", "edge attribution patching: (a_ablate - a_clean) . dm/d(receiver input)",
-                _level_fn(_gradient_scores, "edge", False), _level_fn(_gradient_scores, "node", False))
+                _level_fn(_gradient_scores, "edge", False), _level_fn(_gradient_scores, "node", False),
+                position_fn=_level_fn(_gradient_scores, "position", False))
 register_method("eap-ig", "EAP with integrated gradients over interpolated input embeddings",
-                _level_fn(_gradient_scores, "edge", True), _level_fn(_gradient_scores, "node", True), (IG_STEPS,))
+                _level_fn(_gradient_scores, "edge", True), _level_fn(_gradient_scores, "node", True), (IG_STEPS,),
+                position_fn=_level_fn(_gradient_scores, "position", True))
 register_method("eap-ig-senders", "integrated gradients along each sender's own clean -> ablated path "
                 "(n_src x steps passes)", _level_fn(_sender_path_scores, "edge", True),
                 _level_fn(_sender_path_scores, "node", True), (IG_STEPS,))
@@ -843,8 +929,9 @@ register_method("acdc", "ACDC-style greedy pruning: an edge stays out when remov
                 _acdc_edges, _acdc_nodes, (ACDC_TAU,))
 
 
-def method_names() -> list[str]:
-    return list(_REGISTRY)
+def method_names(level: str | None = None) -> list[str]:
+    """Registered method names (those with a variant at ``level`` when given)."""
+    return list(_REGISTRY) if level is None else [n for n, m in _REGISTRY.items() if level in m.levels]
 
 
 def get_method(name: str) -> Method:

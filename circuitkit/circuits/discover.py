@@ -19,11 +19,11 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from circuitkit.circuits.attribution import attribute, get_method
+from circuitkit.circuits.attribution import COMPONENT, POSITION, attribute, get_method, method_names
 from circuitkit import parse_enum
 from circuitkit.circuits.graph import Graph
 from circuitkit.circuits.interventions import DEFAULT_BATCH_SIZE, Ablation, faithfulness
-from circuitkit.circuits.positions import POSITION_METHODS, PositionGraph, attribute_positions, get_position_method
+from circuitkit.circuits.positions import PositionGraph, attribute_positions
 from circuitkit.circuits.selection import greedy, threshold, top_n
 from circuitkit.io import write_json, write_text
 from circuitkit.tasks import NL_SUFFIX
@@ -34,8 +34,8 @@ DEFAULT_EDGES = 200
 class Level(Enum):
     """The graph a circuit is found in: components summed over positions, or every edge at every position."""
 
-    COMPONENT = "component"
-    POSITION = "position"
+    COMPONENT = COMPONENT
+    POSITION = POSITION
 
     @classmethod
     def parse(cls, value: "Level | str") -> "Level":
@@ -43,14 +43,15 @@ class Level(Enum):
 
     def method_defaults(self, method: str) -> dict[str, Any]:
         """The method's option defaults; raises when the method has no variant at this level."""
-        return (get_position_method(method) if self is Level.POSITION else get_method(method)).defaults()
+        return get_method(method).check_level(self.value).defaults()
 
     def attribute(self, model, ds, method: str, **kwargs) -> Graph | PositionGraph:
         return (attribute_positions if self is Level.POSITION else attribute)(model, ds, method, **kwargs)
 
     @property
-    def methods(self) -> tuple[str, ...] | None:  # None: every registered method
-        return tuple(POSITION_METHODS) if self is Level.POSITION else None
+    def methods(self) -> tuple[str, ...]:
+        """The registered methods with a variant at this level."""
+        return tuple(method_names(self.value))
 
 
 def untrained_task_warning(task: str, model) -> str | None:

@@ -5,8 +5,10 @@ where in the prompt a circuit acts (which digit, which name) is invisible. This 
 position level: the numbering of positions (:class:`Positions`, named by the task's roles where
 the task gives them, ``TaskDataset.position_labels``), :class:`PositionGraph` (one dense score
 tensor and one membership tensor, ``[pos, n_src, n_dst]``, with thin views), its JSON and
-networkx forms, dangling-edge removal with attention's reach across positions, and the
-position-level attribution methods (``eap``, ``eap-ig``, exact ``patching``) chosen by name.
+networkx forms, dangling-edge removal with attention's reach across positions, and
+:func:`attribute_positions`, which scores a :class:`PositionGraph` with a method of the one
+attribution registry (:mod:`~circuitkit.circuits.attribution`: ``eap``, ``eap-ig`` and exact
+``patching`` have position-level variants).
 
 The edge ``u@p -> v@p`` is the sender's output at position ``p`` read by the receiver's input at
 ``p`` (``docs/method.md`` §2, "Position-resolved graphs"). Attention moves information across
@@ -26,15 +28,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from types import MappingProxyType
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 
 from circuitkit import CircuitkitError
-from circuitkit.circuits.attribution import (
-    DEFAULT_IG_STEPS, IG_STEPS, Option, _check_finite, _check_steps, _edge_sites, _gradient_scores,
-    _single_sender_patching,
+from circuitkit.circuits.attribution import (  # POSITION_METHODS is re-exported here too
+    POSITION, POSITION_METHODS, _check_finite, exact_position_patching, get_method,
 )
 from circuitkit.circuits.graph import QKV, Edge, Graph, GraphSpec, JsonFile, Node, _plain, settle_tensors
 from circuitkit.circuits.interventions import DEFAULT_BATCH_SIZE, Ablation, check_dataset
@@ -476,96 +476,28 @@ def remove_dangling_positions(graph: PositionGraph) -> PositionGraph:
 
 # ---------------------------------------------------------------- attribution
 
-def _eap(model, ds, *, ablation, batch_size, progress) -> torch.Tensor:  # [pos, n_src, n_dst]
-    return _gradient_scores(model, ds, level="position", steps=None, ablation=ablation, batch_size=batch_size,
-                            progress=progress)
-
-
-def _eap_ig(model, ds, *, ablation, batch_size, progress, steps: int = DEFAULT_IG_STEPS) -> torch.Tensor:
-    return _gradient_scores(model, ds, level="position", steps=_check_steps(steps), ablation=ablation,
-                            batch_size=batch_size, progress=progress)
-
-
 def exact_position_scores(model, ds: TaskDataset, at: list[int | str] | None = None, *,
                           ablation: Ablation | str = Ablation.PATCHING, batch_size: int = DEFAULT_BATCH_SIZE,
                           progress: bool = False) -> torch.Tensor:  # [pos, n_src, n_dst]
-    """Exact position-level patching: the mean metric change when one edge at one position alone is
-    ablated. It costs ``n_pos`` times component-level patching; ``at`` (position names or indices)
-    measures those positions only and leaves the others' scores 0 (not measured)."""
-    spec = GraphSpec.from_model(model)
+    """Exact position-level patching (:func:`~circuitkit.circuits.attribution.exact_position_patching`):
+    the mean metric change when one edge at one position alone is ablated; ``at`` (position names
+    or indices) measures those positions only and leaves the others' scores 0 (not measured)."""
     check_dataset(model, ds)
     names = Positions.of(ds)
-    chosen = list(range(ds.seq_len)) if at is None else sorted({p if isinstance(p, int) else names.index(p)
-                                                                for p in at})
-    if any(not 0 <= p < ds.seq_len for p in chosen):
-        raise CircuitkitError(f"positions {at!r} must lie in [0, {ds.seq_len})")
-    edges, sites = _edge_sites(spec)  # [n_real, 2], n_real sites
-    n_real = len(edges)
-    positions = torch.tensor(chosen, dtype=torch.long).repeat_interleave(n_real)  # position-major items
-    srcs, dsts = edges[:, 0].repeat(len(chosen)), edges[:, 1].repeat(len(chosen))
-    delta = _single_sender_patching(model, ds, srcs, sites * len(chosen), ablation=ablation,
-                                    batch_size=batch_size, progress=progress, positions=positions)
-    scores = torch.zeros(ds.seq_len, spec.n_src, spec.n_dst)
-    scores[positions, srcs, dsts] = delta
-    return scores
-
-
-def _patching(model, ds, *, ablation, batch_size, progress) -> torch.Tensor:  # [pos, n_src, n_dst]
-    return exact_position_scores(model, ds, ablation=ablation, batch_size=batch_size, progress=progress)
-
-
-@dataclass(frozen=True)
-class PositionMethod:
-    """A position-level attribution method: ``fn(model, ds, *, ablation, batch_size, progress, **options)``
-    returns scores ``[pos, n_src, n_dst]``, with the sign convention of the component methods."""
-
-    name: str
-    summary: str
-    fn: Callable[..., torch.Tensor]
-    options: tuple[Option, ...] = ()
-
-    @property
-    def option_names(self) -> tuple[str, ...]:
-        return tuple(o.name for o in self.options)
-
-    def defaults(self) -> dict[str, Any]:
-        return {o.name: o.default for o in self.options}
-
-    def check(self, options: Mapping[str, Any]) -> dict[str, Any]:
-        bad = sorted(set(options) - set(self.option_names))
-        if bad:
-            raise CircuitkitError(f"position-level method {self.name!r} takes no option(s) {', '.join(bad)}; it "
-                                  f"accepts {', '.join(self.option_names) or 'none'}")
-        by_name = {o.name: o for o in self.options}
-        return {k: by_name[k].check(self.name, v) for k, v in options.items()}
-
-
-POSITION_METHODS: Mapping[str, PositionMethod] = MappingProxyType({m.name: m for m in (
-    PositionMethod("eap", "edge attribution patching per position: the eap products summed over batch and d_model "
-                   "only", _eap),
-    PositionMethod("eap-ig", "eap-ig per position (the same interpolated passes)", _eap_ig, (IG_STEPS,)),
-    PositionMethod("patching", "exact: metric change when ablating one edge at one position alone", _patching),
-)})
-
-
-def get_position_method(name: str) -> PositionMethod:
-    try:
-        return POSITION_METHODS[name]
-    except (KeyError, TypeError):
-        raise CircuitkitError(f"method {name!r} has no position-level variant; position-level methods: "
-                              f"{', '.join(POSITION_METHODS)}") from None
+    chosen = None if at is None else [p if isinstance(p, int) else names.index(p) for p in at]
+    return exact_position_patching(model, ds, chosen, ablation=ablation, batch_size=batch_size, progress=progress)
 
 
 def attribute_positions(model, ds: TaskDataset, method: str = "eap", *, ablation: Ablation | str = Ablation.PATCHING,
                         batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False, **options) -> PositionGraph:
-    """Position-resolved edge scores of ``method`` as a :class:`PositionGraph` holding every real
-    position edge (select from it next, with :mod:`~circuitkit.circuits.selection`)."""
-    m = get_position_method(method)
+    """Position-resolved edge scores of ``method`` (a registered method with a position-level
+    variant, :data:`~circuitkit.circuits.attribution.POSITION_METHODS`) as a :class:`PositionGraph`
+    holding every real position edge (select from it next, with :mod:`~circuitkit.circuits.selection`)."""
+    m = get_method(method).check_level(POSITION)
     check_dataset(model, ds)
     ablation = Ablation.parse(ablation)
-    options = m.check(options)
-    scores = m.fn(model, ds, ablation=ablation, batch_size=batch_size, progress=progress, **options)
+    scores = m.position_scores(model, ds, ablation=ablation, batch_size=batch_size, progress=progress, **options)
     _check_finite(scores, f"{m.name} position edge scores")
-    meta = {"method": m.name, "level": "position", "ablation": ablation.value, "task": ds.task, "n_examples": len(ds),
+    meta = {"method": m.name, "level": POSITION, "ablation": ablation.value, "task": ds.task, "n_examples": len(ds),
             "metric": ds.metric.value, **options}
     return PositionGraph.from_model(model, Positions.of(ds), scores=scores, metadata=meta)

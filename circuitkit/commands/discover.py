@@ -9,7 +9,7 @@ from pathlib import Path
 
 from circuitkit import CircuitkitError
 from circuitkit.circuits.discover import DEFAULT_EDGES, Level, discover, untrained_task_warning, write_discovery
-from circuitkit.circuits.positions import POSITION_METHODS
+from circuitkit.circuits.attribution import POSITION_METHODS
 from circuitkit.commands.options import (add_ablation_flag, add_batch_size_flag, add_method_flags, add_progress_flag,
                                          method_options, positive)
 from circuitkit.io import check_writable_dir

@@ -1,7 +1,8 @@
 """Comparison tables: base vs sparse per task, and tasks against each other within a model.
 
 Owns the columns of the paper's headline table (minimal-circuit edges and heads and their
-ratios, CPR/CMD, completeness, minimality, base/sparse overlap) and the one loop that
+ratios, CPR/CMD, completeness, minimality, base/sparse overlap), those of the position-level
+table (:data:`POSITION_COLUMNS`, when the study's levels include it) and the one loop that
 analyses a base and a sparse model task by task (:func:`study_pair`), which both
 ``circuitkit compare`` and ``circuitkit run`` use. Tables are pandas DataFrames, written as
 CSV and markdown; the flags are in :mod:`circuitkit.commands.compare`.
@@ -29,6 +30,11 @@ PAIR_COLUMNS = ["task", "base_edges", "sparse_edges", "edge_ratio", "base_heads"
                 "base_f", "sparse_f", "base_cpr", "sparse_cpr", "base_cmd", "sparse_cmd",
                 "base_completeness", "sparse_completeness", "base_minimality", "sparse_minimality",
                 "edge_jaccard", "head_jaccard"]
+# the position level (study levels include "position"): minimal circuits of the position-resolved graph
+POSITION_COLUMNS = ["task", "position_graph_edges", "base_position_edges", "sparse_position_edges",
+                    "position_edge_ratio", "base_position_heads", "sparse_position_heads", "base_positions",
+                    "sparse_positions", "base_position_f", "sparse_position_f", "base_position_completeness",
+                    "sparse_position_completeness", "position_edge_jaccard"]
 OVERLAP_COLUMNS = ["model", "task_a", "task_b", "edges_a", "edges_b", "shared_edges", "edge_jaccard",
                    "heads_a", "heads_b", "shared_heads", "head_jaccard"]
 
@@ -85,6 +91,29 @@ def pair_row(base: TaskResult, sparse: TaskResult) -> dict:
             "head_jaccard": jaccard(_heads(base), _heads(sparse))}
 
 
+def position_row(base: TaskResult, sparse: TaskResult) -> dict:
+    """One row of the position-level base-vs-sparse table (both results need their position level)."""
+    if base.task != sparse.task:
+        raise CircuitkitError(f"cannot compare task {base.task!r} with {sparse.task!r}")
+    b, s = base.position, sparse.position
+    if b is None or s is None:
+        raise CircuitkitError(f"task {base.task!r} has no position-level result; add \"position\" to the study's levels")
+    return {"task": base.task, "position_graph_edges": b.minimal.n_real_edges,
+            "base_position_edges": b.n_edges, "sparse_position_edges": s.n_edges,
+            "position_edge_ratio": _ratio(b.n_edges, s.n_edges),
+            "base_position_heads": b.minimal.n_heads, "sparse_position_heads": s.minimal.n_heads,
+            "base_positions": b.n_positions, "sparse_positions": s.n_positions,
+            "base_position_f": b.f_minimal, "sparse_position_f": s.f_minimal,
+            "base_position_completeness": b.completeness, "sparse_position_completeness": s.completeness,
+            "position_edge_jaccard": jaccard(b.minimal.in_graph, s.minimal.in_graph)}
+
+
+def position_table(base: list[TaskResult], sparse: list[TaskResult]) -> pd.DataFrame:
+    by_task = {r.task: r for r in sparse}
+    rows = [position_row(b, by_task[b.task]) for b in base if b.task in by_task]
+    return pd.DataFrame(rows, columns=POSITION_COLUMNS)
+
+
 def _heads(r: TaskResult):
     return r.minimal.head_mask.flatten()  # [n_layers * n_heads] bool
 
@@ -117,6 +146,8 @@ def write_table(df: pd.DataFrame, path_stem: Path) -> None:
 def save_result(r: TaskResult, folder: Path) -> None:
     stem = f"{r.model}__{r.task}"
     r.minimal.save(folder / "circuits" / f"{stem}.json")
+    if r.position is not None:
+        r.position.minimal.save(folder / "circuits" / f"{stem}__position.json")
     write_json(folder / "summaries" / f"{stem}.json", r.summary())
 
 
@@ -147,6 +178,7 @@ def study_pair(base: str, sparse: str, tasks: Sequence[str], cfg: StudyConfig, o
                 results[role].append(r)
                 bar.update(1)
                 if progress:
+                    at = "" if r.position is None else f" position_edges={r.position.n_edges}"
                     bar.write(f"  {label:24s} {task:13s} edges={r.n_edges:4d} heads={r.minimal.n_heads:2d} "
-                              f"f={r.f_minimal:.3f} completeness={r.completeness:.3f} ({time.time() - t:.1f}s)")
+                              f"f={r.f_minimal:.3f} completeness={r.completeness:.3f}{at} ({time.time() - t:.1f}s)")
     return results["base"], results["sparse"]

@@ -2,7 +2,9 @@
 
 :func:`analyse` is the unit of work that ``circuitkit compare`` and ``circuitkit run``
 repeat for every (model, task); :class:`TaskResult` holds everything the tables and the
-figures need, and is written to disk as plain JSON.
+figures need, and is written to disk as plain JSON. With ``"position"`` among the study's
+levels it also holds the position-level minimal circuit (:class:`PositionResult`, every edge at
+every token position, :mod:`circuitkit.circuits.positions`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from circuitkit.circuits import attribution
 from circuitkit.circuits.attention_pairs import PairMethod
 from circuitkit.circuits.graph import Graph
 from circuitkit.circuits.interventions import DEFAULT_BATCH_SIZE, Ablation
+from circuitkit.circuits.positions import PositionGraph, attribute_positions
 from circuitkit.evaluation.faithfulness import (Curve, cpr_cmd, completeness, edge_curve, head_curve,
                                                 minimal_circuit, minimality)
 from circuitkit.io import NON_NEGATIVE, POSITIVE, Range, TomlConfig
@@ -39,20 +42,28 @@ class StudyConfig(TomlConfig):
     # circuits with more edges get minimality estimated on this many of them (None: every edge)
     minimality_max_edges: int | None = 100
     node_method: str = "eap"
-    # "component": the edge-graph study above; "pairs": also the attention-pair (token-level) study
-    # of circuitkit.evaluation.pairs, scored with pair_method (docs/method.md §10)
+    # "component": the edge-graph study above; "position": also the minimal circuit of the
+    # position-resolved graph (every edge at every token position, scored with `method`,
+    # circuitkit.circuits.positions); "pairs": also the attention-pair (token-level) study of
+    # circuitkit.evaluation.pairs, scored with pair_method (docs/method.md §10)
     levels: tuple[str, ...] = ("component",)
     pair_method: str = "exact"
+    pair_n: int | None = None  # prompts per task at the pair level (None: n; exact pair scores cost far more)
 
     RANGES = {"ig_steps": POSITIVE, "threshold": Range(0, 1, lo_open=True), "n": POSITIVE, "seed": NON_NEGATIVE,
-              "batch_size": POSITIVE, "minimality_eps": NON_NEGATIVE}
-    LEVELS = ("component", "pairs")
+              "batch_size": POSITIVE, "minimality_eps": NON_NEGATIVE, "pair_n": POSITIVE}
+    LEVELS = ("component", "position", "pairs")
 
     def check(self, source: str) -> None:
         levels = tuple(self.levels)
         if not levels or set(levels) - set(self.LEVELS) or "component" not in levels:
-            raise CircuitkitError(f"{source}: study levels must include \"component\" and may add \"pairs\" "
-                                  f"(known: {', '.join(self.LEVELS)}), got {list(levels)}")
+            raise CircuitkitError(f"{source}: study levels must include \"component\" and may add \"position\" "
+                                  f"and \"pairs\" (known: {', '.join(self.LEVELS)}), got {list(levels)}")
+        if "position" in levels:
+            try:
+                attribution.get_method(self.method).check_level(attribution.POSITION)
+            except CircuitkitError as e:
+                raise CircuitkitError(f"{source}: levels include \"position\": {e}") from None
         try:
             PairMethod.parse(self.pair_method)
         except CircuitkitError as e:
@@ -76,17 +87,65 @@ class TaskResult:
     minimality: float
     m_full: float
     m_empty: float
+    position: "PositionResult | None" = None  # the position level, when the study's levels include it
 
     @property
     def n_edges(self) -> int:
         return self.minimal.n_edges
 
     def summary(self) -> dict[str, Any]:
-        return {"model": self.model, "task": self.task, "edges": self.n_edges, "heads": self.minimal.n_heads,
-                "heads_minimal": self.heads_minimal, "f": self.f_minimal, "reached": self.reached,
-                "cpr": self.cpr, "cmd": self.cmd, "completeness": self.completeness,
-                "minimality": self.minimality, "m_full": self.m_full, "m_empty": self.m_empty,
-                "edge_curve": self.edge_curve.to_dict(), "head_curve": self.head_curve.to_dict()}
+        out = {"model": self.model, "task": self.task, "edges": self.n_edges, "heads": self.minimal.n_heads,
+               "heads_minimal": self.heads_minimal, "f": self.f_minimal, "reached": self.reached,
+               "cpr": self.cpr, "cmd": self.cmd, "completeness": self.completeness,
+               "minimality": self.minimality, "m_full": self.m_full, "m_empty": self.m_empty,
+               "edge_curve": self.edge_curve.to_dict(), "head_curve": self.head_curve.to_dict()}
+        if self.position is not None:
+            out["position"] = self.position.summary()
+        return out
+
+
+@dataclass(frozen=True)
+class PositionResult:
+    """The position-level minimal circuit of one model on one task: the fewest top-scoring
+    position edges (every edge at every token position, :class:`PositionGraph`) with f ≥ threshold."""
+
+    scored: PositionGraph  # every real position edge with its attribution score
+    minimal: PositionGraph  # the minimal circuit, dangling edges removed
+    f_minimal: float
+    reached: bool
+    curve: Curve
+    completeness: float
+
+    @property
+    def n_edges(self) -> int:
+        return self.minimal.n_edges
+
+    @property
+    def n_positions(self) -> int:
+        """Token positions at which the minimal circuit has at least one edge."""
+        return int(self.minimal.in_graph.flatten(1).any(1).sum())
+
+    def summary(self) -> dict[str, Any]:
+        return {"edges": self.n_edges, "real_edges": self.minimal.n_real_edges, "heads": self.minimal.n_heads,
+                "positions": self.n_positions, "component_edges": self.minimal.component.n_edges,
+                "f": self.f_minimal, "reached": self.reached, "completeness": self.completeness,
+                "m_full": self.curve.m_full, "m_empty": self.curve.m_empty, "edge_curve": self.curve.to_dict()}
+
+
+def analyse_positions(model, model_name: str, ds: TaskDataset, cfg: StudyConfig = StudyConfig()) -> PositionResult:
+    """The position level of :func:`analyse`: score every position edge with ``cfg.method``, the
+    faithfulness curve over top-n position edges and the minimal circuit at ``cfg.threshold``
+    (the same search as the component level), and its completeness."""
+    ablation = Ablation.parse(cfg.ablation)
+    options = attribution.get_method(cfg.method).pick(steps=cfg.ig_steps)
+    scored = attribute_positions(model, ds, cfg.method, ablation=ablation, batch_size=cfg.batch_size, **options)
+    kw = dict(ablation=ablation, batch_size=cfg.batch_size)
+    curve = edge_curve(model, scored, ds, **kw)
+    minimal = minimal_circuit(model, scored, ds, cfg.threshold, curve=curve, **kw)
+    circuit = minimal.graph.with_metadata(model=model_name, threshold=cfg.threshold, explained_effect=minimal.f,
+                                          reached=minimal.reached)
+    return PositionResult(scored, circuit, minimal.f, minimal.reached, curve,
+                          completeness(model, circuit, ds, **kw))
 
 
 def analyse(model, model_name: str, ds: TaskDataset, cfg: StudyConfig = StudyConfig()) -> TaskResult:
@@ -104,13 +163,14 @@ def analyse(model, model_name: str, ds: TaskDataset, cfg: StudyConfig = StudyCon
     mib = cpr_cmd(model, scored, ds, **kw)
     circuit = minimal.graph.with_metadata(model=model_name, threshold=cfg.threshold,
                                           explained_effect=minimal.f, reached=minimal.reached)
+    position = analyse_positions(model, model_name, ds, cfg) if "position" in cfg.levels else None
     return TaskResult(
         model=model_name, task=ds.task, scored=scored, minimal=circuit, f_minimal=minimal.f,
         reached=minimal.reached, edge_curve=curve, head_curve=hcurve, heads_minimal=min(reach) if reach else None,
         cpr=mib.cpr, cmd=mib.cmd, completeness=completeness(model, circuit, ds, **kw),
         minimality=minimality(model, circuit, ds, cfg.minimality_eps, max_edges=cfg.minimality_max_edges,
                               seed=cfg.seed, **kw),
-        m_full=curve.m_full, m_empty=curve.m_empty)
+        m_full=curve.m_full, m_empty=curve.m_empty, position=position)
 
 
 def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
