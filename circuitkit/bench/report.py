@@ -209,6 +209,6 @@ def _command_line() -> str:
     argv = sys.argv
     if len(argv) > 1 and argv[1] == "bench":
         return " ".join(["circuitkit", *argv[1:]])
-    if argv and Path(argv[0]).name == "bench.py":
-        return " ".join(["python scripts/bench.py", *argv[1:]])
+    if argv and Path(argv[0]).name.startswith("bench") and argv[0].endswith(".py"):  # scripts/bench*.py
+        return " ".join([f"python scripts/{Path(argv[0]).name}", *argv[1:]])
     return "circuitkit bench"
