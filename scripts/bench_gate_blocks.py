@@ -2,9 +2,10 @@
 
 Times, interleaved round by round on fresh copies of one model: the plain finetuning step, the
 gated step (attention gates, training mode, :func:`circuitkit.sparsity.finetune.sparse_step`) as
-shipped, and the same gated step with the gate computed as before (every intermediate of the
-straight-through backward and the hard-density statistic a full-size [batch, head, q, k] tensor;
-the reference class below, which ``tests/test_sparsity_gate_blocks.py`` shows gives the same bits).
+shipped, and the same gated step with the gate computed as before (the noise's integers, every
+intermediate of the straight-through backward and the hard-density statistic full-size
+[batch, head, q, k] tensors: the reference code below, which ``tests/test_sparsity_gate_blocks.py``
+shows gives the same bits).
 
     python scripts/bench_gate_blocks.py [--seq-lens 256,1024] [--steps 6] [--clock cpu] [--json FILE]
 
@@ -61,15 +62,28 @@ class WholeTensorConcreteST(torch.autograd.Function):
         return out, None, None, None
 
 
+def whole_tensor_noise(shape, generator=None, device=None):
+    """The gate noise before blocking: one full-size draw of 31-bit integers, then full-size passes."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    r = torch.empty((n + 1) // 2, dtype=torch.int32).random_(generator=generator)
+    x = r.view(torch.int16)[:n].bitwise_and_(0x7FFF)
+    return x.to(torch.float32).mul_(2.0 ** -15).add_(2.0 ** -16).view(shape)
+
+
 @contextlib.contextmanager
 def whole_tensor_gate():
-    saved = gates_mod._ConcreteST, gates_mod._sign_sum_per_head
+    names = ("_ConcreteST", "_sign_sum_per_head", "uniform_noise")
+    saved = [getattr(gates_mod, k) for k in names]
     gates_mod._ConcreteST = WholeTensorConcreteST
     gates_mod._sign_sum_per_head = lambda z: torch.sign(z).sum((0, 2, 3))
+    gates_mod.uniform_noise = whole_tensor_noise
     try:
         yield
     finally:
-        gates_mod._ConcreteST, gates_mod._sign_sum_per_head = saved
+        for k, v in zip(names, saved):
+            setattr(gates_mod, k, v)
 
 
 def measure(arch: str, batch: int, seq_len: int, steps: int, rounds: int = 3) -> dict:

@@ -117,3 +117,23 @@ def test_gated_training_steps_are_unchanged(monkeypatch):
     after, hard1 = run(gates_mod._ConcreteST)
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     assert all(torch.equal(hard0[k], hard1[k]) for k in hard0) and hard0
+
+
+def _whole_tensor_noise(shape, generator):
+    """uniform_noise as it was: one (n + 1) // 2 draw of 31-bit integers, two 15-bit uniforms from each."""
+    n = 1
+    for d in shape:
+        n *= d
+    r = torch.empty((n + 1) // 2, dtype=torch.int32).random_(generator=generator)
+    x = r.view(torch.int16)[:n].bitwise_and_(0x7FFF)
+    return x.to(torch.float32).mul_(2.0 ** -15).add_(2.0 ** -16).view(shape)
+
+
+@pytest.mark.parametrize("block", [None, 128])
+@pytest.mark.parametrize("shape", [(1,), (3, 5, 7, 7), (2, 3, 301, 301)])
+def test_blocked_noise_is_the_same_draw(monkeypatch, block, shape):
+    if block is not None:
+        monkeypatch.setattr(gates_mod, "BLOCK", block)
+    a = uniform_noise(shape, torch.Generator().manual_seed(7))
+    b = _whole_tensor_noise(shape, torch.Generator().manual_seed(7))
+    assert a.shape == b.shape and torch.equal(a, b)

@@ -100,6 +100,21 @@ def _edge_count(tq: int, tk: int) -> int:
     return tq * off + tq * (tq + 1) // 2
 
 
+# Elements per block of the gate's elementwise passes: 1 MiB of float32 (a multiple of every CPU vector
+# width, so each block runs the same vector code as one pass over the whole tensor would).
+BLOCK = 1 << 18
+
+
+def _blocks(n: int) -> Iterator[tuple[int, int]]:
+    """Flat ``[lo, hi)`` ranges of at most :data:`BLOCK` elements covering ``range(n)``."""
+    for lo in range(0, n, BLOCK):
+        yield lo, min(lo + BLOCK, n)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(-1)
+
+
 _BITS = 15
 _SCALE = 2.0 ** -_BITS
 
@@ -120,24 +135,15 @@ def uniform_noise(shape: tuple[int, ...], generator: torch.Generator | None = No
         device = generator.device if generator is not None else "cpu"
     if torch.device(device).type != "cpu":  # GPU generators are fast: use them directly
         return torch.rand(shape, generator=generator, device=device).clamp_(_SCALE / 2, 1 - _SCALE / 2)
-    r = torch.empty((n + 1) // 2, dtype=torch.int32).random_(generator=generator)  # [0, 2**31)
-    x = r.view(torch.int16)[:n].bitwise_and_(0x7FFF)  # two 15-bit uniforms per draw
-    return x.to(torch.float32).mul_(_SCALE).add_(_SCALE / 2).view(shape)
-
-
-# Elements per block of the gate's elementwise passes: 1 MiB of float32 (a multiple of every CPU vector
-# width, so each block runs the same vector code as one pass over the whole tensor would).
-BLOCK = 1 << 18
-
-
-def _blocks(n: int) -> Iterator[tuple[int, int]]:
-    """Flat ``[lo, hi)`` ranges of at most :data:`BLOCK` elements covering ``range(n)``."""
-    for lo in range(0, n, BLOCK):
-        yield lo, min(lo + BLOCK, n)
-
-
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(-1)
+    # block by block (the integers of one block at a time): the same draws, in the same order, as one
+    # (n + 1) // 2 draw would be, without a full-size integer tensor
+    u = torch.empty(n, dtype=torch.float32)
+    r = torch.empty(min(BLOCK, n + 1) // 2, dtype=torch.int32)
+    for lo, hi in _blocks(n):
+        ints = r[:(hi - lo + 1) // 2].random_(generator=generator)  # [0, 2**31)
+        x = ints.view(torch.int16)[:hi - lo].bitwise_and_(0x7FFF)  # two 15-bit uniforms per draw
+        u[lo:hi].copy_(x).mul_(_SCALE).add_(_SCALE / 2)
+    return u.view(shape)
 
 
 def _sign_sum_per_head(z: torch.Tensor) -> torch.Tensor:
