@@ -8,7 +8,11 @@ ioi prompts). Batch 16 prompts; one warm-up run each, then ``--repeats`` runs wi
 variants interleaved; medians reported, and the largest |Σ_p position score − component score|
 as a check that both computed the same thing.
 
-    python scripts/bench_position_eap.py [--repeats 5] [--threads 1] [--device cpu] [--out FILE.json]
+    python scripts/bench_position_eap.py [--repeats 5] [--threads 1] [--device cpu] [--clock wall|cpu]
+        [--out FILE.json]
+
+``--clock cpu`` times this process's CPU time (user + system) instead of wall time, for a machine
+shared with other jobs (CPU only: a GPU's work is not this process's CPU time).
 """
 
 from __future__ import annotations
@@ -16,16 +20,18 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
 
 import torch
 
+from circuitkit.bench.config import build_shape
+from circuitkit.bench.timing import CLOCK, Clock, now
 from circuitkit.circuits import attribute, attribute_positions
 from circuitkit.io import write_json
-from circuitkit.models import build_model, load_model, toy_config
+from circuitkit.models import load_model
 from circuitkit.tasks import get_task
 
-GPT2_SMALL_SHAPE = dict(n_layers=12, n_heads=12, d_model=768, d_head=64, d_mlp=3072, n_ctx=64)
 
 
 def _sync(device: str) -> None:
@@ -41,10 +47,10 @@ def measure(name: str, model, ds, repeats: int, device: str) -> dict:
     for _ in range(repeats):
         for k, f in runs.items():  # interleaved, so drifting load hits both alike
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = now()
             f()
             _sync(device)
-            times[k].append(time.perf_counter() - t0)
+            times[k].append(now() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     err = float((out["position"].scores.sum(0) - out["component"].scores).abs().max())
     row = {"model": name, "task": ds.task, "batch": len(ds), "seq_len": ds.seq_len,
@@ -63,18 +69,24 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     ap.add_argument("--batch", type=int, default=16, help="prompts per batch (default 16)")
+    ap.add_argument("--clock", choices=[c.value for c in Clock], default="wall",
+                    help="wall time or this process's CPU time (default wall)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args()
+    if args.clock == "cpu" and args.device != "cpu":
+        ap.error("--clock cpu times CPU work only; use the wall clock with --device cuda")
+    CLOCK[0] = Clock(args.clock)
     torch.set_num_threads(args.threads)
     rows = []
     toy = load_model("toy-addition", device=args.device)
     rows.append(measure("toy-addition", toy, get_task("addition").dataset(args.batch, seed=0), args.repeats,
                         args.device))
-    gpt2 = build_model(toy_config(GPT2_SMALL_SHAPE, seed=0), device=args.device)
+    gpt2 = build_shape("gpt2-small-shape").to(args.device)  # the bench's shape (circuitkit.bench.config)
     rows.append(measure("random gpt2-small shape", gpt2, get_task("ioi").dataset(args.batch, seed=0), args.repeats,
                         args.device))
     if args.out:
-        write_json(args.out, {"rows": rows, "threads": args.threads, "device": args.device,
+        write_json(args.out, {"rows": rows, "threads": args.threads, "device": args.device, "clock": args.clock,
+                              "command": "python scripts/bench_position_eap.py " + " ".join(sys.argv[1:]),
                               "torch": torch.__version__, "machine": platform.machine(),
                               "when": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime())})
 

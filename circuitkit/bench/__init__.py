@@ -10,9 +10,9 @@ reproduce with one command. Parts (``--parts``, all by default):
   floor goes to the input activations only (what EAP needs); a floor whose backward also
   computes parameter gradients (a training backward) is reported beside it. eap-ig with
   ``m`` steps is compared with ``2 forwards + m × (forward + backward)``, and per step.
-  Peak memory: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` in a fresh subprocess per
-  measurement, minus the same value after loading the model and a 1-example warm-up
-  (tracemalloc does not see torch's allocations).
+  Peak memory (:mod:`.memory`): a fresh subprocess per measurement, the growth of the peak
+  resident set over the one after loading the model and a 1-example warm-up (CUDA:
+  ``torch.cuda.max_memory_allocated``), and each growth's ratio to the floor's (target ≤ 1.5×).
 - ``peer``: auto-circuit 1.0.1's ``mask_gradient_prune_scores`` (``mask_val=0``,
   ``grad_function="logit"``, ``answer_function="avg_diff"``, i.e. EAP) on a copy of the
   same ``HookedTransformer`` and the same clean/corrupted batch; edges are matched by name
@@ -21,7 +21,9 @@ reproduce with one command. Parts (``--parts``, all by default):
   the fallback when the peer cannot be imported.
 - ``patching``: exact patching of every edge (time per edge, total).
 - ``sparsity``: gated vs plain finetuning step; the gated step is the training loop's own
-  :func:`circuitkit.sparsity.finetune.sparse_step` (``scripts/bench_sparsity_step.py``).
+  :func:`circuitkit.sparsity.finetune.sparse_step` (``scripts/bench_sparsity_step.py``); with
+  memory, each variant's peak growth over one step after a warm-up step, and its ratio to the
+  plain step's (``scripts/bench_step_memory.py`` measures only that).
 - ``scaling``: floor, eap, eap-ig and the plain / gated step against sequence length and
   depth (random weights), as a table and ``figures/scaling.png`` / ``.svg``.
 

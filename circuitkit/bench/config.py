@@ -24,7 +24,7 @@ FALLBACK_ARCH = "toy-4l"
 PEER = "auto-circuit"
 PEER_VERSION = "1.0.1"
 TARGETS = {"eap_vs_floor": 1.5, "eap_ig_vs_floor": 1.5, "peer_time_ratio": 1.0, "peer_pearson": 0.999,
-           "peer_top50": 50, "gated_vs_plain": 1.5}
+           "peer_top50": 50, "gated_vs_plain": 1.5, "memory_vs_floor": 1.5}
 TOP_K = 50
 # Named shapes beyond the toy widths (toy vocabulary, random weights): ``random:NAME`` in --model.
 MODEL_SHAPES: dict[str, dict[str, Any]] = {

@@ -9,13 +9,13 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from circuitkit.bench.config import PEER, PEER_VERSION, TARGETS, _dataset, _load, _model_summary
-from circuitkit.bench.memory import MEMORY_METHOD, MEMORY_METHOD_FALLBACK, memory_probe
+from circuitkit.bench.config import PEER, PEER_VERSION, TARGETS, _dataset, _load, _model_summary, resolve_model_spec
+from circuitkit.bench.memory import memory_probe, method_text, ratios_vs, step_memory_probe
 from circuitkit.bench.peer import PeerRunner, PeerUnavailable
 from circuitkit.bench.reference import agreement, reference_eap_scores
 from circuitkit.bench.report import _loadavg, environment
 from circuitkit.bench.scaling import plot_scaling, scaling_part
-from circuitkit.bench.steps import sparsity_part
+from circuitkit.bench.steps import VARIANTS, measure_steps
 from circuitkit.bench.timing import _ratio, floor_fns, interleaved, method_fns
 from circuitkit.circuits import attribute
 from circuitkit.circuits.graph import GraphSpec
@@ -46,8 +46,10 @@ def attribution_part(model, ds, cfg: Mapping[str, Any], model_spec: str) -> dict
                            "eap_ig_vs_floor": out["ratios"]["eap_ig_vs_floor"] <= TARGETS["eap_ig_vs_floor"]}
     if cfg["memory"]:
         probes = {kind: memory_probe(kind, model_spec, cfg) for kind in ("floor", "floor_params", "eap", "eap-ig")}
-        fallback = any(v.get("method") == "ru_maxrss" for v in probes.values())
-        out["memory"] = {"method": MEMORY_METHOD_FALLBACK if fallback else MEMORY_METHOD, **probes}
+        ratios = ratios_vs(probes, "floor")
+        out["memory"] = {"method": method_text(probes), **probes, "ratio_vs_floor": ratios}
+        out["meets_target"]["memory_vs_floor"] = all(ratios[k] is not None and ratios[k] <= TARGETS["memory_vs_floor"]
+                                                     for k in ("eap", "eap-ig"))
     return out
 
 
@@ -107,6 +109,30 @@ def patching_part(model, ds, cfg: Mapping[str, Any], eap_graph=None) -> dict[str
             {n: float(s) for n, s in zip(eap_graph.edge_names(False), eap_graph.scores[real].tolist())},
             {n: float(s) for n, s in zip(result["graph"].edge_names(False), result["graph"].scores[real].tolist())})
     return out
+
+
+def sparsity_part(cfg: Mapping[str, Any], model_spec: str) -> dict[str, Any]:
+    """The bench's ``sparsity`` part: :func:`~circuitkit.bench.steps.measure_steps` on the bench's model (or
+    ``sparsity_model``), one row per sequence length; with ``memory``, each variant's peak memory growth
+    over one step (:func:`~circuitkit.bench.memory.step_memory_probe`) and its ratio to the plain step's."""
+    spec = resolve_model_spec(cfg.get("sparsity_model") or model_spec)
+    which = {"arch": spec.split(":", 1)[1]} if spec.startswith("random:") else {"model": spec}
+    rows = []
+    for seq_len in cfg.get("sparsity_seq_lens") or [0]:
+        out = measure_steps(**which, batch=cfg["sparsity_batch"], seq_len=seq_len, steps=cfg["sparsity_steps"],
+                            threads=cfg["threads"])
+        flags = [f"--{k} '{v}'" if k == "arch" and v.startswith("{") else f"--{k} {v}" for k, v in which.items()]
+        flags += [f"--batch {cfg['sparsity_batch']}", f"--seq-len {seq_len}", f"--steps {cfg['sparsity_steps']}",
+                  f"--threads {cfg['threads']}"]
+        out["command"] = "python scripts/bench_sparsity_step.py " + " ".join(flags)
+        if cfg["memory"]:
+            probes = {name: step_memory_probe(name, which, cfg["sparsity_batch"], seq_len, cfg["threads"])
+                      for name in VARIANTS}
+            out["memory"] = {"method": method_text(probes), **probes, "ratio_vs_plain": ratios_vs(probes, "plain")}
+        rows.append(out)
+    if len(rows) == 1:
+        return rows[0]
+    return {**rows[0], "rows": rows, "meets_target": all(r["meets_target"] for r in rows)}
 
 
 def run_bench(cfg: Mapping[str, Any], log: Callable[[str], None] = lambda s: None,

@@ -106,7 +106,14 @@ def to_markdown(res: Mapping[str, Any], command: str | None = None) -> str:
                       f"{_f(t['fwd_bwd_inputs'])} ms, forward + backward with parameter gradients "
                       f"{_f(t['fwd_bwd_params'])} ms."]
         if mem:
-            lines += ["", f"Memory: {mem['method']}."]
+            mr = mem.get("ratio_vs_floor", {})
+            ok = a["meets_target"].get("memory_vs_floor")
+            lines += ["", f"Peak memory growth ÷ the floor's: eap {_f(mr.get('eap'))}×, eap-ig {_f(mr.get('eap-ig'))}×, "
+                          f"floor with parameter gradients {_f(mr.get('floor_params'))}× (target ≤ "
+                          f"{TARGETS['memory_vs_floor']}×{_mark(ok)}); whole-process peaks (model and libraries "
+                          f"included): " + ", ".join(f"{k} {mem[k]['peak_mib']:.0f} MiB" for k in
+                                                     ("floor", "floor_params", "eap", "eap-ig") if "peak_mib" in mem.get(k, {}))
+                      + ".", "", f"Memory: {mem['method']}."]
     if "peer" in parts:
         p = parts["peer"]
         ref = p["reference"]
@@ -148,11 +155,19 @@ def to_markdown(res: Mapping[str, Any], command: str | None = None) -> str:
         for s in parts["sparsity"].get("rows", [parts["sparsity"]]):  # one row per sequence length
             lines += ["", f"### Sparse post-training step ({s['model']}, batch {s['batch']}, {s['seq_len']} tokens, "
                           f"{s['threads']} thread(s), {s['steps']} steps each)", "",
-                      "| variant | median step (ms) | ratio vs plain | target |", "|---|---|---|---|"]
+                      "| variant | median step (ms) | ratio vs plain | target | peak mem Δ (MiB) | mem ratio vs plain |",
+                      "|---|---|---|---|---|---|"]
+            mem = s.get("memory", {})
             for name, r in s["results"].items():
                 tgt = "" if name == "plain" else f"≤ 1.5×{_mark(r['ratio'] <= TARGETS['gated_vs_plain'])}"
-                lines.append(f"| {name} | {_f(r['median_ms'])} | {_f(r['ratio'])}× | {tgt} |")
+                v = mem.get(name)
+                mv = "–" if not v else (v.get("error", "?") if "error" in v else f"{v['delta_mib']:.1f}")
+                mr = mem.get("ratio_vs_plain", {}).get(name)
+                lines.append(f"| {name} | {_f(r['median_ms'])} | {_f(r['ratio'])}× | {tgt} | {mv} | "
+                             f"{_f(mr) + '×' if mr is not None else '–'} |")
             lines += ["", f"From `{s['command']}`."]
+            if mem:
+                lines += ["", f"Memory: {mem['method']}."]
     if "scaling" in parts:
         sc = parts["scaling"]
         lines += ["", f"### Scaling ({sc['arch']} widths, random weights, eap-ig {sc['ig_steps']} steps)", "",
@@ -194,6 +209,6 @@ def _command_line() -> str:
     argv = sys.argv
     if len(argv) > 1 and argv[1] == "bench":
         return " ".join(["circuitkit", *argv[1:]])
-    if argv and Path(argv[0]).name == "bench.py":
-        return " ".join(["python scripts/bench.py", *argv[1:]])
+    if argv and Path(argv[0]).name.startswith("bench") and argv[0].endswith(".py"):  # scripts/bench*.py
+        return " ".join([f"python scripts/{Path(argv[0]).name}", *argv[1:]])
     return "circuitkit bench"

@@ -6,7 +6,8 @@ straight-through gates), the soft-density term, the GECO Lagrangian, the density
 statistics the loop logs, backward, gradient clipping, AdamW. The plain step is forward,
 masked CE, backward, clipping and AdamW. Both with the loop's defaults
 (:class:`~circuitkit.sparsity.finetune.SparsifyConfig`). ``scripts/bench_sparsity_step.py``
-is :func:`main`; the bench's ``sparsity`` part is :func:`measure_steps`.
+is :func:`main`; the bench's ``sparsity`` part (:func:`circuitkit.bench.parts.sparsity_part`) runs
+:func:`measure_steps`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from circuitkit.bench.config import TARGETS, build_shape, resolve_model_spec
+from circuitkit.bench.config import TARGETS, build_shape
 from circuitkit.bench.timing import CLOCK, Clock, now
 from circuitkit.io import write_json
 from circuitkit.models import load_model
@@ -52,19 +53,20 @@ def plain_step(model, opt, tokens: torch.Tensor, mask: torch.Tensor,  # [batch, 
     opt.step()
 
 
-def time_steps(model, tokens: torch.Tensor, mask: torch.Tensor,  # [batch, pos] each
-               n: int, gated: bool, warmup: int = 3) -> list[float]:
-    """Seconds of each of ``n`` steps after ``warmup`` untimed ones; ``gated``: the model's gates
-    (attached in training mode) through :func:`sparse_step`, one mixture constraint."""
+def step_runner(model, tokens: torch.Tensor, mask: torch.Tensor,  # [batch, pos] each
+                gated: bool) -> Callable[[int], None]:
+    """``run(i)`` does training step ``i`` (one AdamW optimizer kept across calls); ``gated``: the
+    model's gates (attached in training mode) through :func:`sparse_step`, one mixture constraint,
+    gate noise seeded with ``i``."""
     opt = torch.optim.AdamW(model.parameters(), lr=BENCH_LR, weight_decay=0.0)
     gates = get_gates(model) if gated else None
     geco, states = [Geco(target=1.0)], [GecoState()]
-    row_task = torch.zeros(tokens.shape[0], dtype=torch.long)  # [batch]: one task
+    row_task = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)  # [batch]: one task
     task_w = torch.ones(1, dtype=torch.float64)  # [n_tasks]
-    noise = torch.Generator()
-    times = []
-    for i in range(warmup + n):
-        t0 = now()
+    noise = torch.Generator(device=tokens.device)
+
+    def run(i: int) -> None:
+        nonlocal states
         if gated:
             noise.manual_seed(i)
             gates.noise_generator = noise
@@ -74,6 +76,18 @@ def time_steps(model, tokens: torch.Tensor, mask: torch.Tensor,  # [batch, pos] 
                                  log_heads=SparsifyConfig.log_heads, step=i, lr=BENCH_LR).states
         else:
             plain_step(model, opt, tokens, mask)
+
+    return run
+
+
+def time_steps(model, tokens: torch.Tensor, mask: torch.Tensor,  # [batch, pos] each
+               n: int, gated: bool, warmup: int = 3) -> list[float]:
+    """Seconds of each of ``n`` steps of :func:`step_runner` after ``warmup`` untimed ones."""
+    run = step_runner(model, tokens, mask, gated)
+    times = []
+    for i in range(warmup + n):
+        t0 = now()
+        run(i)
         if i >= warmup:
             times.append(now() - t0)
     return times
@@ -108,24 +122,6 @@ def measure_steps(model: str | None = None, arch: str = "toy-4l", batch: int = 1
     return {"model": model or arch, "batch": batch, "seq_len": int(tokens.shape[1]), "threads": threads,
             "steps": len(samples["plain"]), "results": results, "target_ratio": TARGET_RATIO,
             "meets_target": all(r["ratio"] <= TARGET_RATIO for r in results.values())}
-
-
-def sparsity_part(cfg: Mapping[str, Any], model_spec: str) -> dict[str, Any]:
-    """The bench's ``sparsity`` part: :func:`measure_steps` on the bench's model."""
-    spec = resolve_model_spec(cfg.get("sparsity_model") or model_spec)
-    which = {"arch": spec.split(":", 1)[1]} if spec.startswith("random:") else {"model": spec}
-    rows = []
-    for seq_len in cfg.get("sparsity_seq_lens") or [0]:
-        out = measure_steps(**which, batch=cfg["sparsity_batch"], seq_len=seq_len, steps=cfg["sparsity_steps"],
-                            threads=cfg["threads"])
-        flags = [f"--{k} '{v}'" if k == "arch" and v.startswith("{") else f"--{k} {v}" for k, v in which.items()]
-        flags += [f"--batch {cfg['sparsity_batch']}", f"--seq-len {seq_len}", f"--steps {cfg['sparsity_steps']}",
-                  f"--threads {cfg['threads']}"]
-        out["command"] = "python scripts/bench_sparsity_step.py " + " ".join(flags)
-        rows.append(out)
-    if len(rows) == 1:
-        return rows[0]
-    return {**rows[0], "rows": rows, "meets_target": all(r["meets_target"] for r in rows)}
 
 
 def step_variants(model_factory: Callable[[], Any], batch: int, seq_len: int) -> dict[str, tuple]:

@@ -100,6 +100,21 @@ def _edge_count(tq: int, tk: int) -> int:
     return tq * off + tq * (tq + 1) // 2
 
 
+# Elements per block of the gate's elementwise passes: 1 MiB of float32 (a multiple of every CPU vector
+# width, so each block runs the same vector code as one pass over the whole tensor would).
+BLOCK = 1 << 18
+
+
+def _blocks(n: int) -> Iterator[tuple[int, int]]:
+    """Flat ``[lo, hi)`` ranges of at most :data:`BLOCK` elements covering ``range(n)``."""
+    for lo in range(0, n, BLOCK):
+        yield lo, min(lo + BLOCK, n)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(-1)
+
+
 _BITS = 15
 _SCALE = 2.0 ** -_BITS
 
@@ -120,9 +135,31 @@ def uniform_noise(shape: tuple[int, ...], generator: torch.Generator | None = No
         device = generator.device if generator is not None else "cpu"
     if torch.device(device).type != "cpu":  # GPU generators are fast: use them directly
         return torch.rand(shape, generator=generator, device=device).clamp_(_SCALE / 2, 1 - _SCALE / 2)
-    r = torch.empty((n + 1) // 2, dtype=torch.int32).random_(generator=generator)  # [0, 2**31)
-    x = r.view(torch.int16)[:n].bitwise_and_(0x7FFF)  # two 15-bit uniforms per draw
-    return x.to(torch.float32).mul_(_SCALE).add_(_SCALE / 2).view(shape)
+    # block by block (the integers of one block at a time): the same draws, in the same order, as one
+    # (n + 1) // 2 draw would be, without a full-size integer tensor
+    u = torch.empty(n, dtype=torch.float32)
+    r = torch.empty(min(BLOCK, n + 1) // 2, dtype=torch.int32)
+    for lo, hi in _blocks(n):
+        ints = r[:(hi - lo + 1) // 2].random_(generator=generator)  # [0, 2**31)
+        x = ints.view(torch.int16)[:hi - lo].bitwise_and_(0x7FFF)  # two 15-bit uniforms per draw
+        u[lo:hi].copy_(x).mul_(_SCALE).add_(_SCALE / 2)
+    return u.view(shape)
+
+
+def _sign_sum_per_head(z: torch.Tensor) -> torch.Tensor:
+    """``sign(z).sum((0, 2, 3))`` for z [batch, head, q, k] -> [head] (z's dtype), block by block in one
+    small buffer instead of a full-size ``sign(z)``; the integer counts are summed exactly (float64), so
+    the value equals the whole-tensor sum wherever that one is exact (every count below 2**24)."""
+    b, h = z.shape[:2]
+    zf = z.reshape(b, h, -1)  # [batch, head, q·k]
+    n = zf.shape[-1]
+    width = min(n, max(64, BLOCK // (b * h) // 64 * 64))
+    buf = torch.empty((b, h, width), dtype=z.dtype, device=z.device)
+    total = torch.zeros(h, dtype=torch.float64, device=z.device)
+    for lo in range(0, n, width):
+        hi = min(lo + width, n)
+        total += torch.sign(zf[..., lo:hi], out=buf[..., :hi - lo]).sum((0, 2), dtype=torch.float64)
+    return total.to(z.dtype)
 
 
 def _soft_reduce(s: torch.Tensor, kind: str, scale: float) -> torch.Tensor:
@@ -137,14 +174,20 @@ class _ConcreteST(torch.autograd.Function):
     = s·u / (s·u + (1−s)(1−u))``, and ``g > 0.5 ⇔ s + u > 1``, so the forward is
     ``m = floor(s + u)`` (s, u in (0, 1)); the backward uses ``dm/dz := dg/dz = g(1−g)
     = s·u·(1−s)(1−u) / (s·u + (1−s)(1−u))²``. The second output is the soft density
-    ``scale · Σ s`` (per head for attention), with ``ds/dz = s(1−s)``. Few full-size
-    passes over memory: that is what a gated step costs on CPU.
+    ``scale · Σ s`` (per head for attention), with ``ds/dz = s(1−s)``.
+
+    What a gated step costs on CPU is mostly memory: at T = 1,024 with 12 heads one
+    [batch, head, q, k] float tensor is 48 MiB per batch row, and every fresh tensor of that size
+    is new pages from the kernel (system time). So the backward makes its intermediates block by
+    block (:data:`BLOCK`) in small reused buffers, with the same elementwise operations in the
+    same order as whole-tensor ones (identical values): two full-size tensors are made (the
+    gradient and ``s(1−s)``) instead of six.
     """
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, u: torch.Tensor, kind: str, scale: float):  # noqa: D401
         s = torch.sigmoid(z)
-        m = torch.floor(s + u)
+        m = torch.add(s, u).floor_()
         ctx.save_for_backward(s, u)  # s + u is recomputed in backward: one [batch, head, q, k] tensor less kept
         ctx.kind, ctx.scale = kind, scale
         return m, _soft_reduce(s, kind, scale)
@@ -152,18 +195,33 @@ class _ConcreteST(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_m: torch.Tensor | None, grad_soft: torch.Tensor | None):
         s, u = ctx.saved_tensors
+        n = s.numel()
+        fs, fu = _flat(s), _flat(u)
+        k = min(n, BLOCK)
+        buf = torch.empty((4, k), dtype=s.dtype, device=s.device)  # block-sized scratch, reused
         out = None
         if grad_m is not None:
-            a = s * u
-            b = a - (s + u)
-            b += 1  # (1 − s)(1 − u)
-            den = a + b
-            a *= b
-            out = a.div_(den.square_()).mul_(grad_m)  # g(1 − g) · grad
+            out = torch.empty_like(s, memory_format=torch.contiguous_format)
+            fo, fg = out.view(-1), _flat(grad_m)
+            for lo, hi in _blocks(n):
+                a, t, b, den = (x[:hi - lo] for x in buf)
+                sb, ub = fs[lo:hi], fu[lo:hi]
+                torch.mul(sb, ub, out=a)
+                torch.add(sb, ub, out=t)
+                torch.sub(a, t, out=b)
+                b += 1  # (1 − s)(1 − u)
+                torch.add(a, b, out=den)
+                a *= b
+                torch.div(a, den.square_(), out=fo[lo:hi]).mul_(fg[lo:hi])  # g(1 − g) · grad
         if grad_soft is not None:
             c = grad_soft * ctx.scale
             c = c.view(1, -1, 1, 1) if ctx.kind == "attn" else c
-            ds = s * (1 - s)
+            ds = torch.empty_like(s, memory_format=torch.contiguous_format)
+            fd = ds.view(-1)
+            one = torch.ones((), dtype=s.dtype, device=s.device)
+            for lo, hi in _blocks(n):
+                one_minus = torch.sub(one, fs[lo:hi], out=buf[0, :hi - lo])
+                torch.mul(fs[lo:hi], one_minus, out=fd[lo:hi])  # s(1 − s)
             out = ds.mul_(c) if out is None else out.addcmul_(ds, c.expand_as(ds) if c.dim() else c)
         return out, None, None, None
 
@@ -258,7 +316,7 @@ class Gates:
                 if soft is None:
                     soft = torch.sigmoid(z).sum((0, 2, 3)) * scale
                 if self.mode is GateMode.TRAIN:  # deterministic density 1[z > 0]: masked -inf count as −1
-                    hard = (torch.sign(z).sum((0, 2, 3)) + bsz * tq * tk) * (0.5 * scale)
+                    hard = (_sign_sum_per_head(z) + bsz * tq * tk) * (0.5 * scale)
                 else:
                     hard = m.sum((0, 2, 3)) * scale
             self.stats["attn_soft"][layer] = soft  # [head], with gradient in training

@@ -1,0 +1,141 @@
+"""Before/after of the block-by-block training-mode gate (issue 15), side by side in one run.
+
+Times, interleaved round by round on fresh copies of one model: the plain finetuning step, the
+gated step (attention gates, training mode, :func:`circuitkit.sparsity.finetune.sparse_step`) as
+shipped, and the same gated step with the gate computed as before (the noise's integers, every
+intermediate of the straight-through backward and the hard-density statistic full-size
+[batch, head, q, k] tensors: the reference code below, which ``tests/test_sparsity_gate_blocks.py``
+shows gives the same bits).
+
+    python scripts/bench_gate_blocks.py [--seq-lens 256,1024] [--steps 6] [--clock cpu] [--json FILE]
+
+Default model: 2 layers at GPT-2 width (d_model 768, 12 heads, d_mlp 3072), batch 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+
+import torch
+
+import circuitkit.sparsity.gates as gates_mod
+from circuitkit.bench.config import build_shape
+from circuitkit.bench.steps import VARIANTS, make_batch, step_runner
+from circuitkit.bench.timing import CLOCK, Clock, now
+from circuitkit.io import write_json
+from circuitkit.sparsity import GateMode, attach
+
+ARCH = '{"n_layers": 2, "d_model": 768, "n_heads": 12, "d_head": 64, "d_mlp": 3072, "n_ctx": 1024}'
+
+
+class WholeTensorConcreteST(torch.autograd.Function):
+    """The training-mode gate before blocking (circuitkit before this change)."""
+
+    @staticmethod
+    def forward(ctx, z, u, kind, scale):
+        s = torch.sigmoid(z)
+        m = torch.floor(s + u)
+        ctx.save_for_backward(s, u)
+        ctx.kind, ctx.scale = kind, scale
+        return m, (s.sum((0, 2, 3)) if kind == "attn" else s.sum()) * scale
+
+    @staticmethod
+    def backward(ctx, grad_m, grad_soft):
+        s, u = ctx.saved_tensors
+        out = None
+        if grad_m is not None:
+            a = s * u
+            b = a - (s + u)
+            b += 1
+            den = a + b
+            a *= b
+            out = a.div_(den.square_()).mul_(grad_m)
+        if grad_soft is not None:
+            c = grad_soft * ctx.scale
+            c = c.view(1, -1, 1, 1) if ctx.kind == "attn" else c
+            ds = s * (1 - s)
+            out = ds.mul_(c) if out is None else out.addcmul_(ds, c.expand_as(ds) if c.dim() else c)
+        return out, None, None, None
+
+
+def whole_tensor_noise(shape, generator=None, device=None):
+    """The gate noise before blocking: one full-size draw of 31-bit integers, then full-size passes."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    r = torch.empty((n + 1) // 2, dtype=torch.int32).random_(generator=generator)
+    x = r.view(torch.int16)[:n].bitwise_and_(0x7FFF)
+    return x.to(torch.float32).mul_(2.0 ** -15).add_(2.0 ** -16).view(shape)
+
+
+@contextlib.contextmanager
+def whole_tensor_gate():
+    names = ("_ConcreteST", "_sign_sum_per_head", "uniform_noise")
+    saved = [getattr(gates_mod, k) for k in names]
+    gates_mod._ConcreteST = WholeTensorConcreteST
+    gates_mod._sign_sum_per_head = lambda z: torch.sign(z).sum((0, 2, 3))
+    gates_mod.uniform_noise = whole_tensor_noise
+    try:
+        yield
+    finally:
+        for k, v in zip(names, saved):
+            setattr(gates_mod, k, v)
+
+
+def measure(arch: str, batch: int, seq_len: int, steps: int, rounds: int = 3) -> dict:
+    variants = {"plain": (False, contextlib.nullcontext), "gated (blocked, now)": (True, contextlib.nullcontext),
+                "gated (whole-tensor, before)": (True, whole_tensor_gate)}
+    samples: dict[str, list[float]] = {k: [] for k in variants}
+    per_round = max(1, steps // rounds)
+    for _ in range(rounds):
+        for name, (gated, ctx) in variants.items():
+            m = build_shape(arch)
+            m.train()
+            if gated:
+                attach(m, VARIANTS["attn"], GateMode.TRAIN).collect = True
+            tokens, mask = make_batch(m, batch, seq_len)
+            with ctx():
+                run = step_runner(m, tokens, mask, gated)
+                run(0)  # warm-up
+                for i in range(per_round):
+                    t0 = now()
+                    run(i + 1)
+                    samples[name].append(now() - t0)
+    plain = statistics.median(samples["plain"])
+    return {"seq_len": seq_len, "batch": batch, "steps": len(samples["plain"]),
+            "results": {k: {"median_ms": round(statistics.median(v) * 1e3, 1),
+                            "ratio_vs_plain": round(statistics.median(v) / plain, 3),
+                            "samples_ms": [round(x * 1e3, 1) for x in v]} for k, v in samples.items()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default=ARCH, help="model shape (default: 2 layers at GPT-2 width)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq-lens", default="256,1024")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per variant, over 3 rounds (default 6)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--clock", choices=[c.value for c in Clock], default="cpu")
+    p.add_argument("--json", help="also write the result here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    CLOCK[0] = Clock(args.clock)
+    rows = [measure(args.arch, args.batch, int(t), args.steps) for t in args.seq_lens.split(",")]
+    out = {"arch": args.arch, "threads": args.threads, "clock": args.clock, "rows": rows,
+           "command": "python scripts/bench_gate_blocks.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    print(json.dumps(out, indent=2))
+    for r in rows:
+        print(f"\nT={r['seq_len']}, batch {r['batch']}, {r['steps']} steps each ({args.clock} clock)")
+        for k, v in r["results"].items():
+            print(f"| {k} | {v['median_ms']:.0f} ms | {v['ratio_vs_plain']:.2f}× |")
+    if args.json:
+        write_json(args.json, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
