@@ -15,9 +15,10 @@ are at 0.80-0.82 on 1,024 prompts with either of two seeds
 (``python analyses/circuits/agreement_table.py --n 1024 [--seed 1]``).
 
 Exact patching is almost all of this file's time. It stacks single-edge copies of a batch up
-to ``PATCH_COPY_BUDGET`` residual numbers a pass; on a CPU a quarter of the library's default
-keeps a pass's activations in cache and costs about a fifth less time, with bit-identical
-scores (each copy is its own rows; the test below pins that on a zoo model).
+to a budget of residual numbers a pass (``attribution.patch_copy_budget``); a CPU's budget is a
+quarter of an accelerator's, which keeps a pass's activations in cache and costs about a fifth
+less time here, with bit-identical scores (each copy is its own rows; the test below pins that on
+a zoo model).
 """
 
 from __future__ import annotations
@@ -36,16 +37,6 @@ from circuitkit.tasks import TOY_TASKS, get_task
 N_EXAMPLES = 1024
 BATCH = 256
 MIN_EFFECT = 0.05  # |m(N) - m(∅)| below this fraction of |m(N)|: the corruption does nothing
-# single-edge copies stacked per patching pass [copies*batch, pos, d_model]: 2**19 against the
-# library's 2**21: 136 against 167 CPU s for the toy-multitask / docstring case (1 thread, same load)
-CACHE_SIZED_PATCH_BUDGET = 2**19
-
-
-@pytest.fixture(scope="module", autouse=True)
-def cache_sized_patching_passes():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(attribution, "PATCH_COPY_BUDGET", CACHE_SIZED_PATCH_BUDGET)
-        yield
 
 
 def zoo_cases() -> list:
@@ -78,18 +69,30 @@ def test_eap_ig_agrees_with_patching(model_name, task, options):
 
 
 def test_patching_scores_do_not_depend_on_the_copies_per_pass():
-    """The budget above only regroups the single-edge copies: the scores are the same bits with
+    """The patching budget only regroups the single-edge copies: the scores are the same bits with
     1, a few or all of a receiver group's edges in one pass (a chunk that mixed up its edges'
-    senders or hooks, or dropped the tail of a group, would change them)."""
+    senders or hooks, or dropped the tail of a group, would change them). The passes are counted,
+    so a budget the model's device does not read fails the test instead of comparing one grouping
+    with itself."""
     if not (ZOO_DIR / "toy-multitask" / CARD_FILE).exists():
         pytest.skip("zoo model toy-multitask not trained yet")
     model = load_model("toy-multitask")
     ds = get_task("docstring").dataset(4, seed=1)
     per_copy = len(ds) * ds.seq_len * model.cfg.d_model  # residual numbers of one copy of the batch
-    scores = {}
+    scores, passes = {}, {}
     for copies in (1, 3, 10**6):
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(attribution, "PATCH_COPY_BUDGET", copies * per_copy)
-            scores[copies] = attribute(model, ds, "patching", batch_size=len(ds)).scores
+        calls = []
+        handle = model.unembed.register_forward_hook(lambda *_: calls.append(1))
+        try:
+            with pytest.MonkeyPatch.context() as mp:
+                for budget in ("PATCH_COPY_BUDGET", "CPU_PATCH_COPY_BUDGET"):
+                    mp.setattr(attribution, budget, copies * per_copy)
+                scores[copies] = attribute(model, ds, "patching", batch_size=len(ds)).scores
+        finally:
+            handle.remove()
+        passes[copies] = len(calls)
+    assert passes[1] > passes[3] > passes[10**6], passes
+    # the corrupted run (the patching values), the clean run and one pass per edge
+    assert passes[1] == 2 + Graph.full(model).n_real_edges, passes
     assert scores[1].abs().max() > 0
     assert torch.equal(scores[1], scores[3]) and torch.equal(scores[1], scores[10**6])

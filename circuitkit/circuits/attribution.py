@@ -60,8 +60,18 @@ DEFAULT_IG_STEPS = 5
 DEFAULT_ACDC_TAU = 0.01
 # eap-ig runs several interpolation steps in one pass, up to this many input numbers [steps*batch, pos, d_model]
 IG_COPY_BUDGET = 2**22
-# exact patching stacks single-edge copies of a batch up to this many residual numbers [copies*batch, pos, d_model]
+# exact patching stacks single-edge copies of a batch up to this many residual numbers a pass
+# [copies*batch, pos, d_model] (eap-ig-senders: times its width); on an accelerator large passes pay, while
+# exact patching's forward-only passes on a CPU are faster when their activations stay in cache (same scores:
+# each copy is its own rows), so a CPU gets its own, smaller budget for them (eap-ig-senders was slower with it)
 PATCH_COPY_BUDGET = 2**21
+CPU_PATCH_COPY_BUDGET = 2**19
+
+
+def patch_copy_budget(device: torch.device) -> int:
+    """Residual numbers one exact-patching pass may hold on ``device`` (read at call time, so either
+    constant may be set by a caller)."""
+    return CPU_PATCH_COPY_BUDGET if torch.device(device).type == "cpu" else PATCH_COPY_BUDGET
 
 
 # ---------------------------------------------------------------- gradient methods
@@ -606,7 +616,7 @@ def _single_sender_patching(model, ds: TaskDataset, srcs: torch.Tensor,  # [n_it
             reference = logits if batch.metric is Metric.NEG_KL else None
             m_full = batch.metric_values(logits, reference).double()  # [b]
             diff = values.permute(2, 0, 1, 3) - clean  # [n_src, b, pos, d_model]
-            per_pass = max(1, PATCH_COPY_BUDGET // (b * p * d_model))
+            per_pass = max(1, patch_copy_budget(device) // (b * p * d_model))
             for (layer, hook), items in groups.items():
                 for start in range(0, len(items), per_pass):
                     chunk = torch.tensor(items[start: start + per_pass], device=device)
