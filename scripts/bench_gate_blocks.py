@@ -4,7 +4,7 @@ Times, interleaved round by round on fresh copies of one model: the plain finetu
 gated step (attention gates, training mode, :func:`circuitkit.sparsity.finetune.sparse_step`) as
 shipped, and the same gated step with the gate computed as before (the noise's integers, every
 intermediate of the straight-through backward and the hard-density statistic full-size
-[batch, head, q, k] tensors: the reference code below, which ``tests/test_sparsity_gate_blocks.py``
+[batch, head, q, k] tensors: :mod:`circuitkit.bench.gate_reference`, which ``tests/test_sparsity_gate_blocks.py``
 shows gives the same bits).
 
     python scripts/bench_gate_blocks.py [--seq-lens 256,1024] [--steps 6] [--clock cpu] [--json FILE]
@@ -22,68 +22,14 @@ import sys
 
 import torch
 
-import circuitkit.sparsity.gates as gates_mod
 from circuitkit.bench.config import build_shape
+from circuitkit.bench.gate_reference import whole_tensor_gate
 from circuitkit.bench.steps import VARIANTS, make_batch, step_runner
 from circuitkit.bench.timing import CLOCK, Clock, now
 from circuitkit.io import write_json
 from circuitkit.sparsity import GateMode, attach
 
 ARCH = '{"n_layers": 2, "d_model": 768, "n_heads": 12, "d_head": 64, "d_mlp": 3072, "n_ctx": 1024}'
-
-
-class WholeTensorConcreteST(torch.autograd.Function):
-    """The training-mode gate before blocking (circuitkit before this change)."""
-
-    @staticmethod
-    def forward(ctx, z, u, kind, scale):
-        s = torch.sigmoid(z)
-        m = torch.floor(s + u)
-        ctx.save_for_backward(s, u)
-        ctx.kind, ctx.scale = kind, scale
-        return m, (s.sum((0, 2, 3)) if kind == "attn" else s.sum()) * scale
-
-    @staticmethod
-    def backward(ctx, grad_m, grad_soft):
-        s, u = ctx.saved_tensors
-        out = None
-        if grad_m is not None:
-            a = s * u
-            b = a - (s + u)
-            b += 1
-            den = a + b
-            a *= b
-            out = a.div_(den.square_()).mul_(grad_m)
-        if grad_soft is not None:
-            c = grad_soft * ctx.scale
-            c = c.view(1, -1, 1, 1) if ctx.kind == "attn" else c
-            ds = s * (1 - s)
-            out = ds.mul_(c) if out is None else out.addcmul_(ds, c.expand_as(ds) if c.dim() else c)
-        return out, None, None, None
-
-
-def whole_tensor_noise(shape, generator=None, device=None):
-    """The gate noise before blocking: one full-size draw of 31-bit integers, then full-size passes."""
-    n = 1
-    for d in shape:
-        n *= int(d)
-    r = torch.empty((n + 1) // 2, dtype=torch.int32).random_(generator=generator)
-    x = r.view(torch.int16)[:n].bitwise_and_(0x7FFF)
-    return x.to(torch.float32).mul_(2.0 ** -15).add_(2.0 ** -16).view(shape)
-
-
-@contextlib.contextmanager
-def whole_tensor_gate():
-    names = ("_ConcreteST", "_sign_sum_per_head", "uniform_noise")
-    saved = [getattr(gates_mod, k) for k in names]
-    gates_mod._ConcreteST = WholeTensorConcreteST
-    gates_mod._sign_sum_per_head = lambda z: torch.sign(z).sum((0, 2, 3))
-    gates_mod.uniform_noise = whole_tensor_noise
-    try:
-        yield
-    finally:
-        for k, v in zip(names, saved):
-            setattr(gates_mod, k, v)
 
 
 def measure(arch: str, batch: int, seq_len: int, steps: int, rounds: int = 3) -> dict:

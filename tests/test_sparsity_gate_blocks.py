@@ -9,39 +9,10 @@ import torch
 
 import circuitkit.sparsity.gates as gates_mod
 from circuitkit.bench import steps
+from circuitkit.bench.gate_reference import WholeTensorConcreteST, whole_tensor_noise
 from circuitkit.models import build_model, toy_config
 from circuitkit.sparsity import GateConfig, GateMode, attach
 from circuitkit.sparsity.gates import _sign_sum_per_head, gate, uniform_noise
-
-
-class WholeTensorConcreteST(torch.autograd.Function):
-    """The gate as it was computed before blocking: every intermediate a full-size tensor."""
-
-    @staticmethod
-    def forward(ctx, z, u, kind, scale):
-        s = torch.sigmoid(z)
-        m = torch.floor(s + u)
-        ctx.save_for_backward(s, u)
-        ctx.kind, ctx.scale = kind, scale
-        return m, (s.sum((0, 2, 3)) if kind == "attn" else s.sum()) * scale
-
-    @staticmethod
-    def backward(ctx, grad_m, grad_soft):
-        s, u = ctx.saved_tensors
-        out = None
-        if grad_m is not None:
-            a = s * u
-            b = a - (s + u)
-            b += 1
-            den = a + b
-            a *= b
-            out = a.div_(den.square_()).mul_(grad_m)
-        if grad_soft is not None:
-            c = grad_soft * ctx.scale
-            c = c.view(1, -1, 1, 1) if ctx.kind == "attn" else c
-            ds = s * (1 - s)
-            out = ds.mul_(c) if out is None else out.addcmul_(ds, c.expand_as(ds) if c.dim() else c)
-        return out, None, None, None
 
 
 def _grads(fn, z, u, w, hw, kind, with_m=True, with_soft=True):
@@ -119,21 +90,11 @@ def test_gated_training_steps_are_unchanged(monkeypatch):
     assert all(torch.equal(hard0[k], hard1[k]) for k in hard0) and hard0
 
 
-def _whole_tensor_noise(shape, generator):
-    """uniform_noise as it was: one (n + 1) // 2 draw of 31-bit integers, two 15-bit uniforms from each."""
-    n = 1
-    for d in shape:
-        n *= d
-    r = torch.empty((n + 1) // 2, dtype=torch.int32).random_(generator=generator)
-    x = r.view(torch.int16)[:n].bitwise_and_(0x7FFF)
-    return x.to(torch.float32).mul_(2.0 ** -15).add_(2.0 ** -16).view(shape)
-
-
 @pytest.mark.parametrize("block", [None, 128])
 @pytest.mark.parametrize("shape", [(1,), (3, 5, 7, 7), (2, 3, 301, 301)])
 def test_blocked_noise_is_the_same_draw(monkeypatch, block, shape):
     if block is not None:
         monkeypatch.setattr(gates_mod, "BLOCK", block)
     a = uniform_noise(shape, torch.Generator().manual_seed(7))
-    b = _whole_tensor_noise(shape, torch.Generator().manual_seed(7))
+    b = whole_tensor_noise(shape, torch.Generator().manual_seed(7))
     assert a.shape == b.shape and torch.equal(a, b)
