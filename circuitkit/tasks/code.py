@@ -173,7 +173,10 @@ class NameCopyTask(CodeTask):
         self.funcs, _, _ = self.code_names(funcs, 2, option="funcs")
 
     def fill(self, names: list[str], order: list[int], cls: str, f: str, g: str) -> str:
-        raise NotImplementedError
+        """The template with the names in signature order (A, B, C) and in use order (P, Q, R = the answer)."""
+        a, b, c = names
+        p, q, r = (names[k] for k in order)
+        return self.template.format(CLS=cls, F=f, G=g, A=a, B=b, C=c, P=p, Q=q, R=r)
 
     def _sample(self, n: int, gen: torch.Generator) -> dict[str, Any]:
         idx = sample_distinct(n, self.n_args, len(self.names), gen)  # [n, n_args]
@@ -214,11 +217,6 @@ class CodeArgs(NameCopyTask):
     n_args = 3
     answer_space = True
 
-    def fill(self, names, order, cls, f, g):
-        a, b, c = names
-        p, q, r = (names[k] for k in order)
-        return self.template.format(CLS=cls, A=a, B=b, C=c, P=p, Q=q, R=r)
-
 
 @register_task("code-kwargs")
 class CodeKwargs(NameCopyTask):
@@ -228,11 +226,6 @@ class CodeKwargs(NameCopyTask):
     template = KWARGS_TEMPLATE
     n_args = 3
     answer_space = False
-
-    def fill(self, names, order, cls, f, g):
-        a, b, c = names
-        p, q, r = (names[k] for k in order)
-        return self.template.format(F=f, G=g, A=a, B=b, C=c, P=p, Q=q, R=r)
 
 
 @register_task("code-return")
