@@ -21,6 +21,7 @@ from circuitkit.circuits import (
 )
 from circuitkit.models import build_model, save_model, toy_config
 from circuitkit.tasks import get_task
+from independent import sender_cache  # tests/independent.py
 
 FLAGS = ("use_attn_result", "use_split_qkv_input", "use_hook_mlp_in")
 
@@ -41,21 +42,6 @@ def ds():
 @pytest.fixture(scope="module")
 def spec(model):
     return GraphSpec.from_model(model)
-
-
-def sender_cache(model, tokens):
-    """Sender outputs [batch, pos, n_src, d_model] via run_with_cache (independent of circuitkit)."""
-    model.set_use_attn_result(True)
-    try:
-        _, cache = model.run_with_cache(tokens)
-    finally:
-        model.set_use_attn_result(False)
-    parts = [cache["blocks.0.hook_resid_pre"][:, :, None]]
-    for layer in range(model.cfg.n_layers):
-        parts.append(cache[f"blocks.{layer}.attn.hook_result"])
-        if not model.cfg.attn_only:
-            parts.append(cache[f"blocks.{layer}.hook_mlp_out"][:, :, None])
-    return torch.cat(parts, 2)
 
 
 def sender_hook_names(model) -> list[str]:

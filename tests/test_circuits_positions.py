@@ -24,6 +24,7 @@ from circuitkit.models import build_model, save_model, toy_config
 from circuitkit.sparsity import load_model
 from circuitkit.tasks import get_task
 from circuitkit.tasks.vocab import VOCAB
+from independent import sender_cache  # tests/independent.py
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FLAGS = ("use_split_qkv_input", "use_hook_mlp_in")
@@ -50,18 +51,7 @@ def reference_position_eap(model, batch, steps: int | None = None) -> torch.Tens
     with ``a^corrupt - a^clean`` summed over examples and d_model only."""
     spec = GraphSpec.from_model(model)
 
-    def senders(tokens):
-        model.set_use_attn_result(True)
-        try:
-            _, cache = model.run_with_cache(tokens)
-        finally:
-            model.set_use_attn_result(False)
-        parts = [cache["blocks.0.hook_resid_pre"][:, :, None]]
-        for layer in range(model.cfg.n_layers):
-            parts += [cache[f"blocks.{layer}.attn.hook_result"], cache[f"blocks.{layer}.hook_mlp_out"][:, :, None]]
-        return torch.cat(parts, 2)  # [b, pos, n_src, d_model]
-
-    clean, corrupt = senders(batch.clean), senders(batch.corrupt)
+    clean, corrupt = sender_cache(model, batch.clean), sender_cache(model, batch.corrupt)  # [b, pos, n_src, d_model]
     names = [f"blocks.{l}.hook_{x}" for l in range(model.cfg.n_layers) for x in ("q_input", "k_input", "v_input",
                                                                                  "mlp_in")]
     names.append(f"blocks.{model.cfg.n_layers - 1}.hook_resid_post")
