@@ -21,6 +21,7 @@ from circuitkit.circuits import (
 )
 from circuitkit.models import build_model, save_model, toy_config
 from circuitkit.tasks import get_task
+from circuitkit.tasks import Metric
 from independent import sender_cache  # tests/independent.py
 
 FLAGS = ("use_attn_result", "use_split_qkv_input", "use_hook_mlp_in")
@@ -708,3 +709,47 @@ def test_unsupported_architectures(change, match):
         GraphSpec.from_model(m)
     with pytest.raises(CircuitkitError, match=match):
         attribute(m, get_task("addition").dataset(4), "eap")
+
+
+@pytest.mark.parametrize("variant", ["mlp", "parallel"])
+def test_exact_patching_scores_only_the_scored_positions(variant):
+    """Exact patching runs the last block's MLP, the final LayerNorm and the unembedding only from
+    the batch's first answer position on (attention still reads every position). Every edge's score
+    must still equal the general intervention with that one edge ablated, with answer positions that
+    differ between examples and a KL metric that reads the clean logits (a cut that dropped a scored
+    position, shifted the answers wrongly, or fed the last MLP-input receiver a misaligned δ would
+    fail), and the cut must actually happen (the last MLP sees fewer positions than the prompt)."""
+    m = build_model(toy_config("toy-2l", seed=3, parallel_attn_mlp=variant == "parallel"))
+    base = get_task("addition").dataset(12, seed=5)
+    answer_pos = base.answer_pos.clone()
+    answer_pos[::3] -= 2  # some examples are scored two positions earlier
+    first = int(answer_pos.min())
+    assert 0 < first < base.seq_len - 1
+    for metric in (base.metric, Metric.NEG_KL):
+        ds = dataclasses.replace(base, answer_pos=answer_pos, metric=metric)
+        spec = GraphSpec.from_model(m)
+        expected = metric_with_graphs(m, single_edge_graphs(spec), ds).mean(1)  # [1 + n_real]
+        widths = {"unembed": [], "mlp": []}  # positions each pass computes there
+        handles = [m.unembed.register_forward_hook(lambda mod, i, out: widths["unembed"].append(out.shape[1])),
+                   m.blocks[-1].mlp.register_forward_hook(lambda mod, i, out: widths["mlp"].append(out.shape[1]))]
+        try:
+            got = attribute(m, ds, "patching", batch_size=6).scores[spec.real]  # sender-major
+        finally:
+            for h in handles:
+                h.remove()
+        assert torch.allclose(got, expected[1:] - expected[0], atol=1e-5), metric
+        nodes = [Graph.full(spec)]  # node patching: every outgoing edge of the node (the last MLP's
+        for u in range(spec.n_src):  # output is added after the cut)
+            member = spec.real.clone()
+            member[u] = False
+            nodes.append(Graph.full(spec).with_in_graph(member))
+        node_metric = metric_with_graphs(m, nodes, ds).mean(1)
+        assert torch.allclose(attribute_nodes(m, ds, "patching", batch_size=6), node_metric[1:] - node_metric[0],
+                              atol=1e-5), metric
+        # both batches of 6 hold a shifted example: every copy pass computes positions first.. only
+        # (the clean run and the ablation values: the whole prompt)
+        for where in ("unembed",) + (("mlp",) if variant == "mlp" else ()):
+            assert set(widths[where]) == {ds.seq_len, ds.seq_len - first}, (where, widths[where])
+            assert widths[where].count(ds.seq_len - first) > widths[where].count(ds.seq_len), (where, widths[where])
+        if variant == "parallel":  # the MLP reads the block's input, beside attention: all positions
+            assert set(widths["mlp"]) == {ds.seq_len}

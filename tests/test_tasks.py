@@ -370,3 +370,17 @@ def test_sample_distinct_rows_are_distinct_and_avoid_exclusions(pool):
         assert len(set(row)) == 6 and not set(row) & set(ex)
     with pytest.raises(CircuitkitError, match="distinct"):
         sample_distinct(2, 19, 20, g, exclude=exclude[:2])
+
+
+def test_scored_from_scores_the_tail_of_the_logits_like_the_whole():
+    """``scored_from(s)`` is the view that exact patching scores its cut logits with: the answer
+    logits of positions s.. equal those of the whole prompt; starting past an answer is refused."""
+    ds = get_task("ioi").dataset(6, seed=2)
+    first = int(ds.answer_pos.min())
+    logits = torch.randn(len(ds), ds.seq_len, 50, generator=torch.Generator().manual_seed(0))
+    tail = ds.scored_from(first)
+    assert tail.seq_len == ds.seq_len - first and len(tail) == len(ds)
+    assert torch.equal(tail.answer_logits(logits[:, first:]), ds.answer_logits(logits))
+    assert ds.scored_from(0) is ds
+    with pytest.raises(CircuitkitError, match="would drop answer position"):
+        ds.scored_from(first + 1)

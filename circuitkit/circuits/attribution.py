@@ -10,8 +10,9 @@ and ``eap`` / ``eap-ig`` (gradient estimates) can be compared directly.
   alone changes nothing before ``v`` reads the residual stream, so each forward pass starts
   at ``v``'s block from the cached clean residual and gives ``v`` the input
   ``clean + a_u^ablate - a_u^clean`` (see :class:`_Site`); many edges share a pass (copies
-  stacked along the batch). The tests check it against the general intervention of
-  :mod:`~circuitkit.circuits.interventions`.
+  stacked along the batch), and after the last block's attention only the positions the metric
+  scores are computed (:func:`_last_block_tail`). The tests check it against the general
+  intervention of :mod:`~circuitkit.circuits.interventions`.
 - ``eap``: ``(a_u^ablate - a_u^clean) · ∂m/∂(input_v)``, summed over positions and d_model,
   on the clean run: one ablation pass + one clean forward + one backward per batch; the
   products are one einsum per receiver block, done in the backward hooks.
@@ -584,9 +585,29 @@ def _site_hook(model, site: _Site, delta: torch.Tensor,  # [k, batch, pos, d_mod
             return out.reshape(act.shape)
         return hook
 
-    def hook(act, hook):  # [k*b, pos, d_model]
-        return (act.reshape(k, -1, *act.shape[1:]) + delta).reshape(act.shape)
+    def hook(act, hook):  # [k*b, pos, d_model]; after the last block's cut [k*b, pos - first, d_model]
+        tail = delta[:, :, delta.shape[2] - act.shape[1]:]  # the cut keeps the last positions
+        return (act.reshape(k, -1, *act.shape[1:]) + tail).reshape(act.shape)
     return hook
+
+
+def _last_block_tail(model, first: int) -> list[tuple[str, Callable]]:
+    """Hooks that keep only token positions ``first..`` once the last block's attention has read
+    every position.
+
+    The last block's MLP, the final LayerNorm and the unembedding are per-position, and the metric
+    reads no logits before ``first``, so the logits there are the full pass's (exact patching spends
+    about half its time in the last block, at positions that are never scored). The cut is the
+    last block's ``hook_resid_mid`` (``hook_resid_post`` where attention and MLP read the same
+    residual, or there is no MLP); a site hook after it sees the last ``pos - first`` positions."""
+    if first == 0:
+        return []
+    cfg = model.cfg
+
+    def cut(act, hook):  # [n, pos, d_model] -> [n, pos - first, d_model]
+        return act[:, first:]
+    where = "hook_resid_post" if cfg.attn_only or cfg.parallel_attn_mlp else "hook_resid_mid"
+    return [(f"blocks.{cfg.n_layers - 1}.{where}", cut)]
 
 
 def _single_sender_patching(model, ds: TaskDataset, srcs: torch.Tensor,  # [n_items] sender of each ablation
@@ -617,6 +638,9 @@ def _single_sender_patching(model, ds: TaskDataset, srcs: torch.Tensor,  # [n_it
             m_full = batch.metric_values(logits, reference).double()  # [b]
             diff = values.permute(2, 0, 1, 3) - clean  # [n_src, b, pos, d_model]
             per_pass = max(1, patch_copy_budget(device) // (b * p * d_model))
+            first = int(batch.answer_pos.min())  # the metric reads no logits before this position
+            scored = batch.scored_from(first)
+            tail_ref = None if reference is None else reference[:, first:]  # [b, pos - first, d_vocab]
             for (layer, hook), items in groups.items():
                 for start in range(0, len(items), per_pass):
                     chunk = torch.tensor(items[start: start + per_pass], device=device)
@@ -626,14 +650,18 @@ def _single_sender_patching(model, ds: TaskDataset, srcs: torch.Tensor,  # [n_it
                         at = positions[chunk][:, None] == torch.arange(p, device=device)  # [k, pos]
                         delta = delta * at[:, None, :, None].to(delta.dtype)
                     x = resid[layer].unsqueeze(0).expand(k, b, p, d_model)  # [k, b, pos, d_model]
-                    hooks = []
+                    hooks = _last_block_tail(model, first) if layer < spec.n_layers else []
                     if hook is None:
                         x = x + delta
+                        if layer == spec.n_layers:  # the logits' input: LayerNorm and unembed work per position
+                            x = x[:, :, first:]
                     else:
-                        hooks = [(hook, _site_hook(model, sites[items[start]], delta, heads[chunk], resid[layer]))]
+                        hooks.append((hook, _site_hook(model, sites[items[start]], delta, heads[chunk],
+                                                       resid[layer])))
                     with temporary_hooks(model, hooks):
-                        out = model(x.reshape(k * b, p, d_model), start_at_layer=layer)  # [k*b, pos, d_vocab]
-                    m = copies_metric(batch, out, reference, k).double()  # [k, b]
+                        out = model(x.reshape(k * b, x.shape[2], d_model), start_at_layer=layer)
+                    # out: [k*b, pos - first, d_vocab]
+                    m = copies_metric(scored, out, tail_ref, k).double()  # [k, b]
                     total[chunk.cpu()] += (m - m_full).sum(1).cpu()
                     bar.update(k)
     return (total / len(ds)).float()

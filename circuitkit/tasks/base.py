@@ -130,6 +130,20 @@ class TaskDataset:
             correct_set=pick(self.correct_set), distractor_set=pick(self.distractor_set),
             labels={k: v[idx] for k, v in self.labels.items()})
 
+    def scored_from(self, start: int) -> "TaskDataset":
+        """The same examples seen from token position ``start`` on: prompts [batch, pos - start] and
+        answer positions shifted by ``start``, so that logits computed only at positions ``start..``
+        [batch, pos - start, d_vocab] are scored exactly as the full logits are. ``start`` must not
+        pass the first answer position (nothing before it is read by the metric)."""
+        if not 0 <= start <= int(self.answer_pos.min()):
+            raise CircuitkitError(f"task {self.task!r}: scoring from position {start} would drop answer position "
+                                  f"{int(self.answer_pos.min())}; start at most at the first answer position")
+        if start == 0:
+            return self
+        return replace(self, clean=self.clean[:, start:], corrupt=self.corrupt[:, start:],
+                       answer_pos=self.answer_pos - start,
+                       position_labels=None if self.position_labels is None else self.position_labels[start:])
+
     def batches(self, batch_size: int) -> Iterator["TaskDataset"]:
         if batch_size <= 0:
             raise CircuitkitError(f"batch_size must be positive, got {batch_size}")
