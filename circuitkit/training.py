@@ -302,7 +302,7 @@ class RunKind(Enum):
 
 
 # Config fields a resume may change: the length of the run and where its files go.
-RESUMABLE_CHANGES = frozenset({"steps", "out", "run_dir"})
+RESUMABLE_CHANGES = frozenset({"steps", "name", "out", "run_dir"})  # name: a label (progress bar, card)
 
 
 def prepare_run(run_dir: Path, out: Path, kind: RunKind, resume: bool, force: bool, main: bool = True) -> None:
@@ -375,7 +375,7 @@ def load_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
         if changed:
             diff = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
             raise CircuitkitError(f"--resume: the config differs from the one {path} was written with ({diff}); "
-                                  "a resumed run may change only steps (and out/run_dir). Restore those settings, "
+                                  "a resumed run may change only steps (and name/out/run_dir). Restore those settings, "
                                   "or start over with --force")
     try:
         model.load_state_dict(ck["model"])

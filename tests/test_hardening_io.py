@@ -234,6 +234,15 @@ def test_resume_may_change_the_step_count(tmp_path):
         list(range(1, 7))
 
 
+def test_resume_may_rename_the_run(tmp_path):
+    """A continuation shipped under its own name (the zoo's ``-long`` levers): the name is a label,
+    so a resumed run may change it, and the card carries the new one."""
+    train(tiny(tmp_path, steps=2), progress=False)
+    card = train(tiny(tmp_path, steps=3, name="renamed", out=str(tmp_path / "out-renamed")), resume=True,
+                 progress=False)
+    assert card["name"] == "renamed" and card["steps"] == 3 and len(losses(tmp_path / "run")) == 3
+
+
 def test_resume_of_the_other_kind_of_run_is_refused(tmp_path, saved):
     cfg = tiny(tmp_path)
     train(cfg, max_steps=2, progress=False)
