@@ -196,6 +196,28 @@ def test_train_cli_refuses_then_force_replaces(tmp_path, capsys):
     assert cli_main(["train", "--config", str(cfg), "--no-progress", "--force"]) == 0
 
 
+def test_stop_at_splits_a_run_that_resume_finishes_exactly(tmp_path, capsys):
+    """``--stop-at`` ends a run early with a checkpoint and no model (the schedule still spans
+    ``steps``), ``--resume`` finishes it, and the split run's losses are the uninterrupted run's;
+    a non-positive step is refused."""
+    def config(folder):
+        cfg = tmp_path / f"{folder}.toml"
+        cfg.write_text(f'name = "t"\nout = "{tmp_path / folder / "m"}"\nrun_dir = "{tmp_path / folder / "r"}"\n'
+                       'arch = "toy-2l"\nsteps = 4\nbatch_size = 4\neval_n = 10\ncheckpoint_every = 100\n'
+                       '[tasks]\naddition = 1.0\n')
+        return str(cfg)
+    assert cli_main(["train", "--config", config("whole"), "--no-progress"]) == 0
+    assert cli_main(["train", "--config", config("split"), "--no-progress", "--stop-at", "3"]) == 0
+    assert "stopped at step 3 of 4" in capsys.readouterr().out
+    assert not (tmp_path / "split" / "m" / WEIGHTS_FILE).exists() and len(losses(tmp_path / "split" / "r")) == 3
+    assert cli_main(["train", "--config", config("split"), "--no-progress", "--resume"]) == 0
+    assert (tmp_path / "split" / "m" / WEIGHTS_FILE).exists()
+    assert losses(tmp_path / "split" / "r") == losses(tmp_path / "whole" / "r")
+    capsys.readouterr()
+    assert cli_main(["train", "--config", config("zero"), "--no-progress", "--stop-at", "0"]) == 2
+    assert "--stop-at must be a positive step number" in capsys.readouterr().err
+
+
 def test_torn_last_log_line_is_skipped_on_resume(tmp_path):
     train(tiny(tmp_path / "a"), progress=False)
     cfg = tiny(tmp_path / "b")

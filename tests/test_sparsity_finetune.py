@@ -282,6 +282,15 @@ def test_cli_runs_with_config_and_flag_overrides(tmp_path, base_dir, capsys):
     assert card["command"].startswith("circuitkit ")
 
 
+def test_cli_stop_at_leaves_a_checkpoint_that_resume_finishes(tmp_path, base_dir, capsys):
+    args = ["--model", str(base_dir), "--task", "addition", "--out", str(tmp_path / "o"), "--run-dir",
+            str(tmp_path / "r"), "--steps", "3", "--batch-size", "8", "--no-progress"]
+    assert cli_main(["sparsify", *args, "--stop-at", "2"]) == 0
+    assert "stopped at step 2 of 3" in capsys.readouterr().out and not (tmp_path / "o" / "card.json").exists()
+    assert cli_main(["sparsify", *args, "--resume"]) == 0
+    assert json.loads((tmp_path / "o" / "card.json").read_text())["steps"] == 3
+
+
 def test_cli_warns_when_the_model_misses_its_ce_target(tmp_path, base_dir, capsys):
     """A random model cannot reach CE 1e-6 in 2 steps: the model is saved, and stderr says so and how to fix it."""
     code, err = run_cli(["--model", str(base_dir), "--task", "addition", "--out", str(tmp_path / "o"), "--run-dir",

@@ -70,3 +70,25 @@ def positive(args: argparse.Namespace, *names: str) -> None:
         v = getattr(args, n)
         if v is not None and v <= 0:
             raise CircuitkitError(f"--{n.replace('_', '-')} must be positive, got {v}")
+
+
+def add_stop_at_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stop-at", type=int, metavar="STEP",
+                   help="stop after this global step with a checkpoint, the schedule still spanning --steps; "
+                        "continue later with --resume (a long run split across sessions)")
+
+
+def stop_at(args: argparse.Namespace) -> int | None:
+    """``--stop-at``, checked: a positive step number or None."""
+    if args.stop_at is not None and args.stop_at <= 0:
+        raise CircuitkitError(f"--stop-at must be a positive step number, got {args.stop_at}")
+    return args.stop_at
+
+
+def report_stop(result: dict, steps: int, run_dir) -> bool:
+    """Say so when a run stopped before its last step (``--stop-at``); True if it did."""
+    if result.get("finished", True):
+        return False
+    print(f"stopped at step {result['step']} of {steps}; the checkpoint is in {run_dir}: continue with --resume "
+          "(the same config and flags, without --stop-at or with a later one)")
+    return True

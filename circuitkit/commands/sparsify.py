@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from circuitkit import CircuitkitError
-from circuitkit.commands.options import add_progress_flag
+from circuitkit.commands.options import add_progress_flag, add_stop_at_flag, report_stop, stop_at
 from circuitkit.io import read_toml
 from circuitkit.sparsity.finetune import SparsifyConfig, finetune
 
@@ -50,6 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue exactly from the checkpoint in run_dir")
     p.add_argument("--force", action="store_true",
                    help="replace a finished model in --out and discard a checkpoint in the run folder")
+    add_stop_at_flag(p)
     add_progress_flag(p)
 
 
@@ -104,8 +105,9 @@ def run_cli(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     torch.set_num_threads(int(os.environ.get("CIRCUITKIT_THREADS", torch.get_num_threads())))
     command = "circuitkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    card = finetune(cfg, resume=args.resume, progress=not args.no_progress, command=command, force=args.force)
-    if card:
+    card = finetune(cfg, resume=args.resume, max_steps=stop_at(args), progress=not args.no_progress, command=command,
+                    force=args.force)
+    if card and not report_stop(card, cfg.steps, cfg.run_dir):
         keys = ("name", "steps", "wall_time_s", "target_ce", "heldout_ce", "meets_target", "kept_edges",
                 "mlp_active", "accuracy_delta")
         print(json.dumps({k: card[k] for k in keys if k in card}, indent=2))

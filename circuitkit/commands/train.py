@@ -8,7 +8,7 @@ import json
 import shlex
 import sys
 
-from circuitkit.commands.options import add_progress_flag
+from circuitkit.commands.options import add_progress_flag, add_stop_at_flag, report_stop, stop_at
 from circuitkit.training import TrainConfig, train
 
 
@@ -20,13 +20,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="override the number of steps (the one change --resume accepts)")
     p.add_argument("--out", help="override the output model folder (default: the config's out)")
     p.add_argument("--run-dir", help="override the checkpoint and log folder (default: the config's run_dir)")
+    add_stop_at_flag(p)
     add_progress_flag(p)
 
 
 def run_cli(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_toml(args.config, steps=args.steps, out=args.out, run_dir=args.run_dir)
     command = "circuitkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    card = train(cfg, resume=args.resume, progress=not args.no_progress, command=command, force=args.force)
+    card = train(cfg, resume=args.resume, max_steps=stop_at(args), progress=not args.no_progress, command=command,
+                 force=args.force)
+    if report_stop(card, cfg.steps, cfg.run_dir):
+        return 0
     keys = ("name", "steps", "wall_time_s", "heldout", "heldout_ce", "train_ce", "bigram_heldout_ce", "tokens_seen")
     print(json.dumps({k: card[k] for k in keys if k in card}, indent=2))
     return 0
