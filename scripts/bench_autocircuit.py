@@ -11,7 +11,7 @@ separate virtual environment that has circuitkit's dependencies, auto-circuit an
 and TransformerLens versions, with this checkout on PYTHONPATH. One pip command installs all of
 it, auto-circuit's declared dependencies included (kaleido 0.2.1, tracr-pypi 1.0.0 with jax and
 dm-haiku, word2word, plotly, blobfile, vscode-tqdm; TransformerLens brings transformers and
-wandb); torch is pinned in it so that pip keeps the CPU build (`pip install --dry-run` from an empty
+wandb); torch is pinned in it so that pip keeps the CPU build (``pip install --dry-run`` from an empty
 environment: torch 2.13.0+cpu, no CUDA packages)::
 
     python -m venv /work/venv-ac
