@@ -8,14 +8,19 @@ compares their 32,491 edge scores (Pearson, Spearman, top-50 overlap): the bench
 
 auto-circuit pulls in its own tqdm fork and is kept out of the main environment: run it from a
 separate virtual environment that has circuitkit's dependencies, auto-circuit and the same torch
-and TransformerLens versions, with this checkout on PYTHONPATH::
+and TransformerLens versions, with this checkout on PYTHONPATH. One pip command installs all of
+it, auto-circuit's declared dependencies included (kaleido 0.2.1, tracr-pypi 1.0.0 with jax and
+dm-haiku, word2word, plotly, blobfile, vscode-tqdm; TransformerLens brings transformers and
+wandb); torch is pinned in it so that pip keeps the CPU build (``pip install --dry-run`` from an empty
+environment: torch 2.13.0+cpu, no CUDA packages)::
 
     python -m venv /work/venv-ac
-    /work/venv-ac/bin/pip install torch==2.13.0
-    /work/venv-ac/bin/pip install auto-circuit==1.0.1 transformer-lens==3.9.0 attrs pandas networkx \\
-        matplotlib safetensors jaxtyping tabulate einops
-    PYTHONPATH=$PWD /work/venv-ac/bin/python scripts/bench_autocircuit.py [--batch 8] [--repeats 3] \\
-        [--clock cpu] [--no-memory] [--name autocircuit-gpt2-small-shape]
+    /work/venv-ac/bin/pip install torch==2.13.0 auto-circuit==1.0.1 "transformer-lens==3.9.*" attrs pandas \\
+        networkx matplotlib safetensors jaxtyping tabulate einops
+    nice -n 10 env OMP_NUM_THREADS=1 PYTHONPATH=$PWD /work/venv-ac/bin/python scripts/bench_autocircuit.py \\
+        [--batch 8] [--repeats 3] [--clock cpu] [--no-memory] [--name autocircuit-gpt2-small-shape]
+
+Any later pip command in that environment should pin ``torch==2.13.0`` too.
 """
 
 import argparse

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,7 +103,8 @@ def test_cli_parts_and_errors():
 def test_run_bench_output_structure(tmp_path):
     cfg = dict(parts=list(bench.PARTS), model="random:toy-2l", task="ioi", batch=2, ig_steps=2, repeats=1,
                warmup=0, patching_repeats=1, threads=1, memory=False, seq_mults=[1, 2], layers=[1, 2],
-               scaling_arch="toy-2l", sparsity_batch=2, sparsity_steps=1, quick=True)
+               scaling_arch="toy-2l", sparsity_batch=2, sparsity_steps=1, quick=True,
+               scaling_with=[str(BENCHMARKS / "gate-blocks.json")])
     res = bench.run_bench(cfg, figure=tmp_path / "fig" / "scaling")
     parts = res["parts"]
     assert set(parts) == set(bench.PARTS)
@@ -131,6 +133,8 @@ def test_run_bench_output_structure(tmp_path):
     assert [(r["n_layers"], r["seq_mult"]) for r in sc["rows"]] == [(2, 1), (2, 2), (1, 1)]
     assert {"floor_ms", "eap_ms", "eap_ig_ms", "plain_step_ms", "gated_step_ms"} <= set(sc["rows"][0])
     assert set(sc["slopes"]) == {"seq_len", "n_layers"}
+    assert [(p["series"], p["seq_len"]) for p in sc["shape_points"]] == [("gated_vs_plain", 1024),
+                                                                         ("gated_vs_plain", 256)]
     assert all((tmp_path / "fig" / f"scaling.{ext}").stat().st_size > 0 for ext in ("png", "svg"))
 
     jpath, mpath = bench.write_results(res, tmp_path / "out", "b", command="circuitkit bench --quick")
@@ -138,8 +142,64 @@ def test_run_bench_output_structure(tmp_path):
     assert loaded["format"] == "circuitkit.bench" and loaded["command"] == "circuitkit bench --quick"
     md = mpath.read_text()
     for heading in ("Attribution cost vs floor", "auto-circuit", "Exact patching", "Sparse post-training step",
-                    "Scaling"):
+                    "Scaling", "Drawn into the figure's ratio panels"):
         assert heading in md
+
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def test_committed_results_at_other_shapes_land_on_the_scaling_figures_ratio_panels():
+    from circuitkit.bench.scaling import ratio_panels, shape_points
+
+    toy = json.loads((BENCHMARKS / "bench.json").read_text())["parts"]["scaling"]
+    gpt2 = json.loads((BENCHMARKS / "gpt2-small-shape.json").read_text())
+    gate = json.loads((BENCHMARKS / "gate-blocks.json").read_text())
+    pts = shape_points(BENCHMARKS / "gpt2-small-shape.json") + shape_points(BENCHMARKS / "gate-blocks.json")
+    panels = ratio_panels(toy, pts)
+    shapes = {axis: [s for s in series if s["kind"] == "shape"] for axis, series in panels.items()}
+    # the attribution run has the depth sweep's length (15 tokens): it goes on the depth panel at its
+    # layer count, with the ratios the bench stored when it measured them (to their 3 decimals)
+    eap, ig = shapes["n_layers"]
+    assert (eap["series"], ig["series"]) == ("eap_vs_floor", "eap_ig_vs_floor")
+    assert eap["x"] == ig["x"] == [gpt2["model"]["n_layers"]] == [12]
+    assert eap["y"][0] == pytest.approx(gpt2["parts"]["attribution"]["ratios"]["eap_vs_floor"], abs=6e-4)
+    assert ig["y"][0] == pytest.approx(gpt2["parts"]["attribution"]["ratios"]["eap_ig_vs_floor"], abs=6e-4)
+    # the gated-step rows (256 and 1,024 tokens) go on the sequence panel, in order of length, the gate as
+    # shipped (not the "before" variant) over the plain step
+    (steps,) = shapes["seq_len"]
+    by_len = {r["seq_len"]: r["results"]["gated (blocked, now)"]["ratio_vs_plain"] for r in gate["rows"]}
+    assert steps["series"] == "gated_vs_plain" and steps["x"] == sorted(by_len) == [256, 1024]
+    assert steps["y"] == pytest.approx([by_len[n] for n in steps["x"]], abs=6e-4)
+    assert "2 layers, batch 1" in steps["label"] and "d_model 768" in steps["label"]
+    # the sweep's own lines are unchanged
+    sweep = {s["series"]: s for s in panels["seq_len"] if s["kind"] == "sweep"}
+    assert sweep["gated_vs_plain"]["y"] == [r["gated_vs_plain"] for r in toy["rows"] if r["n_layers"] == 4]
+
+
+def test_scaling_figure_inputs_that_are_wrong_are_clear_errors(tmp_path):
+    from circuitkit.bench.scaling import shape_points
+
+    bad = tmp_path / "sparsity-only.json"
+    bad.write_text(json.dumps({"format": "circuitkit.bench", "parts": {"sparsity": {}}, "model": {}}))
+    with pytest.raises(CircuitkitError, match="no parts/attribution in it"):
+        shape_points(bad)
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(CircuitkitError, match="expected a JSON object"):
+        shape_points(tmp_path / "list.json")
+    with pytest.raises(CircuitkitError, match="no scaling part"):
+        bench.replot_scaling(BENCHMARKS / "gpt2-small-shape.json", tmp_path / "fig")
+
+
+def test_cli_replot_draws_the_figure_without_measuring(tmp_path, monkeypatch):
+    from circuitkit.cli import main
+    from circuitkit.commands import bench as bench_command
+
+    monkeypatch.setattr(bench_command, "run_bench", lambda *a, **k: pytest.fail("--replot measured"))
+    stem = tmp_path / "fig" / "scaling"
+    assert main(["bench", "--replot", str(BENCHMARKS / "bench.json"), "--figure", str(stem),
+                 "--scaling-with", f"{BENCHMARKS / 'gpt2-small-shape.json'},{BENCHMARKS / 'gate-blocks.json'}"]) == 0
+    assert all(stem.with_suffix(f".{ext}").stat().st_size > 0 for ext in ("png", "svg"))
 
 
 def test_the_gated_step_benchmark_runs_the_training_loops_step(monkeypatch):

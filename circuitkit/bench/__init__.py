@@ -25,7 +25,10 @@ reproduce with one command. Parts (``--parts``, all by default):
   memory, each variant's peak growth over one step after a warm-up step, and its ratio to the
   plain step's (``scripts/bench_step_memory.py`` measures only that).
 - ``scaling``: floor, eap, eap-ig and the plain / gated step against sequence length and
-  depth (random weights), as a table and ``figures/scaling.png`` / ``.svg``.
+  depth (random weights), as a table and ``figures/scaling.png`` / ``.svg``; ``--scaling-with``
+  draws committed results at other shapes (a GPT-2-small-shape attribution run, the long-context
+  gated-step rows) into the figure's ratio panels, and ``--replot`` redraws the figure from a
+  committed result without measuring (:func:`~circuitkit.bench.parts.replot_scaling`).
 
 Timings are medians of ``--repeats`` runs after ``--warmup`` runs, with the variants of
 one part interleaved round by round so background load hits them alike.
@@ -41,11 +44,11 @@ auto-circuit adapter), :mod:`.reference` (the plain-autograd EAP, agreement),
 from __future__ import annotations
 
 from circuitkit.bench.config import PARTS, TARGETS, config_from_args, resolve_model_spec, tiled
-from circuitkit.bench.parts import attribution_part, patching_part, peer_part, run_bench
+from circuitkit.bench.parts import attribution_part, patching_part, peer_part, replot_scaling, run_bench
 from circuitkit.bench.peer import PeerRunner, PeerUnavailable, import_peer, peer_edge_name, peer_node_name
 from circuitkit.bench.reference import agreement, reference_eap_scores
 from circuitkit.bench.report import to_markdown, write_results
 
 __all__ = ["PARTS", "TARGETS", "PeerRunner", "PeerUnavailable", "agreement", "attribution_part", "config_from_args",
            "import_peer", "patching_part", "peer_edge_name", "peer_node_name", "peer_part", "reference_eap_scores",
-           "resolve_model_spec", "run_bench", "tiled", "to_markdown", "write_results"]
+           "replot_scaling", "resolve_model_spec", "run_bench", "tiled", "to_markdown", "write_results"]

@@ -91,6 +91,7 @@ class BenchConfig(TomlConfig):
     sparsity_steps: int = 30
     sparsity_seq_lens: list[int] = field(default_factory=lambda: [0])  # 0: the task's prompts
     sparsity_model: str = ""  # "": the bench's model; else a spec like --model ('random:gpt2-small-shape')
+    scaling_with: list[str] = field(default_factory=list)  # committed result JSONs drawn into the scaling figure
     quick: bool = False
 
     RANGES = {k: POSITIVE for k in ("batch", "ig_steps", "repeats", "patching_repeats", "threads",
@@ -121,7 +122,9 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
                seq_mults=_ints(args.seq_mults), layers=_ints(args.layers), scaling_arch=args.scaling_arch,
                sparsity_batch=args.sparsity_batch, sparsity_steps=args.sparsity_steps,
                sparsity_seq_lens=_ints(getattr(args, "sparsity_seq_lens", "0")),
-               sparsity_model=getattr(args, "sparsity_model", ""), quick=args.quick)
+               sparsity_model=getattr(args, "sparsity_model", ""),
+               scaling_with=[x.strip() for x in str(getattr(args, "scaling_with", "")).split(",") if x.strip()],
+               quick=args.quick)
     cfg = BenchConfig.from_dict(raw, source="circuitkit bench")
     if cfg.quick:
         cfg = replace(cfg, batch=min(cfg.batch, 4), repeats=1, warmup=1, patching_repeats=1, memory=False,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -14,11 +14,13 @@ from circuitkit.bench.memory import memory_probe, method_text, ratios_vs, step_m
 from circuitkit.bench.peer import PeerRunner, PeerUnavailable
 from circuitkit.bench.reference import agreement, reference_eap_scores
 from circuitkit.bench.report import _loadavg, environment
-from circuitkit.bench.scaling import plot_scaling, scaling_part
+from circuitkit.bench.scaling import ShapePoint, plot_scaling, scaling_part, shape_points, shape_points_record
 from circuitkit.bench.steps import VARIANTS, measure_steps
 from circuitkit.bench.timing import _ratio, floor_fns, interleaved, method_fns
+from circuitkit import CircuitkitError
 from circuitkit.circuits import attribute
 from circuitkit.circuits.graph import GraphSpec
+from circuitkit.io import read_json
 
 
 def attribution_part(model, ds, cfg: Mapping[str, Any], model_spec: str) -> dict[str, Any]:
@@ -143,6 +145,7 @@ def run_bench(cfg: Mapping[str, Any], log: Callable[[str], None] = lambda s: Non
     torch.manual_seed(0)
     model, description = _load(cfg["model"])
     ds = _dataset(model, cfg["task"], cfg["batch"])
+    points = read_shape_points(cfg.get("scaling_with") or []) if "scaling" in cfg["parts"] else []
     res: dict[str, Any] = {"format": "circuitkit.bench", "version": 1, "environment": environment(),
                            "config": dict(cfg), "model": _model_summary(model, description), "task": ds.task,
                            "targets": TARGETS, "parts": {}, "part_wall_s": {}}
@@ -159,11 +162,31 @@ def run_bench(cfg: Mapping[str, Any], log: Callable[[str], None] = lambda s: Non
             out = sparsity_part(cfg, cfg["model"])
         else:
             out = scaling_part(cfg, ds)
+            if points:
+                out["shape_points"] = shape_points_record(points)
             if figure is not None:
-                out["figure"] = plot_scaling(out, figure)
+                out["figure"] = plot_scaling(out, figure, points)
         res["parts"][part] = out
         res["part_wall_s"][part] = round(time.perf_counter() - t0, 1)
         log(f"bench: {part} done in {res['part_wall_s'][part]:.1f} s")
     res["wall_s"] = round(time.perf_counter() - t_start, 1)
     res["environment"]["loadavg_end"] = _loadavg()
     return res
+
+
+def read_shape_points(paths: Sequence[str | os.PathLike]) -> list[ShapePoint]:
+    """The cost ratios of committed results at other shapes (:func:`~circuitkit.bench.scaling.shape_points`),
+    file by file, for the scaling figure."""
+    return [p for path in paths for p in shape_points(path)]
+
+
+def replot_scaling(result: str | os.PathLike, figure: str | os.PathLike,
+                   with_paths: Sequence[str | os.PathLike] = ()) -> list[str]:
+    """Draw the scaling figure from a committed ``circuitkit bench`` result's scaling part and the
+    committed results ``with_paths`` at other shapes, measuring nothing."""
+    doc = read_json(result)
+    scaling = doc.get("parts", {}).get("scaling") if isinstance(doc, dict) else None
+    if not isinstance(scaling, dict) or not scaling.get("rows"):
+        raise CircuitkitError(f"{result} has no scaling part with rows; give a circuitkit bench result that ran "
+                              "the scaling part (e.g. benchmarks/bench.json)")
+    return plot_scaling(scaling, figure, read_shape_points(with_paths))

@@ -180,6 +180,10 @@ def to_markdown(res: Mapping[str, Any], command: str | None = None) -> str:
         for axis, sl in sc["slopes"].items():
             lines += ["", f"Log-log slope vs {axis.replace('_', ' ')}: " + ", ".join(
                 f"{name} {sl[key]:.2f}" for key, name in SCALING_SERIES if key in sl) + "."]
+        if sc.get("shape_points"):
+            lines += ["", "Drawn into the figure's ratio panels from committed results at other shapes: " + "; ".join(
+                f"{p['series']} {p['ratio']:.2f}× (d_model {p['d_model']}, {p['n_layers']} layers, {p['seq_len']} "
+                f"tokens, batch {p['batch']}; {p['source']})" for p in sc["shape_points"]) + "."]
         if sc.get("figure"):
             lines += ["", f"Figure: {', '.join(sc['figure'])}."]
     return "\n".join(lines) + "\n"

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from circuitkit.bench.config import DEFAULT_MODEL, FALLBACK_ARCH, PARTS, config_from_args
-from circuitkit.bench.parts import run_bench
+from circuitkit.bench.parts import replot_scaling, run_bench
 from circuitkit.bench.report import _command_line, write_results
 from circuitkit.bench.timing import CLOCK, Clock
 
@@ -46,12 +46,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default="bench", help="file stem of the results (default bench)")
     p.add_argument("--figure", default="figures/scaling",
                    help="scaling figure path without suffix; .png and .svg are written (default figures/scaling)")
+    p.add_argument("--scaling-with", default="",
+                   help="scaling: comma-separated committed results at other shapes whose cost ratios are drawn "
+                        "into the figure's ratio panels (a circuitkit bench result with an attribution part, e.g. "
+                        "benchmarks/gpt2-small-shape.json; scripts/bench_gate_blocks.py's JSON, e.g. "
+                        "benchmarks/gate-blocks.json)")
+    p.add_argument("--replot", default="", metavar="RESULT",
+                   help="measure nothing: redraw the scaling figure (--figure) from RESULT's scaling part (e.g. "
+                        "benchmarks/bench.json) and --scaling-with")
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes for a smoke test (batch 4, 1 repeat, no memory, small scaling grid)")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    if args.replot:
+        paths = replot_scaling(args.replot, args.figure, cfg["scaling_with"])
+        print(f"wrote {' and '.join(paths)} from {args.replot}"
+              + (f" and {', '.join(cfg['scaling_with'])}" if cfg["scaling_with"] else ""))
+        return 0
     CLOCK[0] = Clock(args.clock)
     command = _command_line()
     res = run_bench(cfg, log=lambda s: print(s, file=sys.stderr, flush=True),
