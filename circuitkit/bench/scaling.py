@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+from matplotlib.ticker import FuncFormatter, LogLocator
 
 from circuitkit import CircuitkitError
 from circuitkit.bench.config import shape_fields, tiled
@@ -23,6 +24,8 @@ from circuitkit.bench.steps import step_variants, time_step_variants
 from circuitkit.bench.timing import _ratio, floor_fns, interleaved, method_fns
 from circuitkit.io import read_json
 from circuitkit.models import TOY_CONFIGS, build_model, toy_config
+from circuitkit.plotting import plt, save
+
 
 def scaling_points(cfg: Mapping[str, Any]) -> list[tuple[int, int]]:
     """(n_layers, seq multiple): sequence sweep at 4 layers (or the middle layer count), then depth sweep."""
@@ -204,8 +207,6 @@ def ratio_panels(scaling: Mapping[str, Any], points: Sequence[ShapePoint] = ()) 
 
 
 def _log_axes(ax, xs: Sequence[int], yticks_subs=(1.0, 2.0, 5.0)) -> None:
-    from matplotlib.ticker import FuncFormatter, LogLocator
-
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xticks(sorted(set(xs)))
@@ -221,8 +222,6 @@ def plot_scaling(scaling: Mapping[str, Any], path_stem: str | os.PathLike,
     """Upper row: median times along the two sweeps. Lower row: the same costs as ratios, with
     ``points`` (committed measurements at other shapes) as open markers on the panel whose swept
     coordinate they vary (:meth:`ShapePoint.axis`)."""
-    from circuitkit.plotting import plt, save
-
     rows = scaling["rows"]
     fig, axes = plt.subplots(2, 2, figsize=(11, 8.2), constrained_layout=True)
     panels = ratio_panels(scaling, points)
