@@ -14,11 +14,14 @@ next (the ranks 30-60 of patching are close together), and three cases fell belo
 are at 0.80-0.82 on 1,024 prompts with either of two seeds
 (``python analyses/circuits/agreement_table.py --n 1024 [--seed 1]``).
 
-Exact patching is almost all of this file's time. It stacks single-edge copies of a batch up
-to a budget of residual numbers a pass (``attribution.patch_copy_budget``); a CPU's budget is a
-quarter of an accelerator's, which keeps a pass's activations in cache and costs about a fifth
-less time here, with bit-identical scores (each copy is its own rows; the test below pins that on
-a zoo model).
+Exact patching is almost all of this file's time. It runs live on the first 256 prompts of each
+case; the mean over the other 768 comes from ``tests/data/agreement_patching.safetensors``, trusted
+only for the same weights and prompts and only while the live 256 reproduce their stored scores
+(``tests/agreement_reference.py`` says how, and how to refresh it). eap-ig runs live on all 1,024.
+Exact patching stacks single-edge copies of a batch up to a budget of residual numbers a pass
+(``attribution.patch_copy_budget``); a CPU's budget is a quarter of an accelerator's, which keeps a
+pass's activations in cache, with bit-identical scores (each copy is its own rows; the last test
+below pins that on a zoo model).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ import json
 import pytest
 import torch
 
-from circuitkit.circuits import Graph, agreement, attribute, faithfulness
+from agreement_reference import patching_graph  # tests/agreement_reference.py
+from circuitkit.circuits import Graph, attribute, compare_scores, faithfulness
 from circuitkit.circuits import attribution
 from circuitkit.models import CARD_FILE, ZOO_DIR
 from circuitkit.sparsity import load_model
@@ -51,19 +55,32 @@ def zoo_cases() -> list:
     return cases
 
 
+def case_dataset(model_name: str, task: str, options: dict):
+    return get_task(task, **options).dataset(N_EXAMPLES, seed=0)
+
+
+def agreement_cases():
+    """(case id, model, dataset) of every trained case, for tests/agreement_reference.py."""
+    for case in zoo_cases():
+        model_name, task, options = case.values
+        if (ZOO_DIR / model_name / CARD_FILE).exists():
+            yield case.id, load_model(model_name), case_dataset(model_name, task, options)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model_name,task,options", zoo_cases())
 def test_eap_ig_agrees_with_patching(model_name, task, options):
     if not (ZOO_DIR / model_name / CARD_FILE).exists():
         pytest.skip(f"zoo model {model_name} not trained yet")
     model = load_model(model_name)
-    ds = get_task(task, **options).dataset(N_EXAMPLES, seed=0)
+    ds = case_dataset(model_name, task, options)
     full = faithfulness(model, Graph.full(model), ds, batch_size=BATCH)
     assert abs(full.m_full - full.m_empty) >= MIN_EFFECT * abs(full.m_full), (
         f"{model_name} / {task}: the corrupted prompts leave the metric nearly unchanged (m(N)={full.m_full:.3f}, "
         f"m(∅)={full.m_empty:.3f}), so there is no effect to attribute: the task's corruption, or a shortcut the "
         "model found around it, needs fixing")
-    a = agreement(model, ds, "patching", "eap-ig", k=50, batch_size=BATCH)
+    exact = patching_graph(f"{model_name}-{task}", model, ds)
+    a = compare_scores(exact, attribute(model, ds, "eap-ig", batch_size=BATCH), k=50)
     assert a.top_k_overlap >= 0.8, a
     assert a.pearson >= 0.9, a
 
