@@ -91,24 +91,37 @@ def patch_copy_budget(device: torch.device) -> int:
 
 @dataclass(frozen=True)
 class _QKVWeights:
-    """One block's q/k/v weights as the receiver scoring uses them, made once per attribution call
-    (they do not change while it runs) instead of once per block and pass."""
+    """One block's small q/k/v weight terms as the receiver scoring uses them, made once per
+    attribution call (they do not change while it runs) instead of once per block and pass. The
+    weights themselves are read from the model: a folded copy ``(w_ln ⊙ W)^T`` of every block was
+    81 MiB at GPT-2-small width, held for the whole call (a third of a forward + backward's peak)."""
 
-    w_t: torch.Tensor  # [3 * n_heads, d_head, d_model]: (w_ln ⊙ W_{Q,K,V})^T, contiguous
+    ln_w: torch.Tensor | None  # [d_model]: ln1's weight w_ln (None: the norm has none)
     col_sum: torch.Tensor  # [3 * n_heads, d_head]: Σ_d (w_ln ⊙ W)
     offset: torch.Tensor  # [3 * n_heads, d_head]: q = x̂ @ (w_ln ⊙ W_Q) + offset (b_Q, plus b_ln @ W_Q for LN)
 
     @classmethod
     def of(cls, model, layer: int) -> "_QKVWeights":
         attn, ln, norm = model.blocks[layer].attn, model.blocks[layer].ln1, model.cfg.normalization_type
+        ws = (attn.W_Q, attn.W_K, attn.W_V)  # [n_heads, d_model, d_head] each
         with torch.no_grad():
-            w = torch.cat([attn.W_Q, attn.W_K, attn.W_V])  # [3 * n_heads, d_model, d_head]
             offset = torch.cat([attn.b_Q, attn.b_K, attn.b_V])  # [3 * n_heads, d_head]
             if norm == "LN":
-                offset = offset + torch.einsum("d,hde->he", ln.b, w)
-            if norm in ("LN", "RMS"):
-                w = w * ln.w[None, :, None]
-            return cls(w.transpose(1, 2).contiguous(), w.sum(1), offset)
+                offset = offset + torch.cat([torch.einsum("d,hde->he", ln.b, w) for w in ws])
+            ln_w = ln.w.detach() if norm in ("LN", "RMS") else None
+            col_sum = torch.cat([w.sum(1) if ln_w is None else torch.einsum("d,hde->he", ln_w, w) for w in ws])
+            return cls(ln_w, col_sum, offset)
+
+    @staticmethod
+    def pull_back(model, layer: int, g: torch.Tensor,  # [3 * n_heads, rows, d_head]: ∂m/∂q, ∂m/∂k, ∂m/∂v
+                  ln_w: torch.Tensor | None) -> torch.Tensor:  # [3 * n_heads, rows, d_model]
+        """``(g_h @ W_h^T) ⊙ w_ln`` for every q, k and v head: three batched products into one buffer."""
+        attn = model.blocks[layer].attn
+        n = attn.W_Q.shape[0]
+        u = g.new_empty(g.shape[0], g.shape[1], model.cfg.d_model)
+        for i, w in enumerate((attn.W_Q, attn.W_K, attn.W_V)):  # [n_heads, d_model, d_head]
+            torch.bmm(g[i * n: (i + 1) * n], w.detach().transpose(1, 2), out=u[i * n: (i + 1) * n])
+        return u if ln_w is None else u.mul_(ln_w)
 
 
 class _GradientPass:
@@ -132,8 +145,9 @@ class _GradientPass:
     Scores are linear in the receiver gradients, so these are summed (weighted) as they arrive
     and contracted with ``diff`` in :meth:`flush`, after the backward: eap-ig's interpolation steps
     may each have their own pass (:meth:`run` takes the step's ``input_fn`` and copy count) and
-    still pay the contraction once, and no [3 * n_heads, batch*pos, d_model] product is held while
-    the backward's activations are. Node-level gradients are contracted as they arrive.
+    still pay the contraction once, ``diff`` itself is needed only then (eap-ig makes it after its
+    passes), and no [3 * n_heads, batch*pos, d_model] product is held while the backward's
+    activations are.
 
     ``level="position"`` scores the same edges per token position (``out`` is
     ``[pos, n_src, n_dst]``): every contraction goes through
@@ -143,7 +157,7 @@ class _GradientPass:
 
     def __init__(self, model, spec: GraphSpec, level: str,
                  out: torch.Tensor,  # [n_src, n_dst] (edge), [pos, n_src, n_dst] (position) or [n_src] (node)
-                 diff: torch.Tensor,  # [n_src, batch, pos, d_model], sender-major
+                 diff: torch.Tensor | None,  # [n_src, batch, pos, d_model], sender-major (None: given to flush)
                  subtract_clean: bool = False,
                  z_ablate: dict[int, torch.Tensor] | None = None,  # layer -> ablated z [batch, pos, n_heads, d_head]
                  weights: dict[int, "_QKVWeights"] | None = None):  # per-layer weight products, shared by passes
@@ -161,6 +175,7 @@ class _GradientPass:
         self.cache: dict[str, torch.Tensor] = {}  # diff laid out position-major (position level), made once
         # weighted gradient sums until flush(): receiver (prefix, first col, end col) -> [batch*pos*d_model]
         self.resid_acc: dict[tuple[int, int, int], torch.Tensor] = {}
+        self.node_acc: dict[tuple[int, int], torch.Tensor] = {}  # node level: sender rows -> [batch*pos*d_model]
         self.head_acc: dict[int, _HeadInputSums] = {}  # layer -> its q/k/v receivers' sums
 
     @property
@@ -270,7 +285,7 @@ class _GradientPass:
         with torch.no_grad():
             g_sum = acc.g_sum  # [b, pos, 3 * n_heads, d_head]
             n = g_sum.shape[2]
-            u = g_sum.reshape(-1, n, g_sum.shape[-1]).transpose(0, 1) @ w.w_t  # [3 * n_heads, b*pos, d_model]
+            u = w.pull_back(self.model, layer, g_sum.reshape(-1, n, g_sum.shape[-1]).transpose(0, 1), w.ln_w)  # [3nh, b*pos, d]
             for e, x_hat in acc.corrections:  # [b*pos, 3 * n_heads], [b*pos, d_model]
                 u.addcmul_(e.T.unsqueeze(-1), x_hat.unsqueeze(0), value=-1.0 / d_model)
             if norm in ("LN", "LNPre"):
@@ -279,9 +294,16 @@ class _GradientPass:
             score = self._with_diff(acc.prefix, u.reshape(n, -1))  # [(pos,) prefix, 3 * n_heads]
             self.out[..., :acc.prefix, first: first + n] += score.to(self.out.dtype)
 
-    def flush(self) -> None:
-        """Contract the gradient sums of every pass since the last flush with ``diff`` into ``out``."""
+    def flush(self, diff: torch.Tensor | None = None) -> None:  # [n_src, batch, pos, d_model]
+        """Contract the gradient sums of every pass since the last flush with ``diff`` (given here
+        or at construction) into ``out``."""
+        if diff is not None:
+            self.diff = diff
+            self.cache.clear()
         with torch.no_grad():
+            for (start, stop), g in self.node_acc.items():  # g: [batch*pos*d_model]
+                self.out[start:stop] += (self.diff_t[start:stop] @ g).to(self.out.dtype)  # [n_rows]
+            self.node_acc.clear()
             for (prefix, start, stop), g in self.resid_acc.items():  # g: [batch*pos*d_model]
                 self.out[..., :prefix, start:stop] += self._with_diff(prefix, g[None, :]).to(self.out.dtype)
             self.resid_acc.clear()
@@ -326,8 +348,14 @@ class _GradientPass:
 
     def _node_grad(self, rows: slice) -> Callable:
         # every sender in `rows` adds its output to the activation whose gradient arrives here
+        key = (rows.start, rows.stop)
+
         def on_grad(grad):  # [repeats*batch, pos, d_model]
-            self.out[rows] += self.weight * (self.diff_t[rows] @ self._summed(grad)).to(self.out.dtype)  # [n_rows]
+            g = self._summed(grad) * self.weight  # [batch*pos*d_model]
+            if key in self.node_acc:
+                self.node_acc[key].add_(g)
+            else:
+                self.node_acc[key] = g
         return on_grad
 
     def run(self, model, tokens: torch.Tensor,  # [repeats*batch, pos] -> [repeats*batch, pos, d_vocab]
@@ -391,6 +419,25 @@ def _ablated_sender_major(model, spec: GraphSpec, values_src: AblationValues, ba
     return buf, zs
 
 
+def _sender_differences(model, spec: GraphSpec, values_src: AblationValues, batch: TaskDataset,
+                        clean: torch.Tensor | None = None,  # [b, pos, n_src, d_model]: clean outputs, if captured
+                        ) -> torch.Tensor:  # [n_src, batch, pos, d_model]
+    """``a^ablate - a^clean`` sender-major, in one buffer: the ablated values, from which the clean
+    outputs are subtracted as a clean forward computes them (or ``clean`` when given)."""
+    b = len(batch)
+    with torch.no_grad():
+        diff = _sender_major(values_src.for_batch(model, batch), b, owned=values_src.ablation is Ablation.PATCHING)
+        if clean is not None:
+            return diff.sub_(clean.permute(2, 0, 1, 3))
+
+        def sink(rows: slice, act: torch.Tensor) -> None:  # [n_rows, batch, pos, d_model]
+            diff[rows] -= act
+
+        with temporary_hooks(model, sender_hooks(model, spec, sink)):
+            model(batch.clean)
+    return diff
+
+
 def _gradient_scores(model, ds: TaskDataset, *, level: str, steps: int | None, ablation: Ablation | str,
                      batch_size: int, progress: bool) -> torch.Tensor:  # [n_src, n_dst] or [n_src]
     spec = GraphSpec.from_model(model)
@@ -414,28 +461,26 @@ def _gradient_scores(model, ds: TaskDataset, *, level: str, steps: int | None, a
                 del logits, reference  # the autograd graph's buffers go before the contraction's
                 gp.flush()
                 continue
-            # eap-ig: one clean capture pass, then `steps` interpolated forward + backward passes
+            # eap-ig: `steps` interpolated forward + backward passes, then the sender differences: the passes
+            # need only the input embeddings (and the clean logits for KL), and diff is read by flush() alone
             with torch.no_grad():
-                ablate = values_src.for_batch(model, batch)  # [b or 1, pos, n_src, d_model]
-                clean_logits, clean = capture_senders(model, batch.clean, spec)  # [b, pos, n_src, d_model]
-                reference = clean_logits if batch.metric is Metric.NEG_KL else None
-                clean_in, base_in = clean[:, :, 0].clone(), ablate[:, :, 0].clone()  # [b, pos, d_model], [b or 1, ...]
-                diff = _sender_major(ablate, b, owned=values_src.ablation is Ablation.PATCHING)
-                diff.sub_(clean.permute(2, 0, 1, 3))  # a^ablate - a^clean
-                del ablate, clean, clean_logits  # only diff and the two inputs are needed from here
-            gp = _GradientPass(model, spec, level, total, diff, weights=weights)
-            per_pass = ig_steps_per_pass(steps, b * clean_in.shape[1] * model.cfg.d_model * spec.n_layers)
+                base_in = values_src.input_for_batch(model, batch)  # [b or 1, pos, d_model]
+                clean_logits, clean = (capture_senders(model, batch.clean, spec) if batch.metric is Metric.NEG_KL
+                                       else (None, None))  # [b, pos, d_vocab], [b, pos, n_src, d_model]
+            gp = _GradientPass(model, spec, level, total, None, weights=weights)
+            per_pass = ig_steps_per_pass(steps, b * batch.seq_len * model.cfg.d_model * spec.n_layers)
             for first in range(1, steps + 1, per_pass):  # steps k/steps, k = 1..steps, `per_pass` copies at a time
-                alphas = torch.arange(first, min(first + per_pass, steps + 1), device=device, dtype=clean_in.dtype) / steps
+                alphas = torch.arange(first, min(first + per_pass, steps + 1), device=device, dtype=base_in.dtype) / steps
                 r = len(alphas)
 
-                def interpolate(x, alphas=alphas):  # -> [r*b, pos, d_model]
+                def interpolate(x, alphas=alphas, r=r):  # the clean embedding of r copies -> [r*b, pos, d_model]
+                    clean_in = x.reshape(r, -1, *x.shape[1:])[0]  # [b, pos, d_model]
                     return (base_in + alphas[:, None, None, None] * (clean_in - base_in)).reshape(-1, *x.shape[1:])
 
                 logits = gp.run(model, batch.clean.repeat(r, 1), interpolate, r)
-                gp.backward(logits, batch, reference, r * b / (n * steps))
+                gp.backward(logits, batch, clean_logits, r * b / (n * steps))
                 del logits
-            gp.flush()  # every step's gradients, contracted with diff once
+            gp.flush(_sender_differences(model, spec, values_src, batch, clean))  # every step's, contracted once
     return total.cpu()  # one transfer per call, after every batch
 
 
