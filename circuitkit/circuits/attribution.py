@@ -61,10 +61,11 @@ DEFAULT_IG_STEPS = 5
 DEFAULT_ACDC_TAU = 0.01
 # eap-ig runs several interpolation steps in one pass, up to this many residual-stream numbers summed over the
 # blocks, steps * batch * pos * d_model * n_layers (a proxy of the pass's saved activations, which grow with the
-# copies): a toy model's small passes are stacked, while at GPT-2-small width one batch of 8 x 15 tokens (1.1M
-# numbers) runs one step a pass, so eap-ig's peak memory stays near one forward + backward's. Per-step passes cost
-# little time since every receiver's gradients are summed over the passes and scored once (_GradientPass.flush).
-IG_COPY_BUDGET = 2**20
+# copies): the toy bench's passes (4 layers, d64, batch 64 x 15: 0.25M numbers a copy) keep all 5 steps in one,
+# while at GPT-2-small width one batch of 8 x 15 tokens (1.1M numbers) runs one step a pass, so eap-ig's peak
+# memory stays near one forward + backward's. Per-step passes cost little time: every receiver's gradients are
+# summed over the passes and contracted with the sender differences once (_GradientPass.flush).
+IG_COPY_BUDGET = 2**21
 # exact patching stacks single-edge copies of a batch up to this many residual numbers a pass
 # [copies*batch, pos, d_model] (eap-ig-senders: times its width); on an accelerator large passes pay, while
 # exact patching's forward-only passes on a CPU are faster when their activations stay in cache (same scores:
