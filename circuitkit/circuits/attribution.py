@@ -15,10 +15,12 @@ and ``eap`` / ``eap-ig`` (gradient estimates) can be compared directly.
   intervention of :mod:`~circuitkit.circuits.interventions`.
 - ``eap``: ``(a_u^ablate - a_u^clean) · ∂m/∂(input_v)``, summed over positions and d_model,
   on the clean run: one ablation pass + one clean forward + one backward per batch; the
-  products are one einsum per receiver block, done in the backward hooks.
+  backward hooks sum the receivers' gradients, and the products are one matrix product per
+  receiver block after the backward (:meth:`_GradientPass.flush`).
 - ``eap-ig``: as eap, with the receiver gradients averaged over ``steps`` runs whose input
   embeddings are interpolated from the ablated to the clean input (k/steps, k = 1..steps;
-  ``steps=1`` is eap).
+  ``steps=1`` is eap). Steps share a pass as :data:`IG_COPY_BUDGET` allows; the gradients of
+  every pass are summed and contracted once, with sender differences made after the passes.
 - ``eap-ig-senders``: integrated gradients along each sender's *own* path: sender u's output
   moves from clean toward ablated (midpoint rule, ``steps`` points) while every other node is
   computed as usual; ``δ_u · mean ∂m/∂(input_v)``. Closer to single-edge patching than eap-ig
@@ -249,9 +251,9 @@ class _GradientPass:
 
         With ``v = w ⊙ u`` and ``u = (∂m/∂q_h) @ W_Q[h]^T``, ln1's pull-back is
         ``(v - mean(v) - x̂ mean(v ⊙ x̂)) / σ`` (no ``mean(v)`` term for RMS norms). ``w`` is folded
-        into ``W_Q`` and ``1/σ`` into ∂m/∂q, so all but the ``x̂`` term are linear in ``∂m/∂q / σ``,
-        summed over copies and passes; the ``x̂`` term keeps each copy's ``x̂`` and its coefficients
-        ``Σ_d u x̂`` ([batch*pos, 3 * n_heads]).
+        into the pull-back (:meth:`_QKVWeights.pull_back`) and ``1/σ`` into ∂m/∂q, so all but the
+        ``x̂`` term are linear in ``∂m/∂q / σ``, summed over copies and passes; the ``x̂`` term keeps
+        each copy's ``x̂`` and its coefficients ``Σ_d u x̂`` ([batch*pos, 3 * n_heads]).
         """
         norm = self.model.cfg.normalization_type
         some = next(iter(grads.values()))
