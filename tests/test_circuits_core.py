@@ -297,7 +297,7 @@ def test_eap_ig_matches_plain_autograd(norm, monkeypatch):
     got = attribute(m, batch, "eap-ig", steps=4).scores  # all steps in one pass
     tol = dict(rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
     assert torch.allclose(got, expected, **tol)
-    monkeypatch.setattr(attribution, "IG_COPY_BUDGET", 3 * batch.seq_len * m.cfg.d_model * len(batch))
+    monkeypatch.setattr(attribution, "IG_COPY_BUDGET", 3 * batch.seq_len * m.cfg.d_model * len(batch) * m.cfg.n_layers)
     assert torch.allclose(attribute(m, batch, "eap-ig", steps=4).scores, expected, **tol)  # 3 steps, then 1
 
 

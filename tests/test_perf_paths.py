@@ -85,3 +85,66 @@ def test_gpt2_small_shape_and_config_fields():
 def test_bad_shapes_are_clear_errors(spec, words):
     with pytest.raises(CircuitkitError, match=words):
         shape_fields(spec)
+
+
+def test_ig_steps_per_pass_takes_fewer_steps_for_a_larger_pass(monkeypatch):
+    """The budget counts residual numbers over the blocks: a pass twice as large gets at most half
+    the steps, never fewer than one nor more than asked; the GPT-2-small-shape bench batch (8 x 15
+    tokens, 12 blocks of d_model 768) runs one step a pass, the toy bench's (64 x 15, 4 blocks of 64)
+    all five in one. Catches a budget counting input numbers only (GPT-2 width would stack 5 copies:
+    3.8x the floor's peak memory) or a constant not read at call time."""
+    per = attribution.ig_steps_per_pass
+    budget = attribution.IG_COPY_BUDGET
+    assert per(5, 8 * 15 * 768 * 12) == 1
+    assert per(5, 64 * 15 * 64 * 4) == 5
+    small, large = budget // 4, budget // 2
+    assert per(10, small) == 4 and per(10, large) == 2 and per(3, small) == 3
+    assert per(5, 4 * budget) == 1
+    monkeypatch.setattr(attribution, "IG_COPY_BUDGET", 3 * small)
+    assert per(10, small) == 3
+
+
+@pytest.mark.parametrize("ablation", ["patching", "mean", "zero"])
+def test_input_for_batch_is_the_input_nodes_ablated_value(ablation):
+    """The ablated input embedding eap-ig interpolates from, made without running the blocks, equals
+    the input node's (sender 0) row of the full ablated values."""
+    from circuitkit.circuits.graph import GraphSpec
+    from circuitkit.circuits.interventions import Ablation
+
+    m = build_model(toy_config("toy-2l", seed=2))
+    ds = get_task("addition").dataset(6, seed=4)
+    values = Ablation.parse(ablation).prepare(m, ds, 6, GraphSpec.from_model(m))
+    full = values.for_batch(m, ds)  # [b or 1, pos, n_src, d_model]
+    got = values.input_for_batch(m, ds)  # [b or 1, pos, d_model]
+    assert got.shape == full[:, :, 0].shape
+    assert torch.equal(got, full[:, :, 0])
+    if ablation == "patching":  # the corrupted prompt's embedding, not the clean one's
+        with torch.no_grad():
+            assert not torch.allclose(got, m(ds.clean, stop_at_layer=0))
+
+
+@pytest.mark.parametrize("ablation", ["patching", "mean"])
+def test_eap_ig_one_step_per_pass_equals_batched_at_every_level(monkeypatch, ablation):
+    """Gradients summed over passes and contracted once (edge, node and position level; a KL metric,
+    whose reference logits come from the clean capture) give the scores of all steps in one pass.
+    Catches a pass's sums dropped or counted twice, or a weight applied per pass instead of per copy."""
+    import dataclasses
+
+    from circuitkit.circuits.positions import attribute_positions
+    from circuitkit.tasks import Metric
+
+    m = build_model(toy_config("toy-2l", seed=5))
+    base = get_task("addition").dataset(6, seed=6)
+    for ds in (base, dataclasses.replace(base, metric=Metric.NEG_KL)):
+        runs = {
+            "edge": lambda: attribute(m, ds, "eap-ig", ablation=ablation, steps=3).scores,
+            "node": lambda: attribute_nodes(m, ds, "eap-ig", ablation=ablation, steps=3),
+            "position": lambda: attribute_positions(m, ds, "eap-ig", ablation=ablation, steps=3).scores,
+        }
+        for level, run in runs.items():
+            together = run()
+            with monkeypatch.context() as mp:
+                mp.setattr(attribution, "IG_COPY_BUDGET", 1)  # one copy per pass
+                apart = run()
+            assert together.abs().max() > 0, level
+            assert torch.allclose(together, apart, rtol=1e-4, atol=1e-6 * float(apart.abs().max())), (level, ds.metric)

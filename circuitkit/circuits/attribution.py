@@ -15,10 +15,12 @@ and ``eap`` / ``eap-ig`` (gradient estimates) can be compared directly.
   intervention of :mod:`~circuitkit.circuits.interventions`.
 - ``eap``: ``(a_u^ablate - a_u^clean) · ∂m/∂(input_v)``, summed over positions and d_model,
   on the clean run: one ablation pass + one clean forward + one backward per batch; the
-  products are one einsum per receiver block, done in the backward hooks.
+  backward hooks sum the receivers' gradients, and the products are one matrix product per
+  receiver block after the backward (:meth:`_GradientPass.flush`).
 - ``eap-ig``: as eap, with the receiver gradients averaged over ``steps`` runs whose input
   embeddings are interpolated from the ablated to the clean input (k/steps, k = 1..steps;
-  ``steps=1`` is eap).
+  ``steps=1`` is eap). Steps share a pass as :data:`IG_COPY_BUDGET` allows; the gradients of
+  every pass are summed and contracted once, with sender differences made after the passes.
 - ``eap-ig-senders``: integrated gradients along each sender's *own* path: sender u's output
   moves from clean toward ablated (midpoint rule, ``steps`` points) while every other node is
   computed as usual; ``δ_u · mean ∂m/∂(input_v)``. Closer to single-edge patching than eap-ig
@@ -59,14 +61,27 @@ COMPONENT, POSITION = "component", "position"
 LEVELS = (COMPONENT, POSITION)
 DEFAULT_IG_STEPS = 5
 DEFAULT_ACDC_TAU = 0.01
-# eap-ig runs several interpolation steps in one pass, up to this many input numbers [steps*batch, pos, d_model]
-IG_COPY_BUDGET = 2**22
+# eap-ig runs several interpolation steps in one pass, up to this many residual-stream numbers summed over the
+# blocks, steps * batch * pos * d_model * n_layers (a proxy of the pass's saved activations, which grow with the
+# copies): the toy bench's passes (4 layers, d64, batch 64 x 15: 0.25M numbers a copy) keep all 5 steps in one,
+# while at GPT-2-small width one batch of 8 x 15 tokens (1.1M numbers) runs one step a pass, so eap-ig's peak
+# memory stays near one forward + backward's. Per-step passes cost little time: every receiver's gradients are
+# summed over the passes and contracted with the sender differences once (_GradientPass.flush).
+IG_COPY_BUDGET = 2**21
 # exact patching stacks single-edge copies of a batch up to this many residual numbers a pass
 # [copies*batch, pos, d_model] (eap-ig-senders: times its width); on an accelerator large passes pay, while
 # exact patching's forward-only passes on a CPU are faster when their activations stay in cache (same scores:
 # each copy is its own rows), so a CPU gets its own, smaller budget for them (eap-ig-senders was slower with it)
 PATCH_COPY_BUDGET = 2**21
 CPU_PATCH_COPY_BUDGET = 2**19
+
+
+def ig_steps_per_pass(steps: int, numbers_per_copy: int) -> int:
+    """How many of eap-ig's ``steps`` interpolation copies share a forward + backward pass, when one
+    copy of the batch has ``numbers_per_copy`` residual-stream numbers over the blocks
+    (batch * pos * d_model * n_layers): as many as :data:`IG_COPY_BUDGET` holds (read at call
+    time), at least one, at most ``steps``."""
+    return max(1, min(steps, IG_COPY_BUDGET // max(numbers_per_copy, 1)))
 
 
 def patch_copy_budget(device: torch.device) -> int:
@@ -79,24 +94,37 @@ def patch_copy_budget(device: torch.device) -> int:
 
 @dataclass(frozen=True)
 class _QKVWeights:
-    """One block's q/k/v weights as the receiver scoring uses them, made once per attribution call
-    (they do not change while it runs) instead of once per block and pass."""
+    """One block's small q/k/v weight terms as the receiver scoring uses them, made once per
+    attribution call (they do not change while it runs) instead of once per block and pass. The
+    weights themselves are read from the model: a folded copy ``(w_ln ⊙ W)^T`` of every block was
+    81 MiB at GPT-2-small width, held for the whole call (a third of a forward + backward's peak)."""
 
-    w_t: torch.Tensor  # [3 * n_heads, d_head, d_model]: (w_ln ⊙ W_{Q,K,V})^T, contiguous
+    ln_w: torch.Tensor | None  # [d_model]: ln1's weight w_ln (None: the norm has none)
     col_sum: torch.Tensor  # [3 * n_heads, d_head]: Σ_d (w_ln ⊙ W)
     offset: torch.Tensor  # [3 * n_heads, d_head]: q = x̂ @ (w_ln ⊙ W_Q) + offset (b_Q, plus b_ln @ W_Q for LN)
 
     @classmethod
     def of(cls, model, layer: int) -> "_QKVWeights":
         attn, ln, norm = model.blocks[layer].attn, model.blocks[layer].ln1, model.cfg.normalization_type
+        ws = (attn.W_Q, attn.W_K, attn.W_V)  # [n_heads, d_model, d_head] each
         with torch.no_grad():
-            w = torch.cat([attn.W_Q, attn.W_K, attn.W_V])  # [3 * n_heads, d_model, d_head]
             offset = torch.cat([attn.b_Q, attn.b_K, attn.b_V])  # [3 * n_heads, d_head]
             if norm == "LN":
-                offset = offset + torch.einsum("d,hde->he", ln.b, w)
-            if norm in ("LN", "RMS"):
-                w = w * ln.w[None, :, None]
-            return cls(w.transpose(1, 2).contiguous(), w.sum(1), offset)
+                offset = offset + torch.cat([torch.einsum("d,hde->he", ln.b, w) for w in ws])
+            ln_w = ln.w.detach() if norm in ("LN", "RMS") else None
+            col_sum = torch.cat([w.sum(1) if ln_w is None else torch.einsum("d,hde->he", ln_w, w) for w in ws])
+            return cls(ln_w, col_sum, offset)
+
+    @staticmethod
+    def pull_back(model, layer: int, g: torch.Tensor,  # [3 * n_heads, rows, d_head]: ∂m/∂q, ∂m/∂k, ∂m/∂v
+                  ln_w: torch.Tensor | None) -> torch.Tensor:  # [3 * n_heads, rows, d_model]
+        """``(g_h @ W_h^T) ⊙ w_ln`` for every q, k and v head: three batched products into one buffer."""
+        attn = model.blocks[layer].attn
+        n = attn.W_Q.shape[0]
+        u = g.new_empty(g.shape[0], g.shape[1], model.cfg.d_model)
+        for i, w in enumerate((attn.W_Q, attn.W_K, attn.W_V)):  # [n_heads, d_model, d_head]
+            torch.bmm(g[i * n: (i + 1) * n], w.detach().transpose(1, 2), out=u[i * n: (i + 1) * n])
+        return u if ln_w is None else u.mul_(ln_w)
 
 
 class _GradientPass:
@@ -117,6 +145,13 @@ class _GradientPass:
     ``ln1.hook_scale`` / ``ln1.hook_normalized`` (see :meth:`_head_input_grad`). This avoids
     3 * n_heads LayerNorms per block forward and back.
 
+    Scores are linear in the receiver gradients, so these are summed (weighted) as they arrive
+    and contracted with ``diff`` in :meth:`flush`, after the backward: eap-ig's interpolation steps
+    may each have their own pass (:meth:`run` takes the step's ``input_fn`` and copy count) and
+    still pay the contraction once, ``diff`` itself is needed only then (eap-ig makes it after its
+    passes), and no [3 * n_heads, batch*pos, d_model] product is held while the backward's
+    activations are.
+
     ``level="position"`` scores the same edges per token position (``out`` is
     ``[pos, n_src, n_dst]``): every contraction goes through
     :meth:`_with_diff`, which then sums over batch and d_model but keeps the position axis
@@ -125,22 +160,26 @@ class _GradientPass:
 
     def __init__(self, model, spec: GraphSpec, level: str,
                  out: torch.Tensor,  # [n_src, n_dst] (edge), [pos, n_src, n_dst] (position) or [n_src] (node)
-                 input_fn: Callable[[torch.Tensor], torch.Tensor],
-                 diff: torch.Tensor,  # [n_src, batch, pos, d_model], sender-major
+                 diff: torch.Tensor | None,  # [n_src, batch, pos, d_model], sender-major (None: given to flush)
                  subtract_clean: bool = False,
                  z_ablate: dict[int, torch.Tensor] | None = None,  # layer -> ablated z [batch, pos, n_heads, d_head]
-                 repeats: int = 1,  # the model's batch is `repeats` copies of the examples (eap-ig steps)
                  weights: dict[int, "_QKVWeights"] | None = None):  # per-layer weight products, shared by passes
-        self.model, self.spec, self.level, self.out, self.input_fn = model, spec, level, out, input_fn
+        self.model, self.spec, self.level, self.out = model, spec, level, out
         self.weights = {} if weights is None else weights
-        self.diff, self.subtract_clean, self.z_ablate, self.repeats = diff, subtract_clean, z_ablate, repeats
+        self.diff, self.subtract_clean, self.z_ablate = diff, subtract_clean, z_ablate
+        self.input_fn: Callable[[torch.Tensor], torch.Tensor] = lambda x: x  # per pass, see run()
+        self.repeats = 1  # per pass: the model's batch is `repeats` copies of the examples (eap-ig steps)
         self.x: torch.Tensor | None = None
         self.weight = 1.0
         self.prefix_of = spec.src_prefix.tolist()  # receiver -> number of senders before it (Python ints: no sync)
         self.ln_stats: dict[tuple[int, str], torch.Tensor] = {}  # (layer, "scale"|"normalized") -> [batch, pos, 1|d]
         self.pending: dict[int, dict[str, torch.Tensor]] = {}  # layer -> {"q": ∂m/∂q, ...} until all three arrive
         self.qkv_acts: dict[tuple[int, str], torch.Tensor] = {}  # (layer, "q") -> q [batch, pos, n_heads, d_head]
-        self.cache: dict[str, torch.Tensor] = {}  # per pass: diff laid out position-major (position level)
+        self.cache: dict[str, torch.Tensor] = {}  # diff laid out position-major (position level), made once
+        # weighted gradient sums until flush(): receiver (prefix, first col, end col) -> [batch*pos*d_model]
+        self.resid_acc: dict[tuple[int, int, int], torch.Tensor] = {}
+        self.node_acc: dict[tuple[int, int], torch.Tensor] = {}  # node level: sender rows -> [batch*pos*d_model]
+        self.head_acc: dict[int, _HeadInputSums] = {}  # layer -> its q/k/v receivers' sums
 
     @property
     def diff_t(self) -> torch.Tensor:  # [n_src, batch*pos*d_model]
@@ -199,49 +238,81 @@ class _GradientPass:
             got = self.pending.setdefault(layer, {})
             got[qkv] = grad
             if len(got) == 3:
-                self._score_head_inputs(layer, prefix, self.pending.pop(layer))
+                self._collect_head_inputs(layer, prefix, self.pending.pop(layer))
 
         def hook(act, hook):  # q (or k, v): [batch, pos, n_heads, d_head]
             self.qkv_acts[layer, qkv] = act.detach()
             act.register_hook(on_grad)
         return hook
 
-    def _score_head_inputs(self, layer: int, prefix: int, grads: dict[str, torch.Tensor]) -> None:
-        """Scores of the edges into one block's q, k and v inputs from ∂m/∂q, ∂m/∂k, ∂m/∂v
-        ([batch, pos, n_heads, d_head] each; a missing one had no path to the metric).
+    def _collect_head_inputs(self, layer: int, prefix: int, grads: dict[str, torch.Tensor]) -> None:
+        """Adds one pass's ∂m/∂q, ∂m/∂k, ∂m/∂v of one block ([repeats*batch, pos, n_heads, d_head] each;
+        a missing one had no path to the metric) to the block's sums, scored in :meth:`_score_head_inputs`.
 
         With ``v = w ⊙ u`` and ``u = (∂m/∂q_h) @ W_Q[h]^T``, ln1's pull-back is
         ``(v - mean(v) - x̂ mean(v ⊙ x̂)) / σ`` (no ``mean(v)`` term for RMS norms). ``w`` is folded
-        into ``W_Q`` and ``1/σ`` into ∂m/∂q; the two correction terms are applied in place to the one
-        [3 * n_heads, batch*pos, d_model] product (the pull-back itself), so the score is a single
-        matrix product with ``diff``: ``diff`` is read once per block and no
-        [senders, batch, pos, d_model] temporary is made (that was half the block's scoring time at
-        GPT-2-small width).
+        into the pull-back (:meth:`_QKVWeights.pull_back`) and ``1/σ`` into ∂m/∂q, so all but the
+        ``x̂`` term are linear in ``∂m/∂q / σ``, summed over copies and passes; the ``x̂`` term keeps
+        each copy's ``x̂`` and its coefficients ``Σ_d u x̂`` ([batch*pos, 3 * n_heads]).
         """
         norm = self.model.cfg.normalization_type
-        first = self.spec.head_dst(layer, 0, "q")  # a block's q, k, v receivers are contiguous
-        d_model = self.model.cfg.d_model
         some = next(iter(grads.values()))
         with torch.no_grad():
             g = torch.cat([grads.get(c, torch.zeros_like(some)) for c in "qkv"], 2)  # [r*b, pos, 3 * n_heads, d_head]
-            w = self._weights(layer)
             if norm is not None:
                 scale, x_hat = self.ln_stats[layer, "scale"], self.ln_stats[layer, "normalized"]  # [r*b,p,1], [r*b,p,d]
                 g = g / scale.unsqueeze(-1)
             n, r = g.shape[2], self.repeats
-            g_sum = g.reshape(r, -1, *g.shape[1:]).sum(0) if r > 1 else g  # copies summed: u is linear in g
-            u = g_sum.reshape(-1, n, g.shape[-1]).transpose(0, 1) @ w.w_t  # [3 * n_heads, b*pos, d_model]
-            if norm is not None:  # x̂ differs between copies: one in-place correction per copy
+            g_sum = (g.reshape(r, -1, *g.shape[1:]).sum(0) if r > 1 else g) * self.weight  # [b, pos, 3nh, d_head]
+            acc = self.head_acc.get(layer)
+            if acc is None:
+                acc = self.head_acc[layer] = _HeadInputSums(prefix, g_sum, [])
+            else:
+                acc.g_sum.add_(g_sum)
+            if norm is not None:  # x̂ differs between copies: one correction per copy
+                w = self._weights(layer)
                 xw = torch.cat([self.qkv_acts.pop((layer, c)) for c in "qkv"], 2) - w.offset  # x̂ @ (w ⊙ W): [r*b, pos, 3 * n_heads, d_head]
-                e = (g * xw).sum(-1).reshape(r, -1, n)  # Σ_d u x̂ per copy: [r, b*pos, 3 * n_heads]
-                x_hat_r = x_hat.reshape(r, -1, d_model)  # [r, b*pos, d_model]
-                for c in range(r):
-                    u.addcmul_(e[c].T.unsqueeze(-1), x_hat_r[c].unsqueeze(0), value=-1.0 / d_model)
-                if norm in ("LN", "LNPre"):
-                    mean_u = (g_sum * w.col_sum).sum(-1).reshape(-1, n)  # Σ_d u: [b*pos, 3 * n_heads]
-                    u.sub_(mean_u.T.unsqueeze(-1), alpha=1.0 / d_model)
-            score = self._with_diff(prefix, u.reshape(n, -1))  # [(pos,) prefix, 3 * n_heads]
-            self.out[..., :prefix, first: first + n] += self.weight * score.to(self.out.dtype)
+                e = (g * xw).sum(-1).reshape(r, -1, n) * self.weight  # Σ_d u x̂ per copy: [r, b*pos, 3 * n_heads]
+                x_hat_r = x_hat.reshape(r, -1, x_hat.shape[-1])  # [r, b*pos, d_model]
+                acc.corrections.extend((e[c], x_hat_r[c]) for c in range(r))
+
+    def _score_head_inputs(self, layer: int, acc: "_HeadInputSums") -> None:
+        """Scores of the edges into one block's q, k and v inputs from their sums: the pull-back
+        ``u`` [3 * n_heads, batch*pos, d_model] is made once (the correction terms applied in place)
+        and scored in a single matrix product with ``diff``: ``diff`` is read once per block and no
+        [senders, batch, pos, d_model] temporary is made (that was half the block's scoring time at
+        GPT-2-small width)."""
+        norm, d_model = self.model.cfg.normalization_type, self.model.cfg.d_model
+        first = self.spec.head_dst(layer, 0, "q")  # a block's q, k, v receivers are contiguous
+        w = self._weights(layer)
+        with torch.no_grad():
+            g_sum = acc.g_sum  # [b, pos, 3 * n_heads, d_head]
+            n = g_sum.shape[2]
+            u = w.pull_back(self.model, layer, g_sum.reshape(-1, n, g_sum.shape[-1]).transpose(0, 1), w.ln_w)  # [3nh, b*pos, d]
+            for e, x_hat in acc.corrections:  # [b*pos, 3 * n_heads], [b*pos, d_model]
+                u.addcmul_(e.T.unsqueeze(-1), x_hat.unsqueeze(0), value=-1.0 / d_model)
+            if norm in ("LN", "LNPre"):
+                mean_u = (g_sum * w.col_sum).sum(-1).reshape(-1, n)  # Σ_d u: [b*pos, 3 * n_heads]
+                u.sub_(mean_u.T.unsqueeze(-1), alpha=1.0 / d_model)
+            score = self._with_diff(acc.prefix, u.reshape(n, -1))  # [(pos,) prefix, 3 * n_heads]
+            self.out[..., :acc.prefix, first: first + n] += score.to(self.out.dtype)
+
+    def flush(self, diff: torch.Tensor | None = None) -> None:  # [n_src, batch, pos, d_model]
+        """Contract the gradient sums of every pass since the last flush with ``diff`` (given here
+        or at construction) into ``out``."""
+        if diff is not None:
+            self.diff = diff
+            self.cache.clear()
+        with torch.no_grad():
+            for (start, stop), g in self.node_acc.items():  # g: [batch*pos*d_model]
+                self.out[start:stop] += (self.diff_t[start:stop] @ g).to(self.out.dtype)  # [n_rows]
+            self.node_acc.clear()
+            for (prefix, start, stop), g in self.resid_acc.items():  # g: [batch*pos*d_model]
+                self.out[..., :prefix, start:stop] += self._with_diff(prefix, g[None, :]).to(self.out.dtype)
+            self.resid_acc.clear()
+            while self.head_acc:
+                layer, acc = self.head_acc.popitem()
+                self._score_head_inputs(layer, acc)
 
     def _weights(self, layer: int) -> "_QKVWeights":
         if layer not in self.weights:
@@ -268,19 +339,33 @@ class _GradientPass:
         return grad.reshape(self.repeats, -1).sum(0) if self.repeats > 1 else grad.reshape(-1)
 
     def _receiver_grad(self, prefix: int, cols: slice) -> Callable:
+        key = (prefix, cols.start, cols.stop)
+
         def on_grad(grad):  # [repeats*batch, pos, d_model]
-            score = self._with_diff(prefix, self._summed(grad)[None, :])  # [(pos,) prefix, 1]
-            self.out[..., :prefix, cols] += self.weight * score.to(self.out.dtype)
+            g = self._summed(grad) * self.weight  # [batch*pos*d_model]
+            if key in self.resid_acc:
+                self.resid_acc[key].add_(g)
+            else:
+                self.resid_acc[key] = g
         return on_grad
 
     def _node_grad(self, rows: slice) -> Callable:
         # every sender in `rows` adds its output to the activation whose gradient arrives here
+        key = (rows.start, rows.stop)
+
         def on_grad(grad):  # [repeats*batch, pos, d_model]
-            self.out[rows] += self.weight * (self.diff_t[rows] @ self._summed(grad)).to(self.out.dtype)  # [n_rows]
+            g = self._summed(grad) * self.weight  # [batch*pos*d_model]
+            if key in self.node_acc:
+                self.node_acc[key].add_(g)
+            else:
+                self.node_acc[key] = g
         return on_grad
 
-    def run(self, model, tokens: torch.Tensor) -> torch.Tensor:  # [batch, pos] -> [batch, pos, d_vocab]
-        """Forward with these hooks; the logits stay attached to the autograd graph."""
+    def run(self, model, tokens: torch.Tensor,  # [repeats*batch, pos] -> [repeats*batch, pos, d_vocab]
+            input_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, repeats: int = 1) -> torch.Tensor:
+        """Forward with these hooks, the input embedding replaced by ``input_fn(embedding)``
+        (identity when None); the logits stay attached to the autograd graph."""
+        self.input_fn, self.repeats = input_fn or (lambda x: x), repeats
         with torch.enable_grad(), temporary_hooks(model, self.hooks()):
             return model(tokens)
 
@@ -290,7 +375,19 @@ class _GradientPass:
         metric = copies_metric(batch, logits, reference, self.repeats).mean()  # over copies and examples
         metric.backward(inputs=[self.x])
         for layer, grads in list(self.pending.items()):  # blocks where q, k or v got no gradient
-            self._score_head_inputs(layer, self.prefix_of[self.spec.head_dst(layer, 0, "q")], self.pending.pop(layer))
+            self._collect_head_inputs(layer, self.prefix_of[self.spec.head_dst(layer, 0, "q")], self.pending.pop(layer))
+        self.qkv_acts.clear()
+        self.ln_stats.clear()
+        self.x = None
+
+
+@dataclass
+class _HeadInputSums:
+    """One block's q/k/v receiver gradients summed over copies and passes, until they are scored."""
+
+    prefix: int  # senders before the block
+    g_sum: torch.Tensor  # [batch, pos, 3 * n_heads, d_head]: Σ weight * (∂m/∂q,k,v) / σ
+    corrections: list[tuple[torch.Tensor, torch.Tensor]]  # per copy: (weight * Σ_d u x̂ [b*pos, 3nh], x̂ [b*pos, d])
 
 
 def _sender_major(values: torch.Tensor, batch: int, owned: bool) -> torch.Tensor:
@@ -325,6 +422,25 @@ def _ablated_sender_major(model, spec: GraphSpec, values_src: AblationValues, ba
     return buf, zs
 
 
+def _sender_differences(model, spec: GraphSpec, values_src: AblationValues, batch: TaskDataset,
+                        clean: torch.Tensor | None = None,  # [b, pos, n_src, d_model]: clean outputs, if captured
+                        ) -> torch.Tensor:  # [n_src, batch, pos, d_model]
+    """``a^ablate - a^clean`` sender-major, in one buffer: the ablated values, from which the clean
+    outputs are subtracted as a clean forward computes them (or ``clean`` when given)."""
+    b = len(batch)
+    with torch.no_grad():
+        diff = _sender_major(values_src.for_batch(model, batch), b, owned=values_src.ablation is Ablation.PATCHING)
+        if clean is not None:
+            return diff.sub_(clean.permute(2, 0, 1, 3))
+
+        def sink(rows: slice, act: torch.Tensor) -> None:  # [n_rows, batch, pos, d_model]
+            diff[rows] -= act
+
+        with temporary_hooks(model, sender_hooks(model, spec, sink)):
+            model(batch.clean)
+    return diff
+
+
 def _gradient_scores(model, ds: TaskDataset, *, level: str, steps: int | None, ablation: Ablation | str,
                      batch_size: int, progress: bool) -> torch.Tensor:  # [n_src, n_dst] or [n_src]
     spec = GraphSpec.from_model(model)
@@ -341,30 +457,33 @@ def _gradient_scores(model, ds: TaskDataset, *, level: str, steps: int | None, a
             b = len(batch)
             if steps is None:  # eap: the clean forward with gradients also subtracts the clean outputs
                 diff, z_ablate = _ablated_sender_major(model, spec, values_src, batch)
-                gp = _GradientPass(model, spec, level, total, lambda x: x, diff, True, z_ablate, weights=weights)
+                gp = _GradientPass(model, spec, level, total, diff, True, z_ablate, weights=weights)
                 logits = gp.run(model, batch.clean)
                 reference = logits.detach() if batch.metric is Metric.NEG_KL else None
                 gp.backward(logits, batch, reference, b / n)
+                del logits, reference  # the autograd graph's buffers go before the contraction's
+                gp.flush()
                 continue
-            # eap-ig: one clean capture pass, then `steps` interpolated forward + backward passes
+            # eap-ig: `steps` interpolated forward + backward passes, then the sender differences: the passes
+            # need only the input embeddings (and the clean logits for KL), and diff is read by flush() alone
             with torch.no_grad():
-                ablate = values_src.for_batch(model, batch)  # [b or 1, pos, n_src, d_model]
-            clean_logits, clean = capture_senders(model, batch.clean, spec)  # [b, pos, n_src, d_model]
-            reference = clean_logits if batch.metric is Metric.NEG_KL else None
-            clean_in, base_in = clean[:, :, 0], ablate[:, :, 0].clone()  # [b, pos, d_model], [b or 1, pos, d_model]
-            diff = _sender_major(ablate, b, owned=values_src.ablation is Ablation.PATCHING)
-            diff.sub_(clean.permute(2, 0, 1, 3))  # a^ablate - a^clean
-            per_pass = max(1, min(steps, IG_COPY_BUDGET // clean_in.numel()))
+                base_in = values_src.input_for_batch(model, batch)  # [b or 1, pos, d_model]
+                clean_logits, clean = (capture_senders(model, batch.clean, spec) if batch.metric is Metric.NEG_KL
+                                       else (None, None))  # [b, pos, d_vocab], [b, pos, n_src, d_model]
+            gp = _GradientPass(model, spec, level, total, None, weights=weights)
+            per_pass = ig_steps_per_pass(steps, b * batch.seq_len * model.cfg.d_model * spec.n_layers)
             for first in range(1, steps + 1, per_pass):  # steps k/steps, k = 1..steps, `per_pass` copies at a time
-                alphas = torch.arange(first, min(first + per_pass, steps + 1), device=device, dtype=clean_in.dtype) / steps
+                alphas = torch.arange(first, min(first + per_pass, steps + 1), device=device, dtype=base_in.dtype) / steps
                 r = len(alphas)
 
-                def interpolate(x, alphas=alphas):  # -> [r*b, pos, d_model]
+                def interpolate(x, alphas=alphas, r=r):  # the clean embedding of r copies -> [r*b, pos, d_model]
+                    clean_in = x.reshape(r, -1, *x.shape[1:])[0]  # [b, pos, d_model]
                     return (base_in + alphas[:, None, None, None] * (clean_in - base_in)).reshape(-1, *x.shape[1:])
 
-                gp = _GradientPass(model, spec, level, total, interpolate, diff, repeats=r, weights=weights)
-                logits = gp.run(model, batch.clean.repeat(r, 1))
-                gp.backward(logits, batch, reference, r * b / (n * steps))
+                logits = gp.run(model, batch.clean.repeat(r, 1), interpolate, r)
+                gp.backward(logits, batch, clean_logits, r * b / (n * steps))
+                del logits
+            gp.flush(_sender_differences(model, spec, values_src, batch, clean))  # every step's, contracted once
     return total.cpu()  # one transfer per call, after every batch
 
 

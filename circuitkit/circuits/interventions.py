@@ -207,6 +207,16 @@ class AblationValues:
         return torch.zeros(1, batch.seq_len, self.spec.n_src, model.cfg.d_model,
                            device=model_device(model), dtype=model_dtype(model))
 
+    def input_for_batch(self, model, batch: TaskDataset) -> torch.Tensor:  # [batch or 1, pos, d_model]
+        """The value the input node (sender 0, ``blocks.0.hook_resid_pre``) carries when ablated:
+        ``for_batch(...)[:, :, 0]`` without running the blocks (PATCHING embeds the corrupted prompt)."""
+        if self.ablation is Ablation.PATCHING:
+            with torch.no_grad():
+                return model(batch.corrupt, stop_at_layer=0)
+        if self.ablation is Ablation.MEAN:
+            return self.mean[:, :, 0]
+        return torch.zeros(1, batch.seq_len, model.cfg.d_model, device=model_device(model), dtype=model_dtype(model))
+
 
 # ---------------------------------------------------------------- the patched forward pass
 
