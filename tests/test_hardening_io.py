@@ -215,7 +215,7 @@ def test_stop_at_splits_a_run_that_resume_finishes_exactly(tmp_path, capsys):
     assert losses(tmp_path / "split" / "r") == losses(tmp_path / "whole" / "r")
     capsys.readouterr()
     assert cli_main(["train", "--config", config("zero"), "--no-progress", "--stop-at", "0"]) == 2
-    assert "--stop-at must be a positive step number" in capsys.readouterr().err
+    assert "--stop-at must be positive, got 0" in capsys.readouterr().err
 
 
 def test_torn_last_log_line_is_skipped_on_resume(tmp_path):

@@ -78,13 +78,6 @@ def add_stop_at_flag(p: argparse.ArgumentParser) -> None:
                         "continue later with --resume (a long run split across sessions)")
 
 
-def stop_at(args: argparse.Namespace) -> int | None:
-    """``--stop-at``, checked: a positive step number or None."""
-    if args.stop_at is not None and args.stop_at <= 0:
-        raise CircuitkitError(f"--stop-at must be a positive step number, got {args.stop_at}")
-    return args.stop_at
-
-
 def report_stop(result: dict, steps: int, run_dir) -> bool:
     """Say so when a run stopped before its last step (``--stop-at``); True if it did."""
     if result.get("finished", True):

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from circuitkit import CircuitkitError
-from circuitkit.commands.options import add_progress_flag, add_stop_at_flag, report_stop, stop_at
+from circuitkit.commands.options import add_progress_flag, add_stop_at_flag, positive, report_stop
 from circuitkit.io import read_toml
 from circuitkit.sparsity.finetune import SparsifyConfig, finetune
 
@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--w-attn", type=float, help="weight of the attention-edge density in the objective (default 1)")
     p.add_argument("--w-mlp", type=float, help="weight of the MLP-neuron density in the objective (default 1)")
     p.add_argument("--eta", type=float, help="GECO step size for log λ (default 0.01)")
-    p.add_argument("--steps", type=int, help="training steps (the one change --resume accepts)")
+    p.add_argument("--steps", type=int, help="training steps (--resume accepts a change)")
     p.add_argument("--final-hard-steps", type=int, help="last steps with deterministic straight-through gates")
     p.add_argument("--final-sparsity-weight", type=float, help="sparsity weight scale in those steps (default 1)")
     p.add_argument("--batch-size", type=int, help="global batch size (split over data-parallel ranks)")
@@ -102,10 +102,11 @@ def config_from_args(args: argparse.Namespace) -> SparsifyConfig:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    positive(args, "stop_at")
     cfg = config_from_args(args)
     torch.set_num_threads(int(os.environ.get("CIRCUITKIT_THREADS", torch.get_num_threads())))
     command = "circuitkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    card = finetune(cfg, resume=args.resume, max_steps=stop_at(args), progress=not args.no_progress, command=command,
+    card = finetune(cfg, resume=args.resume, max_steps=args.stop_at, progress=not args.no_progress, command=command,
                     force=args.force)
     if card and not report_stop(card, cfg.steps, cfg.run_dir):
         keys = ("name", "steps", "wall_time_s", "target_ce", "heldout_ce", "meets_target", "kept_edges",

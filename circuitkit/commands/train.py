@@ -8,7 +8,7 @@ import json
 import shlex
 import sys
 
-from circuitkit.commands.options import add_progress_flag, add_stop_at_flag, report_stop, stop_at
+from circuitkit.commands.options import add_progress_flag, add_stop_at_flag, positive, report_stop
 from circuitkit.training import TrainConfig, train
 
 
@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue exactly from the checkpoint in run_dir")
     p.add_argument("--force", action="store_true",
                    help="replace a finished model in out and discard a checkpoint in run_dir")
-    p.add_argument("--steps", type=int, help="override the number of steps (the one change --resume accepts)")
+    p.add_argument("--steps", type=int, help="override the number of steps (--resume accepts a change)")
     p.add_argument("--out", help="override the output model folder (default: the config's out)")
     p.add_argument("--run-dir", help="override the checkpoint and log folder (default: the config's run_dir)")
     add_stop_at_flag(p)
@@ -25,9 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    positive(args, "stop_at")
     cfg = TrainConfig.from_toml(args.config, steps=args.steps, out=args.out, run_dir=args.run_dir)
     command = "circuitkit " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    card = train(cfg, resume=args.resume, max_steps=stop_at(args), progress=not args.no_progress, command=command,
+    card = train(cfg, resume=args.resume, max_steps=args.stop_at, progress=not args.no_progress, command=command,
                  force=args.force)
     if report_stop(card, cfg.steps, cfg.run_dir):
         return 0
