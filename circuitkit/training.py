@@ -301,8 +301,10 @@ class RunKind(Enum):
         return f"circuitkit {self.value}"
 
 
-# Config fields a resume may change: the length of the run and where its files go.
-RESUMABLE_CHANGES = frozenset({"steps", "name", "out", "run_dir"})  # name: a label (progress bar, card)
+# Config fields a resume may change: the length of the run, where its files go, and (sparsify) the weight of
+# the sparsity term in the final deterministic phase -- each step's weight is in the step log, so a run that
+# changed it part-way is still readable. name is a label (progress bar, card).
+RESUMABLE_CHANGES = frozenset({"steps", "name", "out", "run_dir", "final_sparsity_weight"})
 
 
 def prepare_run(run_dir: Path, out: Path, kind: RunKind, resume: bool, force: bool, main: bool = True) -> None:
@@ -375,8 +377,8 @@ def load_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
         if changed:
             diff = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
             raise CircuitkitError(f"--resume: the config differs from the one {path} was written with ({diff}); "
-                                  "a resumed run may change only steps (and name/out/run_dir). Restore those settings, "
-                                  "or start over with --force")
+                                  f"a resumed run may change only {', '.join(sorted(RESUMABLE_CHANGES))}. Restore those "
+                                  "settings, or start over with --force")
     try:
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])

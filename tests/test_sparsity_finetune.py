@@ -92,6 +92,24 @@ def test_resume_continues_exactly(tmp_path, base_dir):
     assert torch.equal(load_model(tmp_path / "a" / "out")(x), load_model(tmp_path / "b" / "out")(x))
 
 
+def test_resume_may_change_the_final_phase_sparsity_weight(tmp_path, base_dir):
+    """The zoo's lever on a run whose hard phase relaxed the gates: resume a checkpoint from before
+    that phase with another ``final_sparsity_weight``. The continuation equals a run that had the
+    new weight from the start (the weight acts only in the final phase), and the log shows it."""
+    full = cfg_for(tmp_path / "a", base_dir, final_hard_steps=2, final_sparsity_weight=0.5)
+    finetune(full, progress=False)
+    ref = log_records(tmp_path / "a" / "run")
+    finetune(cfg_for(tmp_path / "b", base_dir, final_hard_steps=2, final_sparsity_weight=0.0), max_steps=3,
+             progress=False)
+    card = finetune(cfg_for(tmp_path / "b", base_dir, final_hard_steps=2, final_sparsity_weight=0.5), resume=True,
+                    progress=False)
+    got = log_records(tmp_path / "b" / "run")
+    assert [r["sparsity_weight"] for r in got] == [1.0] * 4 + [0.5] * 2
+    assert [(r["ce"], r["lam"], r["sparsity"], r["loss"]) for r in got] == \
+        [(r["ce"], r["lam"], r["sparsity"], r["loss"]) for r in ref]
+    assert card["finetune_config"]["final_sparsity_weight"] == 0.5
+
+
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, base_dir, monkeypatch):
     cfg = cfg_for(tmp_path, base_dir, checkpoint_every=2)
     real = ft.task_nll
