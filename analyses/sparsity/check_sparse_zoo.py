@@ -16,7 +16,7 @@ attention edges / active MLP neurons, and checks the targets:
 - toy-multitask-6l-sparse (and its lever variants, named toy-multitask-6l-sparse-*): every task
   within 0.5 points of the base accuracy, kept edges <= 1% (stretch 0.5%).
 
-Kept edges are reported over all tasks, per layer, per head, and per task.
+Kept edges are reported over all tasks, per layer, per head, per task, and per task and layer.
 
 Prints JSON; exits 1 when a target is missed.
 """
@@ -70,8 +70,11 @@ def main(argv: list[str] | None = None) -> int:
            "accuracy_base": {t: res_b[t]["accuracy"] for t in tasks},
            "kept_edges": rep.kept_edges, "kept_edges_layer": rep.kept_edges_layer,
            "kept_edges_head": rep.kept_edges_head,
-           "kept_edges_task": {t: measure_sparsity(sparse, ds).kept_edges for t, ds in measure.items()},
+           "kept_edges_task": {}, "kept_edges_task_layer": {},
            "mlp_active": rep.mlp_active}
+    for t, ds in measure.items():  # which task keeps which layer's edges
+        rep_t = measure_sparsity(sparse, ds)
+        out["kept_edges_task"][t], out["kept_edges_task_layer"][t] = rep_t.kept_edges, rep_t.kept_edges_layer
     if "addition" in tasks:  # every operand pair once: the held-out ones, and all 10,000
         with torch.no_grad():
             for split in ("heldout", "all"):
