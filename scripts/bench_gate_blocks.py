@@ -1,11 +1,15 @@
-"""Before/after of the block-by-block training-mode gate (issue 15), side by side in one run.
+"""Before/after of the block-by-block training-mode gate and of its fusion with the attention
+pattern multiply (issue 15), side by side in one run.
 
 Times, interleaved round by round on fresh copies of one model: the plain finetuning step, the
 gated step (attention gates, training mode, :func:`circuitkit.sparsity.finetune.sparse_step`) as
-shipped, and the same gated step with the gate computed as before (the noise's integers, every
-intermediate of the straight-through backward and the hard-density statistic full-size
-[batch, head, q, k] tensors: :mod:`circuitkit.bench.gate_reference`, which ``tests/test_sparsity_gate_blocks.py``
-shows gives the same bits).
+shipped ("fused, now": the gate made block by block inside one autograd function with the pattern
+multiply and one blocked backward pass), the same step with the blocked gate and a separate autograd
+multiply ("blocked, unfused"), and with the gate computed as first written (the noise's integers, the
+gate, every intermediate of the straight-through backward and the hard-density statistic full-size
+[batch, head, q, k] tensors, "whole-tensor, before"). The two older variants are
+:mod:`circuitkit.bench.gate_reference`, which ``tests/test_sparsity_gate_blocks.py`` shows gives the
+same bits.
 
     python scripts/bench_gate_blocks.py [--seq-lens 256,1024] [--steps 6] [--clock cpu] [--json FILE]
 
@@ -23,7 +27,7 @@ import sys
 import torch
 
 from circuitkit.bench.config import build_shape
-from circuitkit.bench.gate_reference import whole_tensor_gate
+from circuitkit.bench.gate_reference import unfused_gate, whole_tensor_gate
 from circuitkit.bench.steps import VARIANTS, make_batch, step_runner
 from circuitkit.bench.timing import CLOCK, Clock, now
 from circuitkit.io import write_json
@@ -33,7 +37,8 @@ ARCH = '{"n_layers": 2, "d_model": 768, "n_heads": 12, "d_head": 64, "d_mlp": 30
 
 
 def measure(arch: str, batch: int, seq_len: int, steps: int, rounds: int = 3) -> dict:
-    variants = {"plain": (False, contextlib.nullcontext), "gated (blocked, now)": (True, contextlib.nullcontext),
+    variants = {"plain": (False, contextlib.nullcontext), "gated (fused, now)": (True, contextlib.nullcontext),
+                "gated (blocked, unfused)": (True, unfused_gate),
                 "gated (whole-tensor, before)": (True, whole_tensor_gate)}
     samples: dict[str, list[float]] = {k: [] for k in variants}
     per_round = max(1, steps // rounds)

@@ -1,15 +1,18 @@
-"""The training-mode gate computed block by block (circuitkit/sparsity/gates.py, issue 15) gives the
-same bits as the whole-tensor computation it replaced: the gradient, the hard-density statistic, and
-so whole gated training steps."""
+"""The training-mode gate computed block by block, and the attention gate fused with the pattern
+multiply (circuitkit/sparsity/gates.py, issue 15), give the same bits as the whole-tensor, composed
+computation they replaced: the gated pattern, both gradients, the hard-density statistic, and so whole
+gated training steps."""
 
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
 
 import circuitkit.sparsity.gates as gates_mod
 from circuitkit.bench import steps
-from circuitkit.bench.gate_reference import WholeTensorConcreteST, whole_tensor_noise
+from circuitkit.bench.gate_reference import WholeTensorConcreteST, unfused_gate, whole_tensor_gate, whole_tensor_noise
 from circuitkit.models import build_model, toy_config
 from circuitkit.sparsity import GateConfig, GateMode, attach
 from circuitkit.sparsity.gates import _sign_sum_per_head, gate, uniform_noise
@@ -55,39 +58,131 @@ def test_blocked_sign_sum_equals_the_whole_tensor_sum(monkeypatch, block):
         assert torch.equal(_sign_sum_per_head(z), torch.sign(z).sum((0, 2, 3)))
 
 
+def _composed(concrete):
+    def gated_pattern(pattern, z, u, scale):
+        m, soft = concrete.apply(z, u, "attn", scale)
+        return pattern * m, soft
+    return gated_pattern
+
+
+def _pattern_grads(fn, pattern, z, u, w, hw, with_out, with_soft):
+    pattern, z = pattern.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    out, soft = fn(pattern, z, u, 0.01)
+    loss = ((out * w).sum() if with_out else 0) + ((soft * hw).sum() if with_soft else 0)
+    gp, gz = torch.autograd.grad(loss, (pattern, z), allow_unused=True)
+    return out, soft, gp, gz
+
+
+@pytest.mark.parametrize("block", [None, 128, 1000])  # 1000: not a multiple of a plane nor of a vector width
+@pytest.mark.parametrize("shape", [(2, 4, 300, 300), (3, 5, 13, 13), (1, 12, 64, 64), (2, 3, 17, 40)])
+def test_fused_gated_pattern_equals_pattern_times_the_gate_bit_for_bit(monkeypatch, block, shape):
+    """_GatedPattern against ``pattern * m`` with m from the blocked _ConcreteST and from the whole-tensor
+    reference: the gated pattern, the soft density and the gradients of pattern and z, with the loss
+    on both outputs, on the pattern only, and on the soft density only (then the pattern gets none)."""
+    if block is not None:
+        monkeypatch.setattr(gates_mod, "BLOCK", block)
+    g = torch.Generator().manual_seed(0)
+    tq, tk = shape[-2:]
+    causal = torch.ones((tq, tk), dtype=torch.bool).tril(tk - tq)  # the queries are the last tq positions
+    z = (torch.randn(shape, generator=g) * 3).masked_fill(~causal, float("-inf"))
+    pattern = torch.randn(shape, generator=g).masked_fill(~causal, float("-inf")).softmax(-1)
+    u = uniform_noise(shape, torch.Generator().manual_seed(1))
+    w, hw = torch.randn(shape, generator=g), torch.randn(shape[1], generator=g)
+    for with_out, with_soft in ((True, True), (True, False), (False, True)):
+        got = _pattern_grads(gates_mod._GatedPattern.apply, pattern, z, u, w, hw, with_out, with_soft)
+        for concrete in (WholeTensorConcreteST, gates_mod._ConcreteST):
+            want = _pattern_grads(_composed(concrete), pattern, z, u, w, hw, with_out, with_soft)
+            for name, a, b in zip(("pattern'", "soft", "grad pattern", "grad z"), want, got):
+                if a is None:
+                    assert b is None, name
+                else:
+                    assert torch.equal(a, b), (name, with_out, with_soft, float((a - b).abs().max()))
+        out, _, gp, gz = got
+        assert float(gz.abs().sum()) > 0 and (gp is None or float(gp.abs().sum()) > 0)
+        assert 0 < float((out > 0).sum()) < float((pattern > 0).sum())  # some gates open, some closed
+
+
 def test_gated_training_steps_are_unchanged(monkeypatch):
     """Three gated steps (attention and MLP gates, training mode) from the same start, with the
-    blocked gate and with the whole-tensor one: the same weights, bit for bit."""
+    shipped gate (blocked, the attention gate fused with the pattern), the blocked gate without the
+    fusion, and the whole-tensor composed one: the same weights and statistics, bit for bit."""
     arch = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=80)
     monkeypatch.setattr(gates_mod, "BLOCK", 256)  # several blocks per gate at this size
 
-    calls = []
+    calls = {"whole": 0, "fused": 0}
 
     class Counted(WholeTensorConcreteST):
         @staticmethod
         def forward(ctx, *args):
-            calls.append(1)
+            calls["whole"] += 1
             return WholeTensorConcreteST.forward(ctx, *args)
 
-    def run(concrete):
-        with monkeypatch.context() as mp:
-            mp.setattr(gates_mod, "_ConcreteST", concrete)
-            if concrete is Counted:
-                mp.setattr(gates_mod, "_sign_sum_per_head", lambda z: torch.sign(z).sum((0, 2, 3)))
+    fused = gates_mod._GatedPattern
+
+    class CountedFused(fused):
+        @staticmethod
+        def forward(ctx, *args):
+            calls["fused"] += 1
+            return fused.forward(ctx, *args)
+
+    def run(variant):
+        with variant(), monkeypatch.context() as mp:
+            if variant is whole_tensor_gate:
+                mp.setattr(gates_mod, "_ConcreteST", Counted)
+            mp.setattr(gates_mod, "_GatedPattern", CountedFused)
             m = build_model(toy_config(arch, seed=0))
             m.train()
-            attach(m, GateConfig(attn=True, mlp=True), GateMode.TRAIN).collect = True
+            gates = attach(m, GateConfig(attn=True, mlp=True), GateMode.TRAIN)
+            gates.collect = True
             tokens, mask = steps.make_batch(m, 3, 80)
             run_step = steps.step_runner(m, tokens, mask, gated=True)
             for i in range(3):
                 run_step(i)
-            return [p.detach().clone() for p in m.parameters()], dict(m.circuitkit_gates.stats["attn_hard"])
+            stats = {k: dict(gates.stats[k]) for k in ("attn_hard", "attn_soft", "mlp_hard", "mlp_soft")}
+            return [p.detach().clone() for p in m.parameters()], stats
 
-    before, hard0 = run(Counted)
-    assert len(calls) == 3 * 2 * 2  # steps x layers x (attention, MLP): the reference really ran
-    after, hard1 = run(gates_mod._ConcreteST)
-    assert all(torch.equal(a, b) for a, b in zip(before, after))
-    assert all(torch.equal(hard0[k], hard1[k]) for k in hard0) and hard0
+    before, st0 = run(whole_tensor_gate)
+    assert calls == {"whole": 3 * 2 * 2, "fused": 0}  # steps x layers x (attention, MLP): the reference ran
+    unfused, st1 = run(unfused_gate)
+    assert calls["fused"] == 0
+    after, st2 = run(contextlib.nullcontext)
+    assert calls["fused"] == 3 * 2  # the shipped attention gate is the fused one
+    for other, st in ((unfused, st1), (after, st2)):
+        assert all(torch.equal(a, b) for a, b in zip(before, other))
+        for k in st0:
+            assert st0[k] and st0[k].keys() == st[k].keys()
+            assert all(torch.equal(st0[k][l], st[k][l]) for l in st0[k]), k
+    assert all(v.requires_grad for v in st2["attn_soft"].values())
+
+
+def test_fused_gate_composes_with_temporary_pattern_hooks(monkeypatch):
+    """A temporary hook on hook_pattern (as circuit discovery adds) sees the gated pattern in
+    training mode, and what it returns is what the layer uses: a run with a hook that records the
+    pattern and doubles it, fused and unfused, the same output and gradients."""
+    arch = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=40)
+
+    def run(variant):
+        with variant():
+            m = build_model(toy_config(arch, seed=0))
+            gates = attach(m, GateConfig(attn=True), GateMode.TRAIN)
+            gates.noise_generator = torch.Generator().manual_seed(3)
+            seen = []
+
+            def hook(p, hook):
+                seen.append(p.detach().clone())
+                return p * 2
+
+            tokens = torch.randint(m.cfg.d_vocab, (2, 40), generator=torch.Generator().manual_seed(4))
+            out = m.run_with_hooks(tokens, fwd_hooks=[("blocks.1.attn.hook_pattern", hook)])
+            out.square().mean().backward()
+            return out.detach(), seen, [p.grad.clone() for p in m.parameters()]
+
+    out0, seen0, g0 = run(unfused_gate)
+    out1, seen1, g1 = run(contextlib.nullcontext)
+    assert len(seen1) == 1 and torch.equal(seen0[0], seen1[0])
+    causal = torch.ones(40, 40, dtype=torch.bool).tril()
+    assert bool((seen1[0][..., ~causal] == 0).all()) and bool((seen1[0][..., causal] == 0).any())  # gated
+    assert torch.equal(out0, out1) and all(torch.equal(a, b) for a, b in zip(g0, g1))
 
 
 @pytest.mark.parametrize("block", [None, 128])

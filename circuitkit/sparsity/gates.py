@@ -226,6 +226,123 @@ class _ConcreteST(torch.autograd.Function):
         return out, None, None, None
 
 
+def _plane_blocks(planes: int, plane: int, block: int) -> Iterator[tuple[int, int, int, int]]:
+    """Flat ``[lo, hi)`` ranges over ``planes`` contiguous planes of ``plane`` elements each, with the
+    planes ``[p0, p1)`` they lie in: whole planes, at most ``block`` elements together, or, where one
+    plane is larger than ``block``, pieces of one plane that start at multiples of ``block`` from the
+    plane's start. So every range ends where a plane ends or ``block`` elements after it started: an
+    elementwise kernel run over it does its vector code on the same elements (and its scalar tail on
+    the same last ones) as one run over the plane-by-plane broadcast of the whole tensor."""
+    if plane <= block:
+        step = block // plane
+        for p0 in range(0, planes, step):
+            p1 = min(p0 + step, planes)
+            yield p0 * plane, p1 * plane, p0, p1
+    else:
+        for p in range(planes):
+            for lo in range(0, plane, block):
+                yield p * plane + lo, p * plane + min(lo + block, plane), p, p + 1
+
+
+class _GatedPattern(torch.autograd.Function):
+    """``pattern ⊙ m`` with the training-mode attention gate ``m = floor(sigmoid(z) + u)`` of
+    :class:`_ConcreteST`, and the soft density, in one function.
+
+    The same values as ``pattern * _ConcreteST.apply(z, u, "attn", scale)[0]`` (the same elementwise
+    operations in the same order, ``tests/test_sparsity_gate_blocks.py``), without the full-size
+    tensors between them: the gate ``m`` is made block by block (never kept), and the backward is one
+    blocked pass that writes the two gradients — ``grad_pattern = grad·m`` and
+    ``grad_z = g(1−g)·(grad·pattern) + c·s(1−s)`` (``c`` the soft density's gradient per head) —
+    where the composed functions wrote five full-size tensors (``grad·m``, ``grad·pattern``, the
+    straight-through gradient, ``s(1−s)``) and kept ``m`` for the backward. On CPU every such tensor
+    is a pass over memory and fresh pages (48 MiB per batch row at T = 1,024 and 12 heads); elsewhere
+    (a GPU) each pass is one kernel over the whole tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, pattern: torch.Tensor, z: torch.Tensor, u: torch.Tensor, scale: float):  # noqa: D401
+        # pattern, z, u: [batch, head, q, k], one dtype
+        s = torch.sigmoid(z)
+        out = torch.empty_like(pattern, memory_format=torch.contiguous_format)
+        fp, fs, fu, fo = _flat(pattern), _flat(s), _flat(u), out.view(-1)
+        n = s.numel()
+        block = BLOCK if s.device.type == "cpu" else max(n, 1)
+        buf = torch.empty(min(n, block), dtype=s.dtype, device=s.device)  # the gate m, one block at a time
+        for lo in range(0, n, block):
+            hi = min(lo + block, n)
+            m = torch.add(fs[lo:hi], fu[lo:hi], out=buf[:hi - lo]).floor_()
+            torch.mul(fp[lo:hi], m, out=fo[lo:hi])
+        ctx.save_for_backward(pattern, s, u)
+        ctx.scale = scale
+        ctx.set_materialize_grads(False)  # an unused output's gradient is None, and its terms are skipped
+        return out, _soft_reduce(s, "attn", scale)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor | None, grad_soft: torch.Tensor | None):
+        pattern, s, u = ctx.saved_tensors
+        if grad_out is None and grad_soft is None:
+            return None, None, None, None
+        bsz, heads, tq, tk = s.shape
+        n, plane = s.numel(), tq * tk
+        if n == 0:
+            return torch.zeros_like(pattern), torch.zeros_like(s), None, None
+        block = BLOCK if s.device.type == "cpu" else max(n, 1)
+        fs, fu, fp = _flat(s), _flat(u), _flat(pattern)
+        want_p = grad_out is not None and ctx.needs_input_grad[0]
+        grad_p = torch.empty_like(s, memory_format=torch.contiguous_format) if want_p else None
+        grad_z = torch.empty_like(s, memory_format=torch.contiguous_format)
+        fz = grad_z.view(-1)
+        fg = _flat(grad_out) if grad_out is not None else None
+        fgp = grad_p.view(-1) if want_p else None
+        c = None
+        if grad_soft is not None:  # per plane (batch row, head): the soft density's gradient
+            c = (grad_soft * ctx.scale).repeat(bsz).view(-1, 1)  # [batch·head, 1]
+        one = torch.ones((), dtype=s.dtype, device=s.device)
+        buf = torch.empty((4, min(n, block)), dtype=s.dtype, device=s.device)  # block-sized scratch, reused
+        for lo, hi, p0, p1 in _plane_blocks(bsz * heads, plane, block):
+            sb, ub = fs[lo:hi], fu[lo:hi]
+            a, t, b, den = (x[:hi - lo] for x in buf)
+            zb = fz[lo:hi]
+            if fg is not None:
+                gb = fg[lo:hi]
+                torch.add(sb, ub, out=t)
+                if want_p:
+                    torch.floor(t, out=fgp[lo:hi]).mul_(gb)  # grad · m
+                torch.mul(sb, ub, out=a)
+                torch.sub(a, t, out=b)
+                b += 1  # (1 − s)(1 − u)
+                torch.add(a, b, out=den)
+                a *= b
+                torch.div(a, den.square_(), out=zb).mul_(torch.mul(gb, fp[lo:hi], out=t))  # g(1 − g) · grad · pattern
+            if c is not None:
+                one_minus = torch.sub(one, sb, out=b)
+                ds = torch.mul(sb, one_minus, out=a)  # s(1 − s)
+                rows, cb = p1 - p0, c[p0:p1]
+                if fg is None:
+                    torch.mul(ds.view(rows, -1), cb, out=zb.view(rows, -1))
+                else:
+                    zb.view(rows, -1).addcmul_(ds.view(rows, -1), cb)
+        return grad_p, grad_z, None, None
+
+
+def _unfused_gated_pattern(pattern: torch.Tensor, z: torch.Tensor, u: torch.Tensor,
+                           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pattern ⊙ m`` and the soft density [head] through :class:`_ConcreteST` and an autograd
+    multiply (any shapes and dtypes that broadcast)."""
+    m, soft = _ConcreteST.apply(z, u, "attn", scale)
+    return pattern * m.to(pattern.dtype), soft
+
+
+def _gated_pattern(pattern: torch.Tensor, z: torch.Tensor, u: torch.Tensor,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training-mode gated pattern [batch, head, q, k] and soft density [head]: :class:`_GatedPattern`
+    where pattern and gate logits agree in shape and dtype (always, for a TransformerLens attention
+    layer), else the composed functions."""
+    if pattern.shape == z.shape and pattern.dtype == z.dtype == u.dtype:
+        return _GatedPattern.apply(pattern, z, u, scale)
+    return _unfused_gated_pattern(pattern, z, u.to(z.dtype), scale)
+
+
 class _HardST(torch.autograd.Function):
     """Deterministic straight-through gate: forward ``1[z > 0]``, gradient ``sigmoid'(z)``;
     second output the soft density as in :class:`_ConcreteST`."""
@@ -269,6 +386,16 @@ def gate(z: torch.Tensor, mode: GateMode, u: torch.Tensor | None = None,
     return _ConcreteST.apply(z, u.to(z.dtype), kind, scale)
 
 
+@dataclass(frozen=True)
+class _TrainGate:
+    """A training-mode attention gate between its two hooks: the logits, their noise, the soft
+    density's scale; the gate itself is made at ``hook_pattern`` (:func:`_gated_pattern`)."""
+
+    z: torch.Tensor  # [batch, head, q, k], -inf where masked
+    u: torch.Tensor  # [batch, head, q, k], U(0, 1)
+    scale: float
+
+
 class Gates:
     """The gate hooks on one model, their mode, and what the last forward collected.
 
@@ -287,7 +414,7 @@ class Gates:
         self.collect = False
         self.noise_generator: torch.Generator | None = None
         self.noise_rows: tuple[int, int] | None = None
-        self._pending: dict[tuple[str, int], torch.Tensor] = {}
+        self._pending: dict[tuple[str, int], torch.Tensor | _TrainGate] = {}
         self.stats: dict[str, dict[int, torch.Tensor]] = {}
         self.clear_stats()
         self._hooked: list[Any] = []
@@ -308,18 +435,20 @@ class Gates:
         bsz, _, tq, tk = z.shape
         n_edges = _edge_count(tq, tk)
         scale = 1.0 / (bsz * n_edges)  # soft density per head: mean over the batch of Σ_{j≤i} σ / n_edges
-        u = self._uniform_for(z) if self.mode is GateMode.TRAIN else None
-        m, soft = gate(z, self.mode, u=u, kind="attn", scale=scale)
+        if self.mode is GateMode.TRAIN:  # the gate is made with the pattern (_GatedPattern); its soft density there
+            self._pending[("attn", layer)] = _TrainGate(z, self._uniform_for(z).to(z.dtype), scale)
+            if self.collect:
+                with torch.no_grad():  # deterministic density 1[z > 0]: masked -inf count as −1
+                    self.stats["attn_hard"][layer] = (_sign_sum_per_head(z) + bsz * tq * tk) * (0.5 * scale)
+            return None
+        m, soft = gate(z, self.mode, kind="attn", scale=scale)
         self._pending[("attn", layer)] = m
         if self.collect:
             with torch.no_grad():
                 if soft is None:
                     soft = torch.sigmoid(z).sum((0, 2, 3)) * scale
-                if self.mode is GateMode.TRAIN:  # deterministic density 1[z > 0]: masked -inf count as −1
-                    hard = (_sign_sum_per_head(z) + bsz * tq * tk) * (0.5 * scale)
-                else:
-                    hard = m.sum((0, 2, 3)) * scale
-            self.stats["attn_soft"][layer] = soft  # [head], with gradient in training
+                hard = m.sum((0, 2, 3)) * scale
+            self.stats["attn_soft"][layer] = soft  # [head], with gradient in HARD_ST
             self.stats["attn_hard"][layer] = hard
         return None
 
@@ -328,6 +457,11 @@ class Gates:
         if m is None:
             raise CircuitkitError(f"{hook.name}: no gate from hook_attn_scores for this forward; the gate hooks "
                                   "are out of step (was hook_attn_scores skipped?)")
+        if isinstance(m, _TrainGate):
+            out, soft = _gated_pattern(pattern, m.z, m.u, m.scale)
+            if self.collect:
+                self.stats["attn_soft"][layer] = soft  # [head], with gradient
+            return out
         return pattern * m.to(pattern.dtype)
 
     def _mlp_pre_hook(self, pre: torch.Tensor, hook: Any, layer: int) -> None:
