@@ -58,47 +58,62 @@ def test_blocked_sign_sum_equals_the_whole_tensor_sum(monkeypatch, block):
         assert torch.equal(_sign_sum_per_head(z), torch.sign(z).sum((0, 2, 3)))
 
 
+BIAS = 0.7
+
+
 def _composed(concrete):
-    def gated_pattern(pattern, z, u, scale):
-        m, soft = concrete.apply(z, u, "attn", scale)
+    def gated_pattern(pattern, scores, u, scale):  # as before the fusion: z, then m, then pattern * m
+        m, soft = concrete.apply(scores + BIAS, u, "attn", scale)
         return pattern * m, soft
     return gated_pattern
 
 
-def _pattern_grads(fn, pattern, z, u, w, hw, with_out, with_soft):
-    pattern, z = pattern.clone().requires_grad_(True), z.clone().requires_grad_(True)
-    out, soft = fn(pattern, z, u, 0.01)
+def _fused(pattern, scores, u, scale):
+    s, _ = gates_mod._GateSigmoid.apply(scores, BIAS, False)
+    return gates_mod._GatedPattern.apply(pattern, s, u, scale)
+
+
+def _pattern_grads(fn, pattern, scores, u, w, hw, with_out, with_soft):
+    pattern, scores = pattern.clone().requires_grad_(True), scores.clone().requires_grad_(True)
+    out, soft = fn(pattern, scores, u, 0.01)
     loss = ((out * w).sum() if with_out else 0) + ((soft * hw).sum() if with_soft else 0)
-    gp, gz = torch.autograd.grad(loss, (pattern, z), allow_unused=True)
-    return out, soft, gp, gz
+    gp, gs = torch.autograd.grad(loss, (pattern, scores), allow_unused=True)
+    return out, soft, gp, gs
 
 
-@pytest.mark.parametrize("block", [None, 128, 1000])  # 1000: not a multiple of a plane nor of a vector width
+# 1088: a multiple of every vector width (as BLOCK must be) that divides no plane here
+@pytest.mark.parametrize("block", [None, 128, 1088])
 @pytest.mark.parametrize("shape", [(2, 4, 300, 300), (3, 5, 13, 13), (1, 12, 64, 64), (2, 3, 17, 40)])
 def test_fused_gated_pattern_equals_pattern_times_the_gate_bit_for_bit(monkeypatch, block, shape):
-    """_GatedPattern against ``pattern * m`` with m from the blocked _ConcreteST and from the whole-tensor
-    reference: the gated pattern, the soft density and the gradients of pattern and z, with the loss
-    on both outputs, on the pattern only, and on the soft density only (then the pattern gets none)."""
+    """The fused gate (_gate_sigmoid at the scores hook, _GatedPattern at the pattern hook) against
+    ``z = scores + bias`` and ``pattern * m`` with m from the blocked _ConcreteST and from the
+    whole-tensor reference: the gated pattern, the soft density, the gradients of pattern and scores,
+    with the loss on both outputs, on the pattern only, and on the soft density only (then the pattern
+    gets none); and the hard-density signs against ``sign(z).sum((0, 2, 3))``."""
     if block is not None:
         monkeypatch.setattr(gates_mod, "BLOCK", block)
     g = torch.Generator().manual_seed(0)
     tq, tk = shape[-2:]
     causal = torch.ones((tq, tk), dtype=torch.bool).tril(tk - tq)  # the queries are the last tq positions
-    z = (torch.randn(shape, generator=g) * 3).masked_fill(~causal, float("-inf"))
-    pattern = torch.randn(shape, generator=g).masked_fill(~causal, float("-inf")).softmax(-1)
+    scores = (torch.randn(shape, generator=g) * 3).masked_fill(~causal, float("-inf"))
+    scores[0, 0, -1, :3] = -BIAS  # z exactly 0: sign 0
+    pattern = scores.softmax(-1)
     u = uniform_noise(shape, torch.Generator().manual_seed(1))
     w, hw = torch.randn(shape, generator=g), torch.randn(shape[1], generator=g)
+    s, signs = gates_mod._gate_sigmoid(scores, BIAS, signs=True)
+    z = scores + BIAS
+    assert torch.equal(s, torch.sigmoid(z)) and torch.equal(signs, torch.sign(z).sum((0, 2, 3)))
     for with_out, with_soft in ((True, True), (True, False), (False, True)):
-        got = _pattern_grads(gates_mod._GatedPattern.apply, pattern, z, u, w, hw, with_out, with_soft)
+        got = _pattern_grads(_fused, pattern, scores, u, w, hw, with_out, with_soft)
         for concrete in (WholeTensorConcreteST, gates_mod._ConcreteST):
-            want = _pattern_grads(_composed(concrete), pattern, z, u, w, hw, with_out, with_soft)
-            for name, a, b in zip(("pattern'", "soft", "grad pattern", "grad z"), want, got):
+            want = _pattern_grads(_composed(concrete), pattern, scores, u, w, hw, with_out, with_soft)
+            for name, a, b in zip(("pattern'", "soft", "grad pattern", "grad scores"), want, got):
                 if a is None:
                     assert b is None, name
                 else:
                     assert torch.equal(a, b), (name, with_out, with_soft, float((a - b).abs().max()))
-        out, _, gp, gz = got
-        assert float(gz.abs().sum()) > 0 and (gp is None or float(gp.abs().sum()) > 0)
+        out, _, gp, gs = got
+        assert float(gs.abs().sum()) > 0 and (gp is None or float(gp.abs().sum()) > 0)
         assert 0 < float((out > 0).sum()) < float((pattern > 0).sum())  # some gates open, some closed
 
 
@@ -109,7 +124,7 @@ def test_gated_training_steps_are_unchanged(monkeypatch):
     arch = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=80)
     monkeypatch.setattr(gates_mod, "BLOCK", 256)  # several blocks per gate at this size
 
-    calls = {"whole": 0, "fused": 0}
+    calls = {"whole": 0, "fused": 0}  # the reference's gate and the fused one: which ran
 
     class Counted(WholeTensorConcreteST):
         @staticmethod
@@ -155,7 +170,7 @@ def test_gated_training_steps_are_unchanged(monkeypatch):
     assert all(v.requires_grad for v in st2["attn_soft"].values())
 
 
-def test_fused_gate_composes_with_temporary_pattern_hooks(monkeypatch):
+def test_fused_gate_composes_with_temporary_pattern_hooks():
     """A temporary hook on hook_pattern (as circuit discovery adds) sees the gated pattern in
     training mode, and what it returns is what the layer uses: a run with a hook that records the
     pattern and doubles it, fused and unfused, the same output and gradients."""
@@ -193,3 +208,30 @@ def test_blocked_noise_is_the_same_draw(monkeypatch, block, shape):
     a = uniform_noise(shape, torch.Generator().manual_seed(7))
     b = whole_tensor_noise(shape, torch.Generator().manual_seed(7))
     assert a.shape == b.shape and torch.equal(a, b)
+
+
+def test_fused_gate_ignores_a_later_in_place_edit_of_the_scores():
+    """A temporary hook that halves hook_attn_scores in place changes the softmax but not the gate,
+    nor the path of the gate's gradient (to the scores as they reached the gate's hook): the fused
+    gate gives the composed one's output and gradients, and the edit did change the output."""
+    arch = dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=40)
+
+    def run(variant, edit=True):
+        with variant():
+            m = build_model(toy_config(arch, seed=0))
+            gates = attach(m, GateConfig(attn=True), GateMode.TRAIN)
+            gates.noise_generator = torch.Generator().manual_seed(3)
+            gates.collect = True
+            tokens = torch.randint(m.cfg.d_vocab, (2, 40), generator=torch.Generator().manual_seed(4))
+            def halve(scores, hook):
+                scores.mul_(0.5)  # in place, returns nothing
+
+            hooks = [("blocks.0.attn.hook_attn_scores", halve)] if edit else []
+            out = m.run_with_hooks(tokens, fwd_hooks=hooks)
+            (out.square().mean() + gates.sparsity()["attn"]).backward()
+            return out.detach(), [p.grad.clone() for p in m.parameters()]
+
+    out0, g0 = run(unfused_gate)
+    out1, g1 = run(contextlib.nullcontext)
+    assert torch.equal(out0, out1) and all(torch.equal(a, b) for a, b in zip(g0, g1))
+    assert not torch.equal(out1, run(contextlib.nullcontext, edit=False)[0])

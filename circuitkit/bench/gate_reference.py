@@ -6,8 +6,8 @@ the shipped gate side by side, and ``tests/test_sparsity_gate_blocks.py`` checks
 gate gives the same bits. :func:`whole_tensor_gate` is the gate as it first was: every intermediate a
 full-size [batch, head, q, k] tensor (the noise's integers, the gate ``m``, the straight-through
 backward, the hard-density sign) and the attention pattern multiplied by ``m`` as a separate autograd
-multiply. :func:`unfused_gate` is the blocked gate without the fusion: ``pattern * m`` with ``m``
-from :class:`circuitkit.sparsity.gates._ConcreteST`.
+multiply. :func:`unfused_gate` is the blocked gate without the fusion: ``z = scores + bias``, then
+``pattern * m`` with ``m`` from :class:`circuitkit.sparsity.gates._ConcreteST` (:class:`ComposedAttnTrain`).
 """
 
 from __future__ import annotations
@@ -59,6 +59,27 @@ def whole_tensor_noise(shape, generator=None, device=None):
     return x.to(torch.float32).mul_(2.0 ** -15).add_(2.0 ** -16).view(shape)
 
 
+class ComposedAttnTrain:
+    """The training-mode attention gate composed of separate steps: ``z = scores + bias`` and its
+    hard-density signs (``gates._sign_sum_per_head``) at the scores hook, ``m`` from
+    ``gates._ConcreteST`` and an autograd ``pattern * m`` at the pattern hook (both looked up when
+    called, so :func:`whole_tensor_gate` makes them the whole-tensor ones)."""
+
+    @staticmethod
+    def at_scores(scores, bias, u, scale, collect):
+        z = scores + bias  # [batch, head, q, k]
+        signs = None
+        if collect:
+            with torch.no_grad():
+                signs = gates_mod._sign_sum_per_head(z)
+        return gates_mod._TrainGate(z, u, scale), signs
+
+    @staticmethod
+    def at_pattern(pattern, g):
+        m, soft = gates_mod._ConcreteST.apply(g.x, g.u, "attn", g.scale)
+        return pattern * m.to(pattern.dtype), soft
+
+
 @contextlib.contextmanager
 def _swapped(**values):
     saved = {k: getattr(gates_mod, k) for k in values}
@@ -74,9 +95,10 @@ def _swapped(**values):
 def whole_tensor_gate():
     """Context: the gates computed as before blocking and fusion (see the module docstring)."""
     return _swapped(_ConcreteST=WholeTensorConcreteST, _sign_sum_per_head=lambda z: torch.sign(z).sum((0, 2, 3)),
-                    uniform_noise=whole_tensor_noise, _gated_pattern=gates_mod._unfused_gated_pattern)
+                    uniform_noise=whole_tensor_noise, _ATTN_TRAIN=ComposedAttnTrain)
 
 
 def unfused_gate():
-    """Context: the blocked gate, the attention pattern multiplied by the gate as a separate autograd multiply."""
-    return _swapped(_gated_pattern=gates_mod._unfused_gated_pattern)
+    """Context: the blocked gate, composed: ``z = scores + bias``, ``m`` from the blocked ``_ConcreteST``,
+    the attention pattern multiplied by ``m`` as a separate autograd multiply."""
+    return _swapped(_ATTN_TRAIN=ComposedAttnTrain)

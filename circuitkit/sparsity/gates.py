@@ -244,25 +244,79 @@ def _plane_blocks(planes: int, plane: int, block: int) -> Iterator[tuple[int, in
                 yield p * plane + lo, p * plane + min(lo + block, plane), p, p + 1
 
 
-class _GatedPattern(torch.autograd.Function):
-    """``pattern ⊙ m`` with the training-mode attention gate ``m = floor(sigmoid(z) + u)`` of
-    :class:`_ConcreteST`, and the soft density, in one function.
+def _gate_sigmoid(scores: torch.Tensor, bias: float,
+                  signs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``s = sigmoid(scores + bias)`` [batch, head, q, k] block by block, without the full-size logits
+    ``z = scores + bias``, and (``signs``) ``Σ sign(z)`` per head [head] (scores' dtype) from the same
+    blocks — the values of ``torch.sigmoid(z)`` and :func:`_sign_sum_per_head` ``(z)`` (the blocks are
+    :data:`BLOCK` long, a multiple of every vector width, so the vector and scalar code run on the same
+    elements as in one pass; the sign counts are integers summed exactly in float64)."""
+    b, h, tq, tk = scores.shape
+    n, plane = scores.numel(), tq * tk
+    fsc = _flat(scores)
+    s = torch.empty(scores.shape, dtype=scores.dtype, device=scores.device)
+    fs = s.view(-1)
+    block = BLOCK if scores.device.type == "cpu" else max(n, 1)
+    buf = torch.empty(min(n, block), dtype=scores.dtype, device=scores.device)  # z, one block at a time
+    counts = torch.zeros(b * h, dtype=torch.float64, device=scores.device) if signs else None  # per plane
+    for lo in range(0, n, block):
+        hi = min(lo + block, n)
+        z = torch.add(fsc[lo:hi], bias, out=buf[:hi - lo])
+        torch.sigmoid(z, out=fs[lo:hi])
+        if counts is not None:
+            sg = torch.sign(z, out=z)
+            if lo % plane == 0 and (hi - lo) % plane == 0:  # whole planes
+                counts[lo // plane:hi // plane] += sg.view(-1, plane).sum(1, dtype=torch.float64)
+            else:  # the pieces of the planes the block crosses
+                for p in range(lo // plane, (hi - 1) // plane + 1):
+                    a, e = max(lo, p * plane), min(hi, (p + 1) * plane)
+                    counts[p] += sg[a - lo:e - lo].sum(dtype=torch.float64)
+    per_head = counts.view(b, h).sum(0).to(scores.dtype) if counts is not None else None
+    return s, per_head
 
-    The same values as ``pattern * _ConcreteST.apply(z, u, "attn", scale)[0]`` (the same elementwise
-    operations in the same order, ``tests/test_sparsity_gate_blocks.py``), without the full-size
-    tensors between them: the gate ``m`` is made block by block (never kept), and the backward is one
-    blocked pass that writes the two gradients — ``grad_pattern = grad·m`` and
-    ``grad_z = g(1−g)·(grad·pattern) + c·s(1−s)`` (``c`` the soft density's gradient per head) —
-    where the composed functions wrote five full-size tensors (``grad·m``, ``grad·pattern``, the
-    straight-through gradient, ``s(1−s)``) and kept ``m`` for the backward. On CPU every such tensor
-    is a pass over memory and fresh pages (48 MiB per batch row at T = 1,024 and 12 heads); elsewhere
-    (a GPU) each pass is one kernel over the whole tensor.
+
+class _GateSigmoid(torch.autograd.Function):
+    """At the scores hook: ``s = sigmoid(scores + bias)`` and the hard-density signs
+    (:func:`_gate_sigmoid`), tied into the graph at the scores as they reached the hook. Its one
+    consumer is :class:`_GatedPattern`, which passes back as "the gradient of ``s``" the gradient of
+    the logits ``z = scores + bias`` (made there in one pass with the pattern's gradient); this
+    backward hands it on to the scores unchanged, as ``z = scores + bias`` would. (So an in-place edit
+    of the scores by a later hook changes neither the gate nor the path its gradient takes.)"""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, bias: float, signs: bool):  # noqa: D401
+        s, sg = _gate_sigmoid(scores, bias, signs)  # [batch, head, q, k], [head] or None
+        if sg is not None:
+            ctx.mark_non_differentiable(sg)
+        return s, sg
+
+    @staticmethod
+    def backward(ctx, grad_z: torch.Tensor | None, grad_signs: Any):
+        return grad_z, None, None
+
+
+class _GatedPattern(torch.autograd.Function):
+    """``pattern ⊙ m`` with the training-mode attention gate ``m = floor(s + u)``, ``s = sigmoid(z)``,
+    ``z = scores + bias`` (the estimator of :class:`_ConcreteST`), and the soft density, in one function.
+
+    The same values as ``pattern * _ConcreteST.apply(scores + bias, u, "attn", scale)[0]`` (the same
+    elementwise operations in the same order, ``tests/test_sparsity_gate_blocks.py``), without the
+    full-size tensors between them: ``z`` is never made (``s`` comes from :func:`_gate_sigmoid`, and
+    the gradient returned for ``s`` is the one of ``z``, which :class:`_GateSigmoid` hands on to the
+    scores), the gate ``m`` is made
+    block by block and never kept, and the backward is one blocked pass that writes the two gradients —
+    ``grad_pattern = grad·m`` and ``grad_scores = g(1−g)·(grad·pattern) + c·s(1−s)`` (``c`` the soft
+    density's gradient per head) — where the composed functions wrote four full-size tensors
+    (``grad·m``, ``grad·pattern``, the straight-through gradient, ``s(1−s)``). On CPU every such tensor
+    is a pass over memory and, above glibc's 32 MiB mmap threshold, fresh pages from the kernel (48 MiB
+    per batch row at T = 1,024 and 12 heads); elsewhere (a GPU) each pass is one kernel over the whole
+    tensor.
     """
 
     @staticmethod
-    def forward(ctx, pattern: torch.Tensor, z: torch.Tensor, u: torch.Tensor, scale: float):  # noqa: D401
-        # pattern, z, u: [batch, head, q, k], one dtype
-        s = torch.sigmoid(z)
+    def forward(ctx, pattern: torch.Tensor, s: torch.Tensor, u: torch.Tensor, scale: float):  # noqa: D401
+        # pattern, s = sigmoid(z) from _GateSigmoid, u: [batch, head, q, k], one dtype. The gradient returned
+        # for s is the one of z (see _GateSigmoid).
         out = torch.empty_like(pattern, memory_format=torch.contiguous_format)
         fp, fs, fu, fo = _flat(pattern), _flat(s), _flat(u), out.view(-1)
         n = s.numel()
@@ -322,25 +376,43 @@ class _GatedPattern(torch.autograd.Function):
                     torch.mul(ds.view(rows, -1), cb, out=zb.view(rows, -1))
                 else:
                     zb.view(rows, -1).addcmul_(ds.view(rows, -1), cb)
-        return grad_p, grad_z, None, None
+        return grad_p, grad_z if ctx.needs_input_grad[1] else None, None, None
 
 
-def _unfused_gated_pattern(pattern: torch.Tensor, z: torch.Tensor, u: torch.Tensor,
-                           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``pattern ⊙ m`` and the soft density [head] through :class:`_ConcreteST` and an autograd
-    multiply (any shapes and dtypes that broadcast)."""
-    m, soft = _ConcreteST.apply(z, u, "attn", scale)
-    return pattern * m.to(pattern.dtype), soft
+@dataclass(frozen=True)
+class _TrainGate:
+    """A training-mode attention gate between its two hooks."""
+
+    x: torch.Tensor  # [batch, head, q, k]: s = sigmoid(z) from _GateSigmoid (fused), or z (composed)
+    u: torch.Tensor  # [batch, head, q, k], U(0, 1)
+    scale: float
 
 
-def _gated_pattern(pattern: torch.Tensor, z: torch.Tensor, u: torch.Tensor,
-                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training-mode gated pattern [batch, head, q, k] and soft density [head]: :class:`_GatedPattern`
-    where pattern and gate logits agree in shape and dtype (always, for a TransformerLens attention
-    layer), else the composed functions."""
-    if pattern.shape == z.shape and pattern.dtype == z.dtype == u.dtype:
-        return _GatedPattern.apply(pattern, z, u, scale)
-    return _unfused_gated_pattern(pattern, z, u.to(z.dtype), scale)
+class _FusedAttnTrain:
+    """The training-mode attention gate as shipped: at ``hook_attn_scores`` ``s = sigmoid(scores + bias)``
+    and the hard-density signs block by block (:func:`_gate_sigmoid`), at ``hook_pattern``
+    :class:`_GatedPattern`. (:mod:`circuitkit.bench.gate_reference` has the composed one it replaced.)"""
+
+    @staticmethod
+    def at_scores(scores: torch.Tensor, bias: float, u: torch.Tensor, scale: float,
+                  collect: bool) -> tuple[_TrainGate, torch.Tensor | None]:
+        # scores, u: [batch, head, q, k] -> the pending gate, Σ sign(scores + bias) per head [head] if collect
+        s, signs = _GateSigmoid.apply(scores, bias, collect)
+        return _TrainGate(s, u, scale), signs
+
+    @staticmethod
+    def at_pattern(pattern: torch.Tensor, g: _TrainGate) -> tuple[torch.Tensor, torch.Tensor]:
+        # pattern [batch, head, q, k] -> gated pattern [batch, head, q, k], soft density [head]
+        if pattern.shape != g.x.shape:
+            raise CircuitkitError(f"the attention pattern {tuple(pattern.shape)} and the gate logits "
+                                  f"{tuple(g.x.shape)} differ in shape; the gate hooks are out of step")
+        if pattern.dtype == g.x.dtype:
+            return _GatedPattern.apply(pattern, g.x, g.u, g.scale)
+        out, soft = _GatedPattern.apply(pattern.to(g.x.dtype), g.x, g.u, g.scale)
+        return out.to(pattern.dtype), soft
+
+
+_ATTN_TRAIN: Any = _FusedAttnTrain  # the training-mode attention gate (the benchmark's reference swaps it)
 
 
 class _HardST(torch.autograd.Function):
@@ -386,16 +458,6 @@ def gate(z: torch.Tensor, mode: GateMode, u: torch.Tensor | None = None,
     return _ConcreteST.apply(z, u.to(z.dtype), kind, scale)
 
 
-@dataclass(frozen=True)
-class _TrainGate:
-    """A training-mode attention gate between its two hooks: the logits, their noise, the soft
-    density's scale; the gate itself is made at ``hook_pattern`` (:func:`_gated_pattern`)."""
-
-    z: torch.Tensor  # [batch, head, q, k], -inf where masked
-    u: torch.Tensor  # [batch, head, q, k], U(0, 1)
-    scale: float
-
-
 class Gates:
     """The gate hooks on one model, their mode, and what the last forward collected.
 
@@ -431,16 +493,17 @@ class Gates:
         return u[start:start + z.shape[0]].to(z.device)
 
     def _attn_scores_hook(self, scores: torch.Tensor, hook: Any, layer: int) -> None:
-        z = scores + self.config.bias_gate  # [batch, head, q, k]; -inf where masked
-        bsz, _, tq, tk = z.shape
+        bsz, _, tq, tk = scores.shape  # [batch, head, q, k]; -inf where masked
         n_edges = _edge_count(tq, tk)
         scale = 1.0 / (bsz * n_edges)  # soft density per head: mean over the batch of Σ_{j≤i} σ / n_edges
-        if self.mode is GateMode.TRAIN:  # the gate is made with the pattern (_GatedPattern); its soft density there
-            self._pending[("attn", layer)] = _TrainGate(z, self._uniform_for(z).to(z.dtype), scale)
-            if self.collect:
-                with torch.no_grad():  # deterministic density 1[z > 0]: masked -inf count as −1
-                    self.stats["attn_hard"][layer] = (_sign_sum_per_head(z) + bsz * tq * tk) * (0.5 * scale)
+        if self.mode is GateMode.TRAIN:  # the gate is made with the pattern; its soft density there
+            u = self._uniform_for(scores).to(scores.dtype)
+            pending, signs = _ATTN_TRAIN.at_scores(scores, self.config.bias_gate, u, scale, self.collect)
+            self._pending[("attn", layer)] = pending
+            if self.collect:  # deterministic density 1[z > 0]: masked -inf count as −1
+                self.stats["attn_hard"][layer] = (signs + bsz * tq * tk) * (0.5 * scale)
             return None
+        z = scores + self.config.bias_gate
         m, soft = gate(z, self.mode, kind="attn", scale=scale)
         self._pending[("attn", layer)] = m
         if self.collect:
@@ -458,7 +521,7 @@ class Gates:
             raise CircuitkitError(f"{hook.name}: no gate from hook_attn_scores for this forward; the gate hooks "
                                   "are out of step (was hook_attn_scores skipped?)")
         if isinstance(m, _TrainGate):
-            out, soft = _gated_pattern(pattern, m.z, m.u, m.scale)
+            out, soft = _ATTN_TRAIN.at_pattern(pattern, m)
             if self.collect:
                 self.stats["attn_soft"][layer] = soft  # [head], with gradient
             return out
