@@ -6,11 +6,13 @@ gated training steps."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import pytest
 import torch
 
 import circuitkit.sparsity.gates as gates_mod
+from circuitkit import CircuitkitError
 from circuitkit.bench import steps
 from circuitkit.bench.gate_reference import WholeTensorConcreteST, unfused_gate, whole_tensor_gate, whole_tensor_noise
 from circuitkit.models import build_model, toy_config
@@ -89,7 +91,8 @@ def test_fused_gated_pattern_equals_pattern_times_the_gate_bit_for_bit(monkeypat
     ``z = scores + bias`` and ``pattern * m`` with m from the blocked _ConcreteST and from the
     whole-tensor reference: the gated pattern, the soft density, the gradients of pattern and scores,
     with the loss on both outputs, on the pattern only, and on the soft density only (then the pattern
-    gets none); and the hard-density signs against ``sign(z).sum((0, 2, 3))``."""
+    gets none), the noise as floats and as the int16 levels the shipped gate keeps; and the sigmoid and
+    the hard-density signs against ``sigmoid(z)`` and ``sign(z).sum((0, 2, 3))``."""
     if block is not None:
         monkeypatch.setattr(gates_mod, "BLOCK", block)
     g = torch.Generator().manual_seed(0)
@@ -99,19 +102,20 @@ def test_fused_gated_pattern_equals_pattern_times_the_gate_bit_for_bit(monkeypat
     scores[0, 0, -1, :3] = -BIAS  # z exactly 0: sign 0
     pattern = scores.softmax(-1)
     u = uniform_noise(shape, torch.Generator().manual_seed(1))
+    levels = gates_mod.noise_levels(shape, torch.Generator().manual_seed(1))  # the same noise, as kept on CPU
     w, hw = torch.randn(shape, generator=g), torch.randn(shape[1], generator=g)
     s, signs = gates_mod._gate_sigmoid(scores, BIAS, signs=True)
     z = scores + BIAS
     assert torch.equal(s, torch.sigmoid(z)) and torch.equal(signs, torch.sign(z).sum((0, 2, 3)))
-    for with_out, with_soft in ((True, True), (True, False), (False, True)):
-        got = _pattern_grads(_fused, pattern, scores, u, w, hw, with_out, with_soft)
+    for (with_out, with_soft), noise in itertools.product(((True, True), (True, False), (False, True)), (u, levels)):
+        got = _pattern_grads(_fused, pattern, scores, noise, w, hw, with_out, with_soft)
         for concrete in (WholeTensorConcreteST, gates_mod._ConcreteST):
             want = _pattern_grads(_composed(concrete), pattern, scores, u, w, hw, with_out, with_soft)
             for name, a, b in zip(("pattern'", "soft", "grad pattern", "grad scores"), want, got):
                 if a is None:
                     assert b is None, name
                 else:
-                    assert torch.equal(a, b), (name, with_out, with_soft, float((a - b).abs().max()))
+                    assert torch.equal(a, b), (name, with_out, with_soft, noise.dtype, float((a - b).abs().max()))
         out, _, gp, gs = got
         assert float(gs.abs().sum()) > 0 and (gp is None or float(gp.abs().sum()) > 0)
         assert 0 < float((out > 0).sum()) < float((pattern > 0).sum())  # some gates open, some closed
@@ -208,6 +212,22 @@ def test_blocked_noise_is_the_same_draw(monkeypatch, block, shape):
     a = uniform_noise(shape, torch.Generator().manual_seed(7))
     b = whole_tensor_noise(shape, torch.Generator().manual_seed(7))
     assert a.shape == b.shape and torch.equal(a, b)
+    x = gates_mod.noise_levels(shape, torch.Generator().manual_seed(7))  # what the fused gate keeps
+    assert x.dtype == torch.int16 and x.shape == a.shape
+    assert torch.equal(gates_mod._levels_to_uniform(x.reshape(-1), torch.empty(a.numel())).view(a.shape), a)
+
+
+def test_fused_gate_backward_twice_is_a_clear_error():
+    """The fused backward writes the gradient over its saved sigmoid: a second backward through the same
+    graph must refuse, not compute from overwritten values."""
+    shape = (1, 2, 5, 5)
+    scores = torch.randn(shape, requires_grad=True)
+    pattern = scores.softmax(-1)
+    out, soft = _fused(pattern, scores, uniform_noise(shape), 0.01)
+    loss = out.sum() + soft.sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(CircuitkitError, match="backward ran twice"):
+        loss.backward()
 
 
 def test_fused_gate_ignores_a_later_in_place_edit_of_the_scores():

@@ -63,7 +63,9 @@ class ComposedAttnTrain:
     """The training-mode attention gate composed of separate steps: ``z = scores + bias`` and its
     hard-density signs (``gates._sign_sum_per_head``) at the scores hook, ``m`` from
     ``gates._ConcreteST`` and an autograd ``pattern * m`` at the pattern hook (both looked up when
-    called, so :func:`whole_tensor_gate` makes them the whole-tensor ones)."""
+    called, so :func:`whole_tensor_gate` makes them the whole-tensor ones), the noise a float tensor."""
+
+    noise_levels = False
 
     @staticmethod
     def at_scores(scores, bias, u, scale, collect):

@@ -146,6 +146,26 @@ def uniform_noise(shape: tuple[int, ...], generator: torch.Generator | None = No
     return u.view(shape)
 
 
+def noise_levels(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
+    """The 15-bit levels ``x`` behind :func:`uniform_noise` on CPU (int16, same shape, the same draws):
+    ``u = x·2**-15 + 2**-16`` exactly (:func:`_levels_to_uniform`), in half the memory of ``u``."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    x = torch.empty(n, dtype=torch.int16)
+    r = torch.empty(min(BLOCK, n + 1) // 2, dtype=torch.int32)
+    for lo, hi in _blocks(n):
+        ints = r[:(hi - lo + 1) // 2].random_(generator=generator)  # [0, 2**31), as in uniform_noise
+        torch.bitwise_and(ints.view(torch.int16)[:hi - lo], 0x7FFF, out=x[lo:hi])
+    return x.view(shape)
+
+
+def _levels_to_uniform(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = x·2**-15 + 2**-16`` for levels x [n] (int16) into out [n] (float32 or float64): each step
+    exact, so the bits of :func:`uniform_noise`."""
+    return torch.mul(x, _SCALE, out=out).add_(_SCALE / 2)
+
+
 def _sign_sum_per_head(z: torch.Tensor) -> torch.Tensor:
     """``sign(z).sum((0, 2, 3))`` for z [batch, head, q, k] -> [head] (z's dtype), block by block in one
     small buffer instead of a full-size ``sign(z)``; the integer counts are summed exactly (float64), so
@@ -259,6 +279,8 @@ def _gate_sigmoid(scores: torch.Tensor, bias: float,
     block = BLOCK if scores.device.type == "cpu" else max(n, 1)
     buf = torch.empty(min(n, block), dtype=scores.dtype, device=scores.device)  # z, one block at a time
     counts = torch.zeros(b * h, dtype=torch.float64, device=scores.device) if signs else None  # per plane
+    # a block's counts are exact in float32 (at most 2**24 terms of ±1, 0): no float64 copy of the block
+    acc = None if scores.dtype == torch.float32 and block <= 1 << 24 else torch.float64
     for lo in range(0, n, block):
         hi = min(lo + block, n)
         z = torch.add(fsc[lo:hi], bias, out=buf[:hi - lo])
@@ -266,11 +288,11 @@ def _gate_sigmoid(scores: torch.Tensor, bias: float,
         if counts is not None:
             sg = torch.sign(z, out=z)
             if lo % plane == 0 and (hi - lo) % plane == 0:  # whole planes
-                counts[lo // plane:hi // plane] += sg.view(-1, plane).sum(1, dtype=torch.float64)
+                counts[lo // plane:hi // plane] += sg.view(-1, plane).sum(1, dtype=acc)
             else:  # the pieces of the planes the block crosses
                 for p in range(lo // plane, (hi - 1) // plane + 1):
                     a, e = max(lo, p * plane), min(hi, (p + 1) * plane)
-                    counts[p] += sg[a - lo:e - lo].sum(dtype=torch.float64)
+                    counts[p] += sg[a - lo:e - lo].sum(dtype=acc)
     per_head = counts.view(b, h).sum(0).to(scores.dtype) if counts is not None else None
     return s, per_head
 
@@ -315,27 +337,35 @@ class _GatedPattern(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, pattern: torch.Tensor, s: torch.Tensor, u: torch.Tensor, scale: float):  # noqa: D401
-        # pattern, s = sigmoid(z) from _GateSigmoid, u: [batch, head, q, k], one dtype. The gradient returned
-        # for s is the one of z (see _GateSigmoid).
+        # pattern, s = sigmoid(z) from _GateSigmoid: [batch, head, q, k], one dtype; u: the same shape, in that
+        # dtype or as int16 levels (noise_levels). The gradient returned for s is the one of z (see _GateSigmoid).
         out = torch.empty_like(pattern, memory_format=torch.contiguous_format)
         fp, fs, fu, fo = _flat(pattern), _flat(s), _flat(u), out.view(-1)
         n = s.numel()
         block = BLOCK if s.device.type == "cpu" else max(n, 1)
         buf = torch.empty(min(n, block), dtype=s.dtype, device=s.device)  # the gate m, one block at a time
+        levels = u.dtype == torch.int16
         for lo in range(0, n, block):
             hi = min(lo + block, n)
-            m = torch.add(fs[lo:hi], fu[lo:hi], out=buf[:hi - lo]).floor_()
+            ub = _levels_to_uniform(fu[lo:hi], buf[:hi - lo]) if levels else fu[lo:hi]
+            m = torch.add(fs[lo:hi], ub, out=buf[:hi - lo]).floor_()
             torch.mul(fp[lo:hi], m, out=fo[lo:hi])
         ctx.save_for_backward(pattern, s, u)
         ctx.scale = scale
         ctx.set_materialize_grads(False)  # an unused output's gradient is None, and its terms are skipped
+        ctx.done = False
         return out, _soft_reduce(s, "attn", scale)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor | None, grad_soft: torch.Tensor | None):
-        pattern, s, u = ctx.saved_tensors
+        if ctx.done:
+            raise CircuitkitError("the training-mode attention gate's backward ran twice for one forward; its saved "
+                                  "sigmoid becomes the gradient of the scores, so run the forward again instead of "
+                                  "keeping the graph (retain_graph)")
         if grad_out is None and grad_soft is None:
             return None, None, None, None
+        pattern, s, u = ctx.saved_tensors
+        ctx.done = True
         bsz, heads, tq, tk = s.shape
         n, plane = s.numel(), tq * tk
         if n == 0:
@@ -344,7 +374,9 @@ class _GatedPattern(torch.autograd.Function):
         fs, fu, fp = _flat(s), _flat(u), _flat(pattern)
         want_p = grad_out is not None and ctx.needs_input_grad[0]
         grad_p = torch.empty_like(s, memory_format=torch.contiguous_format) if want_p else None
-        grad_z = torch.empty_like(s, memory_format=torch.contiguous_format)
+        # the gradient of z is written over s, block by block once the block's s is used: s is this function's
+        # own (made by _GateSigmoid for it alone), and one full-size tensor less is fresh memory
+        grad_z = s if s.is_contiguous() else torch.empty_like(s, memory_format=torch.contiguous_format)
         fz = grad_z.view(-1)
         fg = _flat(grad_out) if grad_out is not None else None
         fgp = grad_p.view(-1) if want_p else None
@@ -352,11 +384,15 @@ class _GatedPattern(torch.autograd.Function):
         if grad_soft is not None:  # per plane (batch row, head): the soft density's gradient
             c = (grad_soft * ctx.scale).repeat(bsz).view(-1, 1)  # [batch·head, 1]
         one = torch.ones((), dtype=s.dtype, device=s.device)
-        buf = torch.empty((4, min(n, block)), dtype=s.dtype, device=s.device)  # block-sized scratch, reused
+        levels = u.dtype == torch.int16
+        buf = torch.empty((5 + levels, min(n, block)), dtype=s.dtype, device=s.device)  # block scratch, reused
         for lo, hi, p0, p1 in _plane_blocks(bsz * heads, plane, block):
-            sb, ub = fs[lo:hi], fu[lo:hi]
-            a, t, b, den = (x[:hi - lo] for x in buf)
-            zb = fz[lo:hi]
+            sb = fs[lo:hi]
+            ub = _levels_to_uniform(fu[lo:hi], buf[5, :hi - lo]) if levels and fg is not None else fu[lo:hi]
+            a, t, b, den, ds = (x[:hi - lo] for x in buf[:5])
+            zb = fz[lo:hi]  # may be sb itself: every use of sb comes before zb is written
+            if c is not None:
+                torch.mul(sb, torch.sub(one, sb, out=ds), out=ds)  # s(1 − s)
             if fg is not None:
                 gb = fg[lo:hi]
                 torch.add(sb, ub, out=t)
@@ -369,8 +405,6 @@ class _GatedPattern(torch.autograd.Function):
                 a *= b
                 torch.div(a, den.square_(), out=zb).mul_(torch.mul(gb, fp[lo:hi], out=t))  # g(1 − g) · grad · pattern
             if c is not None:
-                one_minus = torch.sub(one, sb, out=b)
-                ds = torch.mul(sb, one_minus, out=a)  # s(1 − s)
                 rows, cb = p1 - p0, c[p0:p1]
                 if fg is None:
                     torch.mul(ds.view(rows, -1), cb, out=zb.view(rows, -1))
@@ -384,14 +418,18 @@ class _TrainGate:
     """A training-mode attention gate between its two hooks."""
 
     x: torch.Tensor  # [batch, head, q, k]: s = sigmoid(z) from _GateSigmoid (fused), or z (composed)
-    u: torch.Tensor  # [batch, head, q, k], U(0, 1)
+    u: torch.Tensor  # [batch, head, q, k], U(0, 1), or its int16 levels (noise_levels; fused only)
     scale: float
 
 
 class _FusedAttnTrain:
     """The training-mode attention gate as shipped: at ``hook_attn_scores`` ``s = sigmoid(scores + bias)``
     and the hard-density signs block by block (:func:`_gate_sigmoid`), at ``hook_pattern``
-    :class:`_GatedPattern`. (:mod:`circuitkit.bench.gate_reference` has the composed one it replaced.)"""
+    :class:`_GatedPattern`, with the noise kept as its int16 levels on CPU (half the memory of ``u``, and
+    below glibc's mmap threshold, so no fresh pages; ``u`` is remade block by block where used).
+    (:mod:`circuitkit.bench.gate_reference` has the composed gate it replaced.)"""
+
+    noise_levels = True
 
     @staticmethod
     def at_scores(scores: torch.Tensor, bias: float, u: torch.Tensor, scale: float,
@@ -483,21 +521,27 @@ class Gates:
 
     # ------------------------------------------------------------ hooks
 
-    def _uniform_for(self, z: torch.Tensor) -> torch.Tensor:
-        """U(0,1) for z's gates; with ``noise_rows`` drawn for the global batch and sliced."""
+    def _uniform_for(self, z: torch.Tensor, levels: bool = False) -> torch.Tensor:
+        """U(0,1) for z's gates in z's dtype; with ``noise_rows`` drawn for the global batch and sliced.
+        ``levels``: as the int16 levels of :func:`noise_levels` (the same draws) where z is float32/64 on
+        CPU, as is the generator."""
         gen = self.noise_generator
-        if self.noise_rows is None:
-            return uniform_noise(tuple(z.shape), gen, gen.device if gen is not None else z.device).to(z.device)
-        total, start = self.noise_rows
-        u = uniform_noise((total, *z.shape[1:]), gen, gen.device if gen is not None else z.device)
-        return u[start:start + z.shape[0]].to(z.device)
+        dev = torch.device(gen.device if gen is not None else z.device)
+        shape = tuple(z.shape) if self.noise_rows is None else (self.noise_rows[0], *z.shape[1:])
+        if levels and dev.type == z.device.type == "cpu" and z.dtype in (torch.float32, torch.float64):
+            u = noise_levels(shape, gen)
+        else:
+            u = uniform_noise(shape, gen, dev).to(z.dtype)
+        if self.noise_rows is not None:
+            u = u[self.noise_rows[1]:self.noise_rows[1] + z.shape[0]]
+        return u.to(z.device)
 
     def _attn_scores_hook(self, scores: torch.Tensor, hook: Any, layer: int) -> None:
         bsz, _, tq, tk = scores.shape  # [batch, head, q, k]; -inf where masked
         n_edges = _edge_count(tq, tk)
         scale = 1.0 / (bsz * n_edges)  # soft density per head: mean over the batch of Σ_{j≤i} σ / n_edges
         if self.mode is GateMode.TRAIN:  # the gate is made with the pattern; its soft density there
-            u = self._uniform_for(scores).to(scores.dtype)
+            u = self._uniform_for(scores, levels=_ATTN_TRAIN.noise_levels)
             pending, signs = _ATTN_TRAIN.at_scores(scores, self.config.bias_gate, u, scale, self.collect)
             self._pending[("attn", layer)] = pending
             if self.collect:  # deterministic density 1[z > 0]: masked -inf count as −1
