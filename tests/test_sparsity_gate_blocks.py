@@ -17,7 +17,7 @@ from circuitkit.bench import steps
 from circuitkit.bench.gate_reference import WholeTensorConcreteST, unfused_gate, whole_tensor_gate, whole_tensor_noise
 from circuitkit.models import build_model, toy_config
 from circuitkit.sparsity import GateConfig, GateMode, attach
-from circuitkit.sparsity.gates import _sign_sum_per_head, gate, uniform_noise
+from circuitkit.sparsity.gates import _sign_sum_per_head, uniform_noise
 
 
 def _grads(fn, z, u, w, hw, kind, with_m=True, with_soft=True):

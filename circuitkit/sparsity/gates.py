@@ -188,7 +188,8 @@ def _soft_reduce(s: torch.Tensor, kind: str, scale: float) -> torch.Tensor:
 
 
 class _ConcreteST(torch.autograd.Function):
-    """Straight-through binary-concrete gate, fused with the soft density.
+    """Straight-through binary-concrete gate, fused with the soft density (MLP gates and :func:`gate`;
+    training-mode attention gates go through :class:`_GatedPattern`, the same estimator).
 
     With ``s = sigmoid(z)`` and uniform ``u``: ``g = sigmoid(z + log u − log(1−u))
     = s·u / (s·u + (1−s)(1−u))``, and ``g > 0.5 ⇔ s + u > 1``, so the forward is
@@ -270,7 +271,7 @@ def _gate_sigmoid(scores: torch.Tensor, bias: float,
     ``z = scores + bias``, and (``signs``) ``Σ sign(z)`` per head [head] (scores' dtype) from the same
     blocks — the values of ``torch.sigmoid(z)`` and :func:`_sign_sum_per_head` ``(z)`` (the blocks are
     :data:`BLOCK` long, a multiple of every vector width, so the vector and scalar code run on the same
-    elements as in one pass; the sign counts are integers summed exactly in float64)."""
+    elements as in one pass; the sign counts are integers, summed exactly)."""
     b, h, tq, tk = scores.shape
     n, plane = scores.numel(), tq * tk
     fsc = _flat(scores)
@@ -325,14 +326,14 @@ class _GatedPattern(torch.autograd.Function):
     elementwise operations in the same order, ``tests/test_sparsity_gate_blocks.py``), without the
     full-size tensors between them: ``z`` is never made (``s`` comes from :func:`_gate_sigmoid`, and
     the gradient returned for ``s`` is the one of ``z``, which :class:`_GateSigmoid` hands on to the
-    scores), the gate ``m`` is made
-    block by block and never kept, and the backward is one blocked pass that writes the two gradients —
-    ``grad_pattern = grad·m`` and ``grad_scores = g(1−g)·(grad·pattern) + c·s(1−s)`` (``c`` the soft
-    density's gradient per head) — where the composed functions wrote four full-size tensors
-    (``grad·m``, ``grad·pattern``, the straight-through gradient, ``s(1−s)``). On CPU every such tensor
-    is a pass over memory and, above glibc's 32 MiB mmap threshold, fresh pages from the kernel (48 MiB
-    per batch row at T = 1,024 and 12 heads); elsewhere (a GPU) each pass is one kernel over the whole
-    tensor.
+    scores); the gate ``m`` is made block by block and never kept; the noise may be kept as its int16
+    levels (:func:`noise_levels`) and remade per block; and the backward is one blocked pass that writes
+    the two gradients — ``grad_pattern = grad·m`` and ``grad_z = g(1−g)·(grad·pattern) + c·s(1−s)``
+    (``c`` the soft density's gradient per head), the latter over the saved ``s`` — where the composed
+    functions wrote four full-size tensors (``grad·m``, ``grad·pattern``, the straight-through gradient,
+    ``s(1−s)``). On CPU every such tensor is a pass over memory and, above glibc's 32 MiB mmap
+    threshold, fresh pages from the kernel (48 MiB per batch row at T = 1,024 and 12 heads); elsewhere
+    (a GPU) each pass is one kernel over the whole tensor.
     """
 
     @staticmethod
@@ -403,7 +404,8 @@ class _GatedPattern(torch.autograd.Function):
                 b += 1  # (1 − s)(1 − u)
                 torch.add(a, b, out=den)
                 a *= b
-                torch.div(a, den.square_(), out=zb).mul_(torch.mul(gb, fp[lo:hi], out=t))  # g(1 − g) · grad · pattern
+                gm = torch.mul(gb, fp[lo:hi], out=t)  # grad · pattern, into t (s + u is used by now)
+                torch.div(a, den.square_(), out=zb).mul_(gm)  # g(1 − g) · grad · pattern
             if c is not None:
                 rows, cb = p1 - p0, c[p0:p1]
                 if fg is None:
