@@ -10,6 +10,7 @@ import torch
 
 from circuitkit import CircuitkitError
 from circuitkit import bench
+from circuitkit.bench.scaling import GATED_NOW
 from circuitkit.circuits.graph import GraphSpec
 from circuitkit.cli import build_parser
 
@@ -168,7 +169,7 @@ def test_committed_results_at_other_shapes_land_on_the_scaling_figures_ratio_pan
     # the gated-step rows (256 and 1,024 tokens) go on the sequence panel, in order of length, the gate as
     # shipped (not the "before" variant) over the plain step
     (steps,) = shapes["seq_len"]
-    by_len = {r["seq_len"]: r["results"]["gated (blocked, now)"]["ratio_vs_plain"] for r in gate["rows"]}
+    by_len = {r["seq_len"]: r["results"][GATED_NOW]["ratio_vs_plain"] for r in gate["rows"]}
     assert steps["series"] == "gated_vs_plain" and steps["x"] == sorted(by_len) == [256, 1024]
     assert steps["y"] == pytest.approx([by_len[n] for n in steps["x"]], abs=6e-4)
     assert "2 layers, batch 1" in steps["label"] and "d_model 768" in steps["label"]

@@ -1,10 +1,13 @@
-"""The training-mode gate as it was before it was computed block by block (issue 15).
+"""The training-mode gate as it was before it was computed block by block, and before the attention
+gate was fused with the pattern multiply (issue 15).
 
-Why: two readers need the old, whole-tensor computation — ``scripts/bench_gate_blocks.py``
-times it against the shipped gate side by side, and ``tests/test_sparsity_gate_blocks.py`` checks
-that the shipped, blocked gate gives the same bits. Every intermediate here is a full-size
-[batch, head, q, k] tensor (the noise's integers, the straight-through backward, the hard-density
-sign), exactly as :mod:`circuitkit.sparsity.gates` computed them before.
+Why: two readers need the old computations — ``scripts/bench_gate_blocks.py`` times them against
+the shipped gate side by side, and ``tests/test_sparsity_gate_blocks.py`` checks that the shipped
+gate gives the same bits. :func:`whole_tensor_gate` is the gate as it first was: every intermediate a
+full-size [batch, head, q, k] tensor (the noise's integers, the gate ``m``, the straight-through
+backward, the hard-density sign) and the attention pattern multiplied by ``m`` as a separate autograd
+multiply. :func:`unfused_gate` is the blocked gate without the fusion: ``z = scores + bias``, then
+``pattern * m`` with ``m`` from :class:`circuitkit.sparsity.gates._ConcreteST` (:class:`ComposedAttnTrain`).
 """
 
 from __future__ import annotations
@@ -56,15 +59,48 @@ def whole_tensor_noise(shape, generator=None, device=None):
     return x.to(torch.float32).mul_(2.0 ** -15).add_(2.0 ** -16).view(shape)
 
 
+class ComposedAttnTrain:
+    """The training-mode attention gate composed of separate steps: ``z = scores + bias`` and its
+    hard-density signs (``gates._sign_sum_per_head``) at the scores hook, ``m`` from
+    ``gates._ConcreteST`` and an autograd ``pattern * m`` at the pattern hook (both looked up when
+    called, so :func:`whole_tensor_gate` makes them the whole-tensor ones), the noise a float tensor."""
+
+    noise_levels = False
+
+    @staticmethod
+    def at_scores(scores, bias, u, scale, collect):
+        z = scores + bias  # [batch, head, q, k]
+        signs = None
+        if collect:
+            with torch.no_grad():
+                signs = gates_mod._sign_sum_per_head(z)
+        return gates_mod._TrainGate(z, u, scale), signs
+
+    @staticmethod
+    def at_pattern(pattern, g):
+        m, soft = gates_mod._ConcreteST.apply(g.x, g.u, "attn", g.scale)
+        return pattern * m.to(pattern.dtype), soft
+
+
 @contextlib.contextmanager
-def whole_tensor_gate():
-    names = ("_ConcreteST", "_sign_sum_per_head", "uniform_noise")
-    saved = [getattr(gates_mod, k) for k in names]
-    gates_mod._ConcreteST = WholeTensorConcreteST
-    gates_mod._sign_sum_per_head = lambda z: torch.sign(z).sum((0, 2, 3))
-    gates_mod.uniform_noise = whole_tensor_noise
+def _swapped(**values):
+    saved = {k: getattr(gates_mod, k) for k in values}
+    for k, v in values.items():
+        setattr(gates_mod, k, v)
     try:
         yield
     finally:
-        for k, v in zip(names, saved):
+        for k, v in saved.items():
             setattr(gates_mod, k, v)
+
+
+def whole_tensor_gate():
+    """Context: the gates computed as before blocking and fusion (see the module docstring)."""
+    return _swapped(_ConcreteST=WholeTensorConcreteST, _sign_sum_per_head=lambda z: torch.sign(z).sum((0, 2, 3)),
+                    uniform_noise=whole_tensor_noise, _ATTN_TRAIN=ComposedAttnTrain)
+
+
+def unfused_gate():
+    """Context: the blocked gate, composed: ``z = scores + bias``, ``m`` from the blocked ``_ConcreteST``,
+    the attention pattern multiplied by ``m`` as a separate autograd multiply."""
+    return _swapped(_ATTN_TRAIN=ComposedAttnTrain)

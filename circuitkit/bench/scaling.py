@@ -103,7 +103,7 @@ def _slopes(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
 RATIO_SERIES = (("eap_vs_floor", "eap ÷ floor"), ("eap_ig_vs_floor", "eap-ig ÷ its floor"),
                 ("gated_vs_plain", "gated step ÷ plain step"))
 
-GATED_NOW = "gated (blocked, now)"  # scripts/bench_gate_blocks.py's name for the gated step as shipped
+GATED_NOW = "gated (fused, now)"  # scripts/bench_gate_blocks.py's name for the gated step as shipped
 
 
 @dataclass(frozen=True)

@@ -146,6 +146,26 @@ def uniform_noise(shape: tuple[int, ...], generator: torch.Generator | None = No
     return u.view(shape)
 
 
+def noise_levels(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
+    """The 15-bit levels ``x`` behind :func:`uniform_noise` on CPU (int16, same shape, the same draws):
+    ``u = x·2**-15 + 2**-16`` exactly (:func:`_levels_to_uniform`), in half the memory of ``u``."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    x = torch.empty(n, dtype=torch.int16)
+    r = torch.empty(min(BLOCK, n + 1) // 2, dtype=torch.int32)
+    for lo, hi in _blocks(n):
+        ints = r[:(hi - lo + 1) // 2].random_(generator=generator)  # [0, 2**31), as in uniform_noise
+        torch.bitwise_and(ints.view(torch.int16)[:hi - lo], 0x7FFF, out=x[lo:hi])
+    return x.view(shape)
+
+
+def _levels_to_uniform(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = x·2**-15 + 2**-16`` for levels x [n] (int16) into out [n] (float32 or float64): each step
+    exact, so the bits of :func:`uniform_noise`."""
+    return torch.mul(x, _SCALE, out=out).add_(_SCALE / 2)
+
+
 def _sign_sum_per_head(z: torch.Tensor) -> torch.Tensor:
     """``sign(z).sum((0, 2, 3))`` for z [batch, head, q, k] -> [head] (z's dtype), block by block in one
     small buffer instead of a full-size ``sign(z)``; the integer counts are summed exactly (float64), so
@@ -168,7 +188,8 @@ def _soft_reduce(s: torch.Tensor, kind: str, scale: float) -> torch.Tensor:
 
 
 class _ConcreteST(torch.autograd.Function):
-    """Straight-through binary-concrete gate, fused with the soft density.
+    """Straight-through binary-concrete gate, fused with the soft density (MLP gates and :func:`gate`;
+    training-mode attention gates go through :class:`_GatedPattern`, the same estimator).
 
     With ``s = sigmoid(z)`` and uniform ``u``: ``g = sigmoid(z + log u − log(1−u))
     = s·u / (s·u + (1−s)(1−u))``, and ``g > 0.5 ⇔ s + u > 1``, so the forward is
@@ -224,6 +245,214 @@ class _ConcreteST(torch.autograd.Function):
                 torch.mul(fs[lo:hi], one_minus, out=fd[lo:hi])  # s(1 − s)
             out = ds.mul_(c) if out is None else out.addcmul_(ds, c.expand_as(ds) if c.dim() else c)
         return out, None, None, None
+
+
+def _plane_blocks(planes: int, plane: int, block: int) -> Iterator[tuple[int, int, int, int]]:
+    """Flat ``[lo, hi)`` ranges over ``planes`` contiguous planes of ``plane`` elements each, with the
+    planes ``[p0, p1)`` they lie in: whole planes, at most ``block`` elements together, or, where one
+    plane is larger than ``block``, pieces of one plane that start at multiples of ``block`` from the
+    plane's start. So every range ends where a plane ends or ``block`` elements after it started: an
+    elementwise kernel run over it does its vector code on the same elements (and its scalar tail on
+    the same last ones) as one run over the plane-by-plane broadcast of the whole tensor."""
+    if plane <= block:
+        step = block // plane
+        for p0 in range(0, planes, step):
+            p1 = min(p0 + step, planes)
+            yield p0 * plane, p1 * plane, p0, p1
+    else:
+        for p in range(planes):
+            for lo in range(0, plane, block):
+                yield p * plane + lo, p * plane + min(lo + block, plane), p, p + 1
+
+
+def _gate_sigmoid(scores: torch.Tensor, bias: float,
+                  signs: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``s = sigmoid(scores + bias)`` [batch, head, q, k] block by block, without the full-size logits
+    ``z = scores + bias``, and (``signs``) ``Σ sign(z)`` per head [head] (scores' dtype) from the same
+    blocks — the values of ``torch.sigmoid(z)`` and :func:`_sign_sum_per_head` ``(z)`` (the blocks are
+    :data:`BLOCK` long, a multiple of every vector width, so the vector and scalar code run on the same
+    elements as in one pass; the sign counts are integers, summed exactly)."""
+    b, h, tq, tk = scores.shape
+    n, plane = scores.numel(), tq * tk
+    fsc = _flat(scores)
+    s = torch.empty(scores.shape, dtype=scores.dtype, device=scores.device)
+    fs = s.view(-1)
+    block = BLOCK if scores.device.type == "cpu" else max(n, 1)
+    buf = torch.empty(min(n, block), dtype=scores.dtype, device=scores.device)  # z, one block at a time
+    counts = torch.zeros(b * h, dtype=torch.float64, device=scores.device) if signs else None  # per plane
+    # a block's counts are exact in float32 (at most 2**24 terms of ±1, 0): no float64 copy of the block
+    acc = None if scores.dtype == torch.float32 and block <= 1 << 24 else torch.float64
+    for lo in range(0, n, block):
+        hi = min(lo + block, n)
+        z = torch.add(fsc[lo:hi], bias, out=buf[:hi - lo])
+        torch.sigmoid(z, out=fs[lo:hi])
+        if counts is not None:
+            sg = torch.sign(z, out=z)
+            if lo % plane == 0 and (hi - lo) % plane == 0:  # whole planes
+                counts[lo // plane:hi // plane] += sg.view(-1, plane).sum(1, dtype=acc)
+            else:  # the pieces of the planes the block crosses
+                for p in range(lo // plane, (hi - 1) // plane + 1):
+                    a, e = max(lo, p * plane), min(hi, (p + 1) * plane)
+                    counts[p] += sg[a - lo:e - lo].sum(dtype=acc)
+    per_head = counts.view(b, h).sum(0).to(scores.dtype) if counts is not None else None
+    return s, per_head
+
+
+class _GateSigmoid(torch.autograd.Function):
+    """At the scores hook: ``s = sigmoid(scores + bias)`` and the hard-density signs
+    (:func:`_gate_sigmoid`), tied into the graph at the scores as they reached the hook. Its one
+    consumer is :class:`_GatedPattern`, which passes back as "the gradient of ``s``" the gradient of
+    the logits ``z = scores + bias`` (made there in one pass with the pattern's gradient); this
+    backward hands it on to the scores unchanged, as ``z = scores + bias`` would. (So an in-place edit
+    of the scores by a later hook changes neither the gate nor the path its gradient takes.)"""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, bias: float, signs: bool):  # noqa: D401
+        s, sg = _gate_sigmoid(scores, bias, signs)  # [batch, head, q, k], [head] or None
+        if sg is not None:
+            ctx.mark_non_differentiable(sg)
+        return s, sg
+
+    @staticmethod
+    def backward(ctx, grad_z: torch.Tensor | None, grad_signs: Any):
+        return grad_z, None, None
+
+
+class _GatedPattern(torch.autograd.Function):
+    """``pattern ⊙ m`` with the training-mode attention gate ``m = floor(s + u)``, ``s = sigmoid(z)``,
+    ``z = scores + bias`` (the estimator of :class:`_ConcreteST`), and the soft density, in one function.
+
+    The same values as ``pattern * _ConcreteST.apply(scores + bias, u, "attn", scale)[0]`` (the same
+    elementwise operations in the same order, ``tests/test_sparsity_gate_blocks.py``), without the
+    full-size tensors between them: ``z`` is never made (``s`` comes from :func:`_gate_sigmoid`, and
+    the gradient returned for ``s`` is the one of ``z``, which :class:`_GateSigmoid` hands on to the
+    scores); the gate ``m`` is made block by block and never kept; the noise may be kept as its int16
+    levels (:func:`noise_levels`) and remade per block; and the backward is one blocked pass that writes
+    the two gradients — ``grad_pattern = grad·m`` and ``grad_z = g(1−g)·(grad·pattern) + c·s(1−s)``
+    (``c`` the soft density's gradient per head), the latter over the saved ``s`` — where the composed
+    functions wrote four full-size tensors (``grad·m``, ``grad·pattern``, the straight-through gradient,
+    ``s(1−s)``). On CPU every such tensor is a pass over memory and, above glibc's 32 MiB mmap
+    threshold, fresh pages from the kernel (48 MiB per batch row at T = 1,024 and 12 heads); elsewhere
+    (a GPU) each pass is one kernel over the whole tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, pattern: torch.Tensor, s: torch.Tensor, u: torch.Tensor, scale: float):  # noqa: D401
+        # pattern, s = sigmoid(z) from _GateSigmoid: [batch, head, q, k], one dtype; u: the same shape, in that
+        # dtype or as int16 levels (noise_levels). The gradient returned for s is the one of z (see _GateSigmoid).
+        out = torch.empty_like(pattern, memory_format=torch.contiguous_format)
+        fp, fs, fu, fo = _flat(pattern), _flat(s), _flat(u), out.view(-1)
+        n = s.numel()
+        block = BLOCK if s.device.type == "cpu" else max(n, 1)
+        buf = torch.empty(min(n, block), dtype=s.dtype, device=s.device)  # the gate m, one block at a time
+        levels = u.dtype == torch.int16
+        for lo in range(0, n, block):
+            hi = min(lo + block, n)
+            ub = _levels_to_uniform(fu[lo:hi], buf[:hi - lo]) if levels else fu[lo:hi]
+            m = torch.add(fs[lo:hi], ub, out=buf[:hi - lo]).floor_()
+            torch.mul(fp[lo:hi], m, out=fo[lo:hi])
+        ctx.save_for_backward(pattern, s, u)
+        ctx.scale = scale
+        ctx.set_materialize_grads(False)  # an unused output's gradient is None, and its terms are skipped
+        ctx.done = False
+        return out, _soft_reduce(s, "attn", scale)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor | None, grad_soft: torch.Tensor | None):
+        if ctx.done:
+            raise CircuitkitError("the training-mode attention gate's backward ran twice for one forward; its saved "
+                                  "sigmoid becomes the gradient of the scores, so run the forward again instead of "
+                                  "keeping the graph (retain_graph)")
+        if grad_out is None and grad_soft is None:
+            return None, None, None, None
+        pattern, s, u = ctx.saved_tensors
+        ctx.done = True
+        bsz, heads, tq, tk = s.shape
+        n, plane = s.numel(), tq * tk
+        if n == 0:
+            return torch.zeros_like(pattern), torch.zeros_like(s), None, None
+        block = BLOCK if s.device.type == "cpu" else max(n, 1)
+        fs, fu, fp = _flat(s), _flat(u), _flat(pattern)
+        want_p = grad_out is not None and ctx.needs_input_grad[0]
+        grad_p = torch.empty_like(s, memory_format=torch.contiguous_format) if want_p else None
+        # the gradient of z is written over s, block by block once the block's s is used: s is this function's
+        # own (made by _GateSigmoid for it alone), and one full-size tensor less is fresh memory
+        grad_z = s if s.is_contiguous() else torch.empty_like(s, memory_format=torch.contiguous_format)
+        fz = grad_z.view(-1)
+        fg = _flat(grad_out) if grad_out is not None else None
+        fgp = grad_p.view(-1) if want_p else None
+        c = None
+        if grad_soft is not None:  # per plane (batch row, head): the soft density's gradient
+            c = (grad_soft * ctx.scale).repeat(bsz).view(-1, 1)  # [batch·head, 1]
+        one = torch.ones((), dtype=s.dtype, device=s.device)
+        levels = u.dtype == torch.int16
+        buf = torch.empty((5 + levels, min(n, block)), dtype=s.dtype, device=s.device)  # block scratch, reused
+        for lo, hi, p0, p1 in _plane_blocks(bsz * heads, plane, block):
+            sb = fs[lo:hi]
+            ub = _levels_to_uniform(fu[lo:hi], buf[5, :hi - lo]) if levels and fg is not None else fu[lo:hi]
+            a, t, b, den, ds = (x[:hi - lo] for x in buf[:5])
+            zb = fz[lo:hi]  # may be sb itself: every use of sb comes before zb is written
+            if c is not None:
+                torch.mul(sb, torch.sub(one, sb, out=ds), out=ds)  # s(1 − s)
+            if fg is not None:
+                gb = fg[lo:hi]
+                torch.add(sb, ub, out=t)
+                if want_p:
+                    torch.floor(t, out=fgp[lo:hi]).mul_(gb)  # grad · m
+                torch.mul(sb, ub, out=a)
+                torch.sub(a, t, out=b)
+                b += 1  # (1 − s)(1 − u)
+                torch.add(a, b, out=den)
+                a *= b
+                gm = torch.mul(gb, fp[lo:hi], out=t)  # grad · pattern, into t (s + u is used by now)
+                torch.div(a, den.square_(), out=zb).mul_(gm)  # g(1 − g) · grad · pattern
+            if c is not None:
+                rows, cb = p1 - p0, c[p0:p1]
+                if fg is None:
+                    torch.mul(ds.view(rows, -1), cb, out=zb.view(rows, -1))
+                else:
+                    zb.view(rows, -1).addcmul_(ds.view(rows, -1), cb)
+        return grad_p, grad_z if ctx.needs_input_grad[1] else None, None, None
+
+
+@dataclass(frozen=True)
+class _TrainGate:
+    """A training-mode attention gate between its two hooks."""
+
+    x: torch.Tensor  # [batch, head, q, k]: s = sigmoid(z) from _GateSigmoid (fused), or z (composed)
+    u: torch.Tensor  # [batch, head, q, k], U(0, 1), or its int16 levels (noise_levels; fused only)
+    scale: float
+
+
+class _FusedAttnTrain:
+    """The training-mode attention gate as shipped: at ``hook_attn_scores`` ``s = sigmoid(scores + bias)``
+    and the hard-density signs block by block (:func:`_gate_sigmoid`), at ``hook_pattern``
+    :class:`_GatedPattern`, with the noise kept as its int16 levels on CPU (half the memory of ``u``, and
+    below glibc's mmap threshold, so no fresh pages; ``u`` is remade block by block where used).
+    (:mod:`circuitkit.bench.gate_reference` has the composed gate it replaced.)"""
+
+    noise_levels = True
+
+    @staticmethod
+    def at_scores(scores: torch.Tensor, bias: float, u: torch.Tensor, scale: float,
+                  collect: bool) -> tuple[_TrainGate, torch.Tensor | None]:
+        # scores, u: [batch, head, q, k] -> the pending gate, Σ sign(scores + bias) per head [head] if collect
+        s, signs = _GateSigmoid.apply(scores, bias, collect)
+        return _TrainGate(s, u, scale), signs
+
+    @staticmethod
+    def at_pattern(pattern: torch.Tensor, g: _TrainGate) -> tuple[torch.Tensor, torch.Tensor]:
+        # pattern [batch, head, q, k] -> gated pattern [batch, head, q, k], soft density [head]
+        if pattern.shape != g.x.shape:
+            raise CircuitkitError(f"the attention pattern {tuple(pattern.shape)} and the gate logits "
+                                  f"{tuple(g.x.shape)} differ in shape; the gate hooks are out of step")
+        if pattern.dtype == g.x.dtype:
+            return _GatedPattern.apply(pattern, g.x, g.u, g.scale)
+        out, soft = _GatedPattern.apply(pattern.to(g.x.dtype), g.x, g.u, g.scale)
+        return out.to(pattern.dtype), soft
+
+
+_ATTN_TRAIN: Any = _FusedAttnTrain  # the training-mode attention gate (the benchmark's reference swaps it)
 
 
 class _HardST(torch.autograd.Function):
@@ -287,39 +516,48 @@ class Gates:
         self.collect = False
         self.noise_generator: torch.Generator | None = None
         self.noise_rows: tuple[int, int] | None = None
-        self._pending: dict[tuple[str, int], torch.Tensor] = {}
+        self._pending: dict[tuple[str, int], torch.Tensor | _TrainGate] = {}
         self.stats: dict[str, dict[int, torch.Tensor]] = {}
         self.clear_stats()
         self._hooked: list[Any] = []
 
     # ------------------------------------------------------------ hooks
 
-    def _uniform_for(self, z: torch.Tensor) -> torch.Tensor:
-        """U(0,1) for z's gates; with ``noise_rows`` drawn for the global batch and sliced."""
+    def _uniform_for(self, z: torch.Tensor, levels: bool = False) -> torch.Tensor:
+        """U(0,1) for z's gates in z's dtype; with ``noise_rows`` drawn for the global batch and sliced.
+        ``levels``: as the int16 levels of :func:`noise_levels` (the same draws) where z is float32/64 on
+        CPU, as is the generator."""
         gen = self.noise_generator
-        if self.noise_rows is None:
-            return uniform_noise(tuple(z.shape), gen, gen.device if gen is not None else z.device).to(z.device)
-        total, start = self.noise_rows
-        u = uniform_noise((total, *z.shape[1:]), gen, gen.device if gen is not None else z.device)
-        return u[start:start + z.shape[0]].to(z.device)
+        dev = torch.device(gen.device if gen is not None else z.device)
+        shape = tuple(z.shape) if self.noise_rows is None else (self.noise_rows[0], *z.shape[1:])
+        if levels and dev.type == z.device.type == "cpu" and z.dtype in (torch.float32, torch.float64):
+            u = noise_levels(shape, gen)
+        else:
+            u = uniform_noise(shape, gen, dev).to(z.dtype)
+        if self.noise_rows is not None:
+            u = u[self.noise_rows[1]:self.noise_rows[1] + z.shape[0]]
+        return u.to(z.device)
 
     def _attn_scores_hook(self, scores: torch.Tensor, hook: Any, layer: int) -> None:
-        z = scores + self.config.bias_gate  # [batch, head, q, k]; -inf where masked
-        bsz, _, tq, tk = z.shape
+        bsz, _, tq, tk = scores.shape  # [batch, head, q, k]; -inf where masked
         n_edges = _edge_count(tq, tk)
         scale = 1.0 / (bsz * n_edges)  # soft density per head: mean over the batch of Σ_{j≤i} σ / n_edges
-        u = self._uniform_for(z) if self.mode is GateMode.TRAIN else None
-        m, soft = gate(z, self.mode, u=u, kind="attn", scale=scale)
+        if self.mode is GateMode.TRAIN:  # the gate is made with the pattern; its soft density there
+            u = self._uniform_for(scores, levels=_ATTN_TRAIN.noise_levels)
+            pending, signs = _ATTN_TRAIN.at_scores(scores, self.config.bias_gate, u, scale, self.collect)
+            self._pending[("attn", layer)] = pending
+            if self.collect:  # deterministic density 1[z > 0]: masked -inf count as −1
+                self.stats["attn_hard"][layer] = (signs + bsz * tq * tk) * (0.5 * scale)
+            return None
+        z = scores + self.config.bias_gate
+        m, soft = gate(z, self.mode, kind="attn", scale=scale)
         self._pending[("attn", layer)] = m
         if self.collect:
             with torch.no_grad():
                 if soft is None:
                     soft = torch.sigmoid(z).sum((0, 2, 3)) * scale
-                if self.mode is GateMode.TRAIN:  # deterministic density 1[z > 0]: masked -inf count as −1
-                    hard = (_sign_sum_per_head(z) + bsz * tq * tk) * (0.5 * scale)
-                else:
-                    hard = m.sum((0, 2, 3)) * scale
-            self.stats["attn_soft"][layer] = soft  # [head], with gradient in training
+                hard = m.sum((0, 2, 3)) * scale
+            self.stats["attn_soft"][layer] = soft  # [head], with gradient in HARD_ST
             self.stats["attn_hard"][layer] = hard
         return None
 
@@ -328,6 +566,11 @@ class Gates:
         if m is None:
             raise CircuitkitError(f"{hook.name}: no gate from hook_attn_scores for this forward; the gate hooks "
                                   "are out of step (was hook_attn_scores skipped?)")
+        if isinstance(m, _TrainGate):
+            out, soft = _ATTN_TRAIN.at_pattern(pattern, m)
+            if self.collect:
+                self.stats["attn_soft"][layer] = soft  # [head], with gradient
+            return out
         return pattern * m.to(pattern.dtype)
 
     def _mlp_pre_hook(self, pre: torch.Tensor, hook: Any, layer: int) -> None:
