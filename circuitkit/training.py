@@ -302,9 +302,11 @@ class RunKind(Enum):
 
 
 # Config fields a resume may change: the length of the run, where its files go, and (sparsify) the weight of
-# the sparsity term in the final deterministic phase -- each step's weight is in the step log, so a run that
-# changed it part-way is still readable. name is a label (progress bar, card).
-RESUMABLE_CHANGES = frozenset({"steps", "name", "out", "run_dir", "final_sparsity_weight"})
+# the sparsity term in the final deterministic phase and the constraint's target (recomputed from the base CEs
+# the checkpoint keeps) -- each step's weight and target are in the step log, so a run that changed them part-way
+# is still readable. name is a label (progress bar, card).
+RESUMABLE_CHANGES = frozenset({"steps", "name", "out", "run_dir", "final_sparsity_weight", "tolerance", "target_ce",
+                               "target_floor", "heldout_tolerance"})
 
 
 def prepare_run(run_dir: Path, out: Path, kind: RunKind, resume: bool, force: bool, main: bool = True) -> None:
@@ -377,8 +379,8 @@ def load_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
         if changed:
             diff = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
             raise CircuitkitError(f"--resume: the config differs from the one {path} was written with ({diff}); "
-                                  f"a resumed run may change only {', '.join(sorted(RESUMABLE_CHANGES))}. Restore those "
-                                  "settings, or start over with --force")
+                                  f"a resumed run may change only {', '.join(sorted(RESUMABLE_CHANGES))}. "
+                                  "Restore those settings, or start over with --force")
     try:
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])

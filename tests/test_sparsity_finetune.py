@@ -110,6 +110,30 @@ def test_resume_may_change_the_final_phase_sparsity_weight(tmp_path, base_dir):
     assert card["finetune_config"]["final_sparsity_weight"] == 0.5
 
 
+def test_resume_may_change_the_constraint_target(tmp_path, base_dir):
+    """A resumed run may tighten (or loosen) its constraint: the targets are recomputed from the base
+    CE the checkpoint keeps, the steps before the change keep the old target in the log."""
+    finetune(cfg_for(tmp_path, base_dir, tolerance=0.05), max_steps=3, progress=False)
+    card = finetune(cfg_for(tmp_path, base_dir, tolerance=0.2), resume=True, progress=False)
+    base = card["base_heldout_ce"]  # the constraint's base CE (task runs: held-out prompts)
+    targets = [r["target"] for r in log_records(tmp_path / "run")]
+    assert targets == pytest.approx([base * 1.05] * 3 + [base * 1.2] * 3, rel=1e-12)
+    assert card["target_ce"] == pytest.approx(base * 1.2, rel=1e-12)
+    assert card["finetune_config"]["tolerance"] == 0.2
+
+
+@pytest.mark.parametrize("kw, expected", [
+    ({"tolerance": 0.01}, 3.03), ({"tolerance": 0.01, "heldout_tolerance": 0.02}, 3.06),
+    ({"target_ce": 2.5}, 2.5), ({"target_ce": 2.5, "heldout_tolerance": 0.02}, 3.06),
+    ({}, 3.15)])
+def test_heldout_criterion_of_a_corpus_run(tmp_path, base_dir, kw, expected):
+    """The card's held-out criterion: its own heldout_tolerance when given, else the constraint's
+    tolerance (default 0.05) or absolute target -- a train constraint tighter than the criterion."""
+    cfg = cfg_for(tmp_path, base_dir, **kw)
+    assert ft.heldout_target(cfg, 3.0) == pytest.approx(expected, rel=1e-12)
+    assert ft.constraint_target(cfg, 3.0) == pytest.approx(kw.get("target_ce", 3.0 * (1 + kw.get("tolerance", 0.05))))
+
+
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, base_dir, monkeypatch):
     cfg = cfg_for(tmp_path, base_dir, checkpoint_every=2)
     real = ft.task_nll

@@ -4,7 +4,8 @@ Loads a base model (zoo name, checkpoint folder or pretrained name), attaches ga
 (:mod:`~circuitkit.sparsity.gates`) in training mode, and finetunes all weights on the
 GECO Lagrangian (:mod:`~circuitkit.sparsity.objective`): minimise the expected density of
 kept attention edges (and/or active MLP neurons) while the CE stays at
-``target = base held-out CE × (1 + tolerance)`` (or an absolute ``target_ce``). Data is a
+``target = base held-out CE × (1 + tolerance)`` (or an absolute ``target_ce``; a corpus run sets it from
+train rows and is judged on held-out CE against ``heldout_tolerance``, by default the same). Data is a
 task mixture (toy models, or NL tasks on pretrained models) or a text corpus
 (:mod:`circuitkit.corpus`).
 
@@ -34,6 +35,7 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -85,6 +87,9 @@ class SparsifyConfig(TomlConfig):
     w_mlp: float = 1.0
     tolerance: float | None = None  # target = base CE × (1 + tolerance); default 0.05
     target_ce: float | None = None  # or an absolute target
+    # corpus runs: the held-out criterion of the card (meets_target) is base held-out CE × (1 + this);
+    # default: the constraint's tolerance (or target_ce). Lets a run hold its train CE tighter than the criterion.
+    heldout_tolerance: float | None = None
     target_floor: float = 0.0  # targets are at least this (a base CE near 0 makes a relative target vanish)
     per_task_constraints: bool = False  # one constraint (and λ) per task instead of one on the mixture CE
     eta: float = 0.01
@@ -115,7 +120,8 @@ class SparsifyConfig(TomlConfig):
     RANGES = {"corpus_seq_len": POSITIVE, "corpus_heldout_fraction": Range(0, 1, lo_open=True, hi_open=True),
               "corpus_seed": NON_NEGATIVE,
               "corpus_max_tokens": POSITIVE, "w_attn": NON_NEGATIVE, "w_mlp": NON_NEGATIVE,
-              "tolerance": NON_NEGATIVE, "target_ce": POSITIVE, "target_floor": NON_NEGATIVE, "eta": NON_NEGATIVE,
+              "tolerance": NON_NEGATIVE, "heldout_tolerance": NON_NEGATIVE, "target_ce": POSITIVE,
+              "target_floor": NON_NEGATIVE, "eta": NON_NEGATIVE,
               "ema_decay": Range(0, 1, hi_open=True), "seed": NON_NEGATIVE, "steps": POSITIVE,
               "final_hard_steps": NON_NEGATIVE, "final_sparsity_weight": NON_NEGATIVE, "batch_size": POSITIVE,
               "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "warmup": NON_NEGATIVE, "min_lr_fraction": FRACTION,
@@ -142,6 +148,21 @@ class SparsifyConfig(TomlConfig):
     @property
     def gate_config(self) -> GateConfig:
         return GateConfig(attn=self.attn, mlp=self.mlp, bias_gate=self.bias_gate, bias_gate_mlp=self.bias_gate_mlp)
+
+
+def constraint_target(cfg: SparsifyConfig, base_ce: float) -> float:
+    """The CE one GECO constraint holds: ``max(target_ce or base_ce × (1 + tolerance), target_floor)``."""
+    tol = cfg.tolerance if cfg.tolerance is not None else DEFAULT_TOLERANCE
+    return max(cfg.target_ce if cfg.target_ce is not None else base_ce * (1 + tol), cfg.target_floor)
+
+
+def heldout_target(cfg: SparsifyConfig, base_heldout_ce: float) -> float:
+    """A corpus run's held-out criterion: base held-out CE × (1 + heldout_tolerance), by default the
+    constraint's own tolerance (or its absolute target_ce)."""
+    if cfg.heldout_tolerance is not None:
+        return base_heldout_ce * (1 + cfg.heldout_tolerance)
+    tol = cfg.tolerance if cfg.tolerance is not None else DEFAULT_TOLERANCE
+    return cfg.target_ce if cfg.target_ce is not None else base_heldout_ce * (1 + tol)
 
 
 # ---------------------------------------------------------------- distributed
@@ -384,17 +405,15 @@ def _finetune(cfg, dd: _Dist, resume, max_steps, progress, command, device, on_b
     gates.noise_rows = (cfg.batch_size, dd.rank * local_b) if dd.on else None
     n_tasks, task_w = len(data.names), data.weights
     per_task = cfg.per_task_constraints
+    make_target = partial(constraint_target, cfg)
     if resume:
         step, extra = load_checkpoint(run_dir, model, opt, sched, data_gen, kind=RunKind.SPARSIFY, config=cfg)
         if "geco" not in extra or "targets" not in extra:
             raise CircuitkitError(f"{run_dir} holds a checkpoint that was not written by circuitkit sparsify")
         states = [GecoState.from_dict(d) for d in extra["geco"]]
+        if "base_ce_constraints" in extra:  # the constraint may change on resume: targets from the stored base CEs
+            extra["targets"] = [make_target(float(c)) for c in extra["base_ce_constraints"]]
     else:
-        tol = cfg.tolerance if cfg.tolerance is not None else DEFAULT_TOLERANCE
-
-        def make_target(ce: float) -> float:
-            return max(cfg.target_ce if cfg.target_ce is not None else ce * (1 + tol), cfg.target_floor)
-
         base_ce = float(base["target_set"]["ce"])
         if per_task:
             base_task = [float(base["target_set"]["per_task"][k]["ce"]) for k in data.names]
@@ -569,8 +588,7 @@ def _final_card(cfg, model, data: TrainingData, extra, states: list[GecoState], 
         meets = all(h["per_task"][k]["ce"] <= t for k, t in target.items())
         geco: Any = {k: {**st.to_dict(), "lam": st.lam} for k, st in zip(data.names, states)}
     elif data.corpus is not None:  # the constraint held train-window CE; the criterion is held-out CE
-        tol = cfg.tolerance if cfg.tolerance is not None else DEFAULT_TOLERANCE
-        held_target = cfg.target_ce if cfg.target_ce is not None else base["ce"] * (1 + tol)
+        held_target = heldout_target(cfg, base["ce"])
         target, meets = targets[0], bool(h["ce"] <= held_target)
         geco = {**states[0].to_dict(), "lam": states[0].lam}
     else:
