@@ -35,7 +35,6 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -150,10 +149,13 @@ class SparsifyConfig(TomlConfig):
         return GateConfig(attn=self.attn, mlp=self.mlp, bias_gate=self.bias_gate, bias_gate_mlp=self.bias_gate_mlp)
 
 
+def _tolerance(cfg: SparsifyConfig) -> float:
+    return cfg.tolerance if cfg.tolerance is not None else DEFAULT_TOLERANCE
+
+
 def constraint_target(cfg: SparsifyConfig, base_ce: float) -> float:
     """The CE one GECO constraint holds: ``max(target_ce or base_ce × (1 + tolerance), target_floor)``."""
-    tol = cfg.tolerance if cfg.tolerance is not None else DEFAULT_TOLERANCE
-    return max(cfg.target_ce if cfg.target_ce is not None else base_ce * (1 + tol), cfg.target_floor)
+    return max(cfg.target_ce if cfg.target_ce is not None else base_ce * (1 + _tolerance(cfg)), cfg.target_floor)
 
 
 def heldout_target(cfg: SparsifyConfig, base_heldout_ce: float) -> float:
@@ -161,8 +163,7 @@ def heldout_target(cfg: SparsifyConfig, base_heldout_ce: float) -> float:
     constraint's own tolerance (or its absolute target_ce)."""
     if cfg.heldout_tolerance is not None:
         return base_heldout_ce * (1 + cfg.heldout_tolerance)
-    tol = cfg.tolerance if cfg.tolerance is not None else DEFAULT_TOLERANCE
-    return cfg.target_ce if cfg.target_ce is not None else base_heldout_ce * (1 + tol)
+    return cfg.target_ce if cfg.target_ce is not None else base_heldout_ce * (1 + _tolerance(cfg))
 
 
 # ---------------------------------------------------------------- distributed
@@ -405,21 +406,20 @@ def _finetune(cfg, dd: _Dist, resume, max_steps, progress, command, device, on_b
     gates.noise_rows = (cfg.batch_size, dd.rank * local_b) if dd.on else None
     n_tasks, task_w = len(data.names), data.weights
     per_task = cfg.per_task_constraints
-    make_target = partial(constraint_target, cfg)
     if resume:
         step, extra = load_checkpoint(run_dir, model, opt, sched, data_gen, kind=RunKind.SPARSIFY, config=cfg)
         if "geco" not in extra or "targets" not in extra:
             raise CircuitkitError(f"{run_dir} holds a checkpoint that was not written by circuitkit sparsify")
         states = [GecoState.from_dict(d) for d in extra["geco"]]
         if "base_ce_constraints" in extra:  # the constraint may change on resume: targets from the stored base CEs
-            extra["targets"] = [make_target(float(c)) for c in extra["base_ce_constraints"]]
+            extra["targets"] = [constraint_target(cfg, float(c)) for c in extra["base_ce_constraints"]]
     else:
         base_ce = float(base["target_set"]["ce"])
         if per_task:
             base_task = [float(base["target_set"]["per_task"][k]["ce"]) for k in data.names]
-            targets = [make_target(c) for c in base_task]
+            targets = [constraint_target(cfg, c) for c in base_task]
         else:
-            base_task, targets = [base_ce], [make_target(base_ce)]
+            base_task, targets = [base_ce], [constraint_target(cfg, base_ce)]
         extra = {"wall_time_s": 0.0, "targets": targets, "base_ce": base_ce, "base_ce_constraints": base_task,
                  "base_heldout": base["eval_set"]}
         states = [GecoState(rho=cfg.rho_init) for _ in targets]
