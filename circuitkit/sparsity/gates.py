@@ -135,15 +135,21 @@ def uniform_noise(shape: tuple[int, ...], generator: torch.Generator | None = No
         device = generator.device if generator is not None else "cpu"
     if torch.device(device).type != "cpu":  # GPU generators are fast: use them directly
         return torch.rand(shape, generator=generator, device=device).clamp_(_SCALE / 2, 1 - _SCALE / 2)
-    # block by block (the integers of one block at a time): the same draws, in the same order, as one
-    # (n + 1) // 2 draw would be, without a full-size integer tensor
     u = torch.empty(n, dtype=torch.float32)
+    for lo, hi, x in _level_blocks(n, generator):
+        u[lo:hi].copy_(x).mul_(_SCALE).add_(_SCALE / 2)
+    return u.view(shape)
+
+
+def _level_blocks(n: int, generator: torch.Generator | None) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``(lo, hi, x)`` covering ``range(n)``: ``x`` [hi - lo] int16 the 15-bit levels of those elements, two cut
+    from every random 31-bit integer. Block by block (the integers of one block at a time, in one reused
+    buffer): the same draws, in the same order, as one (n + 1) // 2 draw would be, without a full-size
+    integer tensor. The one rule behind :func:`uniform_noise` and :func:`noise_levels`."""
     r = torch.empty(min(BLOCK, n + 1) // 2, dtype=torch.int32)
     for lo, hi in _blocks(n):
         ints = r[:(hi - lo + 1) // 2].random_(generator=generator)  # [0, 2**31)
-        x = ints.view(torch.int16)[:hi - lo].bitwise_and_(0x7FFF)  # two 15-bit uniforms per draw
-        u[lo:hi].copy_(x).mul_(_SCALE).add_(_SCALE / 2)
-    return u.view(shape)
+        yield lo, hi, ints.view(torch.int16)[:hi - lo].bitwise_and_(0x7FFF)
 
 
 def noise_levels(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
@@ -153,10 +159,8 @@ def noise_levels(shape: tuple[int, ...], generator: torch.Generator | None = Non
     for d in shape:
         n *= int(d)
     x = torch.empty(n, dtype=torch.int16)
-    r = torch.empty(min(BLOCK, n + 1) // 2, dtype=torch.int32)
-    for lo, hi in _blocks(n):
-        ints = r[:(hi - lo + 1) // 2].random_(generator=generator)  # [0, 2**31), as in uniform_noise
-        torch.bitwise_and(ints.view(torch.int16)[:hi - lo], 0x7FFF, out=x[lo:hi])
+    for lo, hi, levels in _level_blocks(n, generator):
+        x[lo:hi].copy_(levels)
     return x.view(shape)
 
 
