@@ -301,12 +301,12 @@ class RunKind(Enum):
         return f"circuitkit {self.value}"
 
 
-# Config fields a resume may change: the length of the run, where its files go, and (sparsify) the weight of
-# the sparsity term in the final deterministic phase and the constraint's target (recomputed from the base CEs
-# the checkpoint keeps) -- each step's weight and target are in the step log, so a run that changed them part-way
-# is still readable. name is a label (progress bar, card).
-RESUMABLE_CHANGES = frozenset({"steps", "name", "out", "run_dir", "final_sparsity_weight", "tolerance", "target_ce",
-                               "target_floor", "heldout_tolerance"})
+# Config fields a resume may change: the length of the run, where its files go, and (sparsify) the weights of
+# the sparsity term (in the final deterministic phase, per layer) and the constraint's target (recomputed from the
+# base CEs the checkpoint keeps) -- each step's weights and target are in the step log, so a run that changed them
+# part-way is still readable. name is a label (progress bar, card).
+RESUMABLE_CHANGES = frozenset({"steps", "name", "out", "run_dir", "final_sparsity_weight", "attn_layer_weights",
+                               "tolerance", "target_ce", "target_floor", "heldout_tolerance"})
 
 
 def prepare_run(run_dir: Path, out: Path, kind: RunKind, resume: bool, force: bool, main: bool = True) -> None:

@@ -148,6 +148,33 @@ def test_sparsity_term_on_a_model_equals_expected_fraction(tokens):
     assert sp["attn"].requires_grad
 
 
+def test_layer_weights_weigh_each_layers_density_and_its_gradient(tokens):
+    """S_attn with attn_layer_weights = mean over (layer, head) of weight × density, computed here
+    from the masked scores; a layer weighted 0 gets no gradient from the term (catches weights that
+    are dropped, applied to the wrong layer, or applied after the mean)."""
+    model = small_model()
+    b = 0.7
+    gates = attach(model, GateConfig(attn=True, bias_gate=b), GateMode.TRAIN)
+    gates.collect = True
+    _, cache = model.run_with_cache(tokens)
+    t = tokens.shape[1]
+    dens = torch.stack([torch.sigmoid(cache[f"blocks.{l}.attn.hook_attn_scores"] + b).sum((-2, -1)).mean(0)
+                        / (t * (t + 1) / 2) for l in range(2)])  # [layers, heads]
+    sp = gates.sparsity((3.0, 0.5))["attn"]
+    assert sp.item() == pytest.approx((dens * torch.tensor([[3.0], [0.5]])).mean().item(), rel=1e-5)
+    with pytest.raises(CircuitkitError, match="3 values for a 2-layer model"):
+        gates.sparsity((1.0, 1.0, 1.0))
+    for w, layer1_moves in (((1.0, 0.0), False), ((0.0, 1.0), True)):
+        model.zero_grad()
+        gates.clear_stats()
+        model(tokens)
+        gates.sparsity(w)["attn"].backward()
+        g1 = model.blocks[1].attn.W_Q.grad
+        assert (g1 is not None and g1.abs().sum() > 0) == layer1_moves
+        if not layer1_moves:  # layer 0's own weights still feel the penalty
+            assert model.blocks[0].attn.W_Q.grad.abs().sum() > 0
+
+
 def test_geco_lambda_rises_when_violated_and_falls_when_satisfied():
     geco = Geco(target=1.0, eta=0.1, ema_decay=0.0)
     s = GecoState()

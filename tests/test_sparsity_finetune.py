@@ -110,6 +110,46 @@ def test_resume_may_change_the_final_phase_sparsity_weight(tmp_path, base_dir):
     assert card["finetune_config"]["final_sparsity_weight"] == 0.5
 
 
+def test_uniform_layer_weights_equal_the_attention_weight(tmp_path, base_dir):
+    """attn_layer_weights (2, 2) scales every layer's density by 2: the run is bit for bit the run
+    with w_attn = 2 (×2 is exact in floating point), so the weights reach the objective and nothing else."""
+    finetune(cfg_for(tmp_path / "a", base_dir, w_attn=2.0), progress=False)
+    finetune(cfg_for(tmp_path / "b", base_dir, attn_layer_weights=(2.0, 2.0)), progress=False)
+    a, b = log_records(tmp_path / "a" / "run"), log_records(tmp_path / "b" / "run")
+    assert [(r["ce"], r["lam"], r["sparsity"], r["attn_hard"]) for r in a] == \
+        [(r["ce"], r["lam"], r["sparsity"], r["attn_hard"]) for r in b]
+    assert "attn_layer_weights" not in a[0] and b[0]["attn_layer_weights"] == [2.0, 2.0]
+
+
+def test_resume_may_change_the_layer_weights(tmp_path, base_dir):
+    """The 6-layer zoo's lever: resume with a heavier weight on one layer. The log carries each step's
+    weights, and each step's sparsity term is the weighted mean of the logged per-layer soft densities."""
+    finetune(cfg_for(tmp_path, base_dir), max_steps=3, progress=False)
+    card = finetune(cfg_for(tmp_path, base_dir, attn_layer_weights=(4.0, 0.5)), resume=True, progress=False)
+    recs = log_records(tmp_path / "run")
+    assert [r.get("attn_layer_weights") for r in recs] == [None] * 3 + [[4.0, 0.5]] * 3
+    for r in recs:
+        w = r.get("attn_layer_weights") or [1.0, 1.0]
+        assert r["sparsity"] == pytest.approx(sum(wl * d for wl, d in zip(w, r["attn_soft"])) / 2, rel=1e-6)
+    assert list(card["finetune_config"]["attn_layer_weights"]) == [4.0, 0.5]
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"attn_layer_weights": (1.0, -1.0)}, "one non-negative number per layer"),
+    ({"attn_layer_weights": ()}, "one non-negative number per layer"),
+    ({"attn_layer_weights": (1.0, 1.0), "attn": False, "mlp": True}, "set attn = true"),
+])
+def test_bad_layer_weights_are_refused(tmp_path, base_dir, kw, msg):
+    with pytest.raises(CircuitkitError, match=msg):
+        cfg_for(tmp_path, base_dir, **kw)
+
+
+def test_layer_weights_of_another_depth_are_refused_before_training(tmp_path, base_dir):
+    with pytest.raises(CircuitkitError, match="has 3 values but .* has 2 layers"):
+        finetune(cfg_for(tmp_path, base_dir, attn_layer_weights=(1.0, 1.0, 1.0)), progress=False)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 def test_resume_may_change_the_constraint_target(tmp_path, base_dir):
     """A resumed run may tighten (or loosen) its constraint: the targets are recomputed from the base
     CE the checkpoint keeps, the steps before the change keep the old target in the log."""
@@ -294,11 +334,23 @@ def run_cli(args, capsys):
     (["--task", "addition", "--steps", "0"], "steps must be positive, got 0"),
     (["--task", "addition", "--lr", "inf"], "lr must be a number, got inf"),
     (["--tasks", "addition=x"], "bad weight"),
+    (["--task", "addition", "--attn-layer-weights", "1,1,1"], "has 3 values but"),
 ])
 def test_cli_bad_input(tmp_path, base_dir, capsys, extra, message):
     code, err = run_cli(["--model", str(base_dir), "--out", str(tmp_path / "o"), "--run-dir",
                          str(tmp_path / "r"), "--no-progress", *extra], capsys)
     assert code == 2 and message in err
+
+
+def test_cli_layer_weights_flag(tmp_path, base_dir, capsys):
+    with pytest.raises(SystemExit) as e:  # argparse's own usage error, naming the flag
+        cli_main(["sparsify", "--model", str(base_dir), "--out", str(tmp_path / "o"), "--attn-layer-weights", "1,x"])
+    assert e.value.code == 2
+    assert "--attn-layer-weights: '1,x': write comma-separated numbers" in capsys.readouterr().err
+    assert cli_main(["sparsify", "--model", str(base_dir), "--out", str(tmp_path / "o"), "--run-dir",
+                     str(tmp_path / "r"), "--task", "addition", "--steps", "2", "--batch-size", "4",
+                     "--attn-layer-weights", "3,0.5", "--no-progress"]) == 0
+    assert [r["attn_layer_weights"] for r in log_records(tmp_path / "r")] == [[3.0, 0.5]] * 2
 
 
 def test_cli_config_unknown_keys_and_corpus_needs_tokenizer(tmp_path, base_dir, capsys):

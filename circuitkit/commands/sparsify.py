@@ -37,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target-ce", type=float, help="absolute CE target")
     p.add_argument("--w-attn", type=float, help="weight of the attention-edge density in the objective (default 1)")
     p.add_argument("--w-mlp", type=float, help="weight of the MLP-neuron density in the objective (default 1)")
+    p.add_argument("--attn-layer-weights", type=_float_list, metavar="W0,W1,...",
+                   help="one weight per layer on its attention density, e.g. 5,1,1,1 (default: all 1)")
     p.add_argument("--eta", type=float, help="GECO step size for log λ (default 0.01)")
     p.add_argument("--steps", type=int, help="training steps (--resume accepts a change)")
     p.add_argument("--final-hard-steps", type=int, help="last steps with deterministic straight-through gates")
@@ -55,8 +57,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 _FLAG_KEYS = ("model", "corpus", "corpus_seq_len", "attn", "mlp", "bias_gate", "bias_gate_mlp", "tolerance",
-              "target_ce", "w_attn", "w_mlp", "eta", "steps", "final_hard_steps", "final_sparsity_weight",
-              "batch_size", "lr", "seed", "out", "run_dir", "name")
+              "target_ce", "w_attn", "w_mlp", "attn_layer_weights", "eta", "steps", "final_hard_steps",
+              "final_sparsity_weight", "batch_size", "lr", "seed", "out", "run_dir", "name")
+
+
+def _float_list(spec: str) -> tuple[float, ...]:
+    """``"5,1,1"`` -> ``(5.0, 1.0, 1.0)``, for argparse (its error names the flag)."""
+    try:
+        return tuple(float(x) for x in spec.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{spec!r}: write comma-separated numbers, one per layer, e.g. 5,1,1,1") \
+            from None
 
 
 def parse_tasks(spec: str) -> dict[str, float]:

@@ -25,6 +25,9 @@ A final phase (``final_hard_steps``) can run with deterministic straight-through
 (forward exactly as in evaluation), so the weights adapt to the gates that will be kept;
 ``final_sparsity_weight`` scales the sparsity term there (0: recover the CE only, which
 keeps the needed edges away from the gate threshold instead of pressing them onto it).
+``attn_layer_weights`` weighs each layer's attention density in ``S_attn`` (for a layer the
+uniform penalty leaves dense, as the 6-layer toy's layer 0); like the final weight, a resumed
+run may change it.
 """
 
 from __future__ import annotations
@@ -101,6 +104,9 @@ class SparsifyConfig(TomlConfig):
     steps: int = 2000
     final_hard_steps: int = 0  # the last steps use deterministic straight-through gates
     final_sparsity_weight: float = 1.0  # multiplies w_attn, w_mlp in those last steps (0: recover CE only)
+    # one weight per layer on its attention density: S_attn = mean over (layer, head) of weight[layer] × density
+    # (None: every layer 1). Needs exactly n_layers values.
+    attn_layer_weights: tuple[float, ...] | None = None
     batch_size: int = 128  # global batch (split across data-parallel ranks)
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -143,6 +149,14 @@ class SparsifyConfig(TomlConfig):
             raise CircuitkitError(f"{source}: rho_min ({self.rho_min}) must not exceed rho_max ({self.rho_max})")
         if not (self.attn or self.mlp):
             raise CircuitkitError(f"{source}: turn on at least one gate family: attn = true and/or mlp = true")
+        if self.attn_layer_weights is not None:
+            if not self.attn:
+                raise CircuitkitError(f"{source}: attn_layer_weights weighs the attention gates; set attn = true "
+                                      "or drop attn_layer_weights")
+            bad = [w for w in self.attn_layer_weights if w < 0]
+            if bad or not self.attn_layer_weights:
+                raise CircuitkitError(f"{source}: attn_layer_weights must be one non-negative number per layer, "
+                                      f"got {list(self.attn_layer_weights)!r}")
 
     @property
     def gate_config(self) -> GateConfig:
@@ -270,7 +284,7 @@ class StepOutput:
 def sparse_step(ddp_model, model, gates, opt, sched, tokens: torch.Tensor, mask: torch.Tensor,
                 row_task: torch.Tensor, *, gecos: list[Geco], states: list[GecoState], targets: list[float],
                 task_w: torch.Tensor, per_task: bool, w_attn: float, w_mlp: float, w_scale: float = 1.0,
-                grad_clip: float = 1.0, log_heads: bool = True, dd: _Dist | None = None, step: int = 0,
+                attn_layer_weights: tuple[float, ...] | None = None, grad_clip: float = 1.0, log_heads: bool = True, dd: _Dist | None = None, step: int = 0,
                 run_dir: str | os.PathLike = "the run folder", lr: float | None = None) -> StepOutput:
     """One step of sparse post-training, the one ``circuitkit sparsify`` runs (and ``circuitkit bench`` times).
 
@@ -280,13 +294,14 @@ def sparse_step(ddp_model, model, gates, opt, sched, tokens: torch.Tensor, mask:
     (CE_c the mixture CE, or ŵ_t·CE_t per task with ``per_task``), backpropagates, clips the
     gradient to ``grad_clip``, steps ``opt`` (and ``sched`` unless None) and updates each
     constraint's GECO state. The gates' mode and noise generator are the caller's to set.
+    ``attn_layer_weights`` ([n_layers] or None) weighs each layer's attention density in S_attn.
     """
     dd = dd or _Dist()
     n_tasks = task_w.shape[0]
     gates.clear_stats()
     logits = ddp_model(tokens)
     sums, counts = task_nll(logits, tokens, mask, row_task, n_tasks)
-    sp = gates.sparsity()
+    sp = gates.sparsity(attn_layer_weights)
     s_total = sparsity_objective(sp["attn"], sp["mlp"], w_attn, w_mlp)
     dens = gates.density_report(heads=log_heads)
     # one reduction for everything the constraint and the log need
@@ -384,6 +399,9 @@ def _finetune(cfg, dd: _Dist, resume, max_steps, progress, command, device, on_b
     if dd.main:
         run_dir.mkdir(parents=True, exist_ok=True)
     model = load_model(cfg.model, device=device, gates=False)
+    if cfg.attn_layer_weights is not None and len(cfg.attn_layer_weights) != model.cfg.n_layers:
+        raise CircuitkitError(f"attn_layer_weights has {len(cfg.attn_layer_weights)} values but {cfg.model} has "
+                              f"{model.cfg.n_layers} layers; give one weight per layer")
     data = TrainingData(model, cfg.tasks, cfg.task_options, cfg.corpus, seq_len=cfg.corpus_seq_len,
                         heldout_fraction=cfg.corpus_heldout_fraction, text_field=cfg.corpus_text_field,
                         max_tokens=cfg.corpus_max_tokens, seed=cfg.corpus_seed)
@@ -465,7 +483,8 @@ def _finetune(cfg, dd: _Dist, resume, max_steps, progress, command, device, on_b
             tokens, mask, row_task = tokens.to(device), mask.to(device), row_task.to(device)
             out = sparse_step(ddp_model, model, gates, opt, sched, tokens, mask, row_task, gecos=gecos, states=states,
                               targets=targets, task_w=task_w, per_task=per_task, w_attn=cfg.w_attn, w_mlp=cfg.w_mlp,
-                              w_scale=w_scale, grad_clip=cfg.grad_clip, log_heads=cfg.log_heads, dd=dd, step=step,
+                              w_scale=w_scale, attn_layer_weights=cfg.attn_layer_weights,
+                              grad_clip=cfg.grad_clip, log_heads=cfg.log_heads, dd=dd, step=step,
                               run_dir=run_dir, lr=cfg.lr)
             states, ce_g, s_g, ce_task, present = out.states, out.ce, out.sparsity, out.ce_task, out.present
             lams, offset, packed, flat_keys, dens = out.lams, out.offset, out.packed, out.flat_keys, out.density
@@ -476,6 +495,8 @@ def _finetune(cfg, dd: _Dist, resume, max_steps, progress, command, device, on_b
                                    "ema_ce": states[0].ema if not per_task else None, "sparsity": s_g,
                                    "loss": w_scale * s_g + offset, "lr": sched.get_last_lr()[0],
                                    "mode": gates.mode.value, "sparsity_weight": w_scale}
+            if cfg.attn_layer_weights is not None:
+                rec["attn_layer_weights"] = list(cfg.attn_layer_weights)
             if n_tasks > 1:
                 rec["ce_task"] = {k: (float(ce_task[i]) if present[i] else None) for i, k in enumerate(data.names)}
             if per_task:

@@ -39,7 +39,7 @@ import enum
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from functools import partial
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from transformer_lens import HookedTransformer
@@ -619,11 +619,22 @@ class Gates:
         self.stats = {"attn_soft": {}, "attn_hard": {}, "mlp_soft": {}, "mlp_hard": {}, "mlp_hard_neuron": {}}
         self._pending.clear()
 
-    def sparsity(self) -> dict[str, torch.Tensor | None]:
-        """``S_attn`` and ``S_mlp`` (scalars with gradient) from the last collecting forward."""
+    def sparsity(self, attn_layer_weights: Sequence[float] | None = None) -> dict[str, torch.Tensor | None]:
+        """``S_attn`` and ``S_mlp`` (scalars with gradient) from the last collecting forward.
+
+        ``S_attn`` is the mean over (layer, head) of the soft edge density, each layer's row
+        multiplied by ``attn_layer_weights[layer]`` when given (one weight per layer)."""
         out: dict[str, torch.Tensor | None] = {"attn": None, "mlp": None}
         if self.stats["attn_soft"]:
-            out["attn"] = torch.stack([self.stats["attn_soft"][l] for l in sorted(self.stats["attn_soft"])]).mean()
+            layers = sorted(self.stats["attn_soft"])
+            dens = torch.stack([self.stats["attn_soft"][l] for l in layers])  # [layers, heads]
+            if attn_layer_weights is not None:
+                if len(attn_layer_weights) != self.model.cfg.n_layers:
+                    raise CircuitkitError(f"attn_layer_weights has {len(attn_layer_weights)} values for a "
+                                          f"{self.model.cfg.n_layers}-layer model; give one weight per layer")
+                w = torch.tensor([float(attn_layer_weights[l]) for l in layers], dtype=dens.dtype, device=dens.device)
+                dens = dens * w[:, None]
+            out["attn"] = dens.mean()
         if self.stats["mlp_soft"]:
             out["mlp"] = torch.stack([self.stats["mlp_soft"][l] for l in sorted(self.stats["mlp_soft"])]).mean()
         return out
