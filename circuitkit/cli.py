@@ -40,6 +40,8 @@ COMMANDS: dict[str, Command] = {
                    "the whole study on the shipped zoo: discover, verify, compare, report"),
     "bench": Command("circuitkit.commands.bench",
                      "benchmarks: attribution cost, peers, sparse training cost, scaling"),
+    "curves": Command("circuitkit.commands.curves",
+                      "a sparse run's course from its log: kept edges, CE, and the held-out trade-off"),
     "zoo": Command("circuitkit.commands.zoo", "list the shipped models and their cards"),
 }
 

@@ -411,3 +411,62 @@ def token_circuit_figure(rows: Sequence[tuple], stem: Path) -> list[Path]:
             axes[r, c].axis("off")
     fig.tight_layout()
     return save(fig, stem)
+
+
+def training_curves_figure(runs: Sequence[tuple], stem: Path, smooth: int = 50) -> list[Path]:
+    """A sparse run's course, several runs overlaid: kept edges against step (left), the training CE
+    against its target (middle), and the held-out trade-off of the in-run evaluations (right:
+    held-out CE against kept edges, one point per evaluation, joined in step order).
+
+    ``runs``: (label, records, held-out bound or None, final point or None), records as in the
+    run's ``log.jsonl``: each has ``step``, ``ce``, ``attn_hard_mean``; ``target`` (one constraint)
+    and ``eval`` (``ce``, ``kept_edges``) where the run has them; the final point is the finished
+    model's card (a dict with ``kept_edges`` and held-out ``ce``), drawn as a star. ``smooth``: the rolling
+    window of the CE curve.
+    """
+    import pandas as pd
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.9))
+    for i, (label, records, bound, final) in enumerate(runs):
+        color = plt.cm.tab10(i % 10)
+        steps = [r["step"] for r in records]
+        axes[0].plot(steps, [100 * r["attn_hard_mean"] for r in records], color=color, lw=0.8, label=label)
+        hard = [r["step"] for r in records if r.get("mode") == "hard_st"]
+        if hard:
+            axes[0].axvline(hard[0], color=color, ls=":", lw=0.8)
+        ce = pd.Series([r["ce"] for r in records], index=steps).rolling(smooth, min_periods=1).mean()
+        axes[1].plot(ce.index, ce.values, color=color, lw=0.9, label=label)
+        targets = [(r["step"], r["target"]) for r in records if r.get("target") is not None]
+        if targets:
+            axes[1].plot(*zip(*targets), color=color, ls="--", lw=0.8)
+        evals = [(r["step"], r["eval"]) for r in records if isinstance(r.get("eval"), dict)]
+        if evals:
+            xs = [100 * e["kept_edges"] for _, e in evals]
+            ys = [e["ce"] for _, e in evals]
+            axes[2].plot(xs, ys, "-o", ms=3, color=color, lw=0.8, label=label)
+            axes[2].annotate(f"{evals[-1][0]:,}", (xs[-1], ys[-1]), fontsize=6, color=color,
+                             xytext=(3, 3), textcoords="offset points")
+        if final is not None:
+            axes[2].plot([100 * final["kept_edges"]], [final["ce"]], "*", ms=11, color=color, mec="k", mew=0.5)
+        if bound is not None:
+            axes[2].axhline(bound, color=color, ls="--", lw=0.8)
+    axes[0].set_yscale("log")
+    axes[2].set_xscale("log")
+    for axis in (axes[0].yaxis, axes[2].xaxis):  # percentages on a log axis: 0.5, 1, 2, 5, 10, ...
+        axis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axes[0].set_xlabel("step")
+    axes[0].set_ylabel("kept causal attention edges, training batch (%)")
+    axes[1].set_xlabel("step")
+    axes[1].set_ylabel(f"training CE, rolling mean of {smooth} (dashed: target)")
+    axes[2].set_xlabel("kept causal attention edges, held-out (%)")
+    axes[2].set_ylabel("held-out CE (dashed: the model's bound)")
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle("Sparse post-training: dotted lines mark where the deterministic phase starts; on the right, "
+                 "the in-run evaluations (labelled: the last one's step) and the finished model's card (star)",
+                 fontsize=9)
+    fig.tight_layout()
+    return save(fig, stem)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -405,6 +406,19 @@ def _read_log(path: Path) -> list[dict[str, Any]]:
             raise CircuitkitError(f"{path}: line {i + 1} is not JSON and not the last line; the log is damaged "
                                   "(restore it, or start over with --force)") from None
     return out
+
+
+def read_run_log(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The step records of the run in ``run_dir`` (its ``log.jsonl``), for reading a run that is
+    finished, stopped or still going; a torn last line is dropped."""
+    path = Path(run_dir) / LOG_FILE
+    if not path.is_file():
+        raise CircuitkitError(f"no step log at {path}: give the run folder of a `circuitkit train` or "
+                              "`circuitkit sparsify` run (its run_dir), which holds log.jsonl")
+    records = _read_log(path)
+    if not records:
+        raise CircuitkitError(f"{path} has no steps yet; wait for the run's first step")
+    return records
 
 
 class StepLog:

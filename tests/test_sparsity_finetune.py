@@ -393,3 +393,47 @@ def test_cli_warns_when_the_model_misses_its_ce_target(tmp_path, base_dir, capsy
     card = json.loads((tmp_path / "o" / "card.json").read_text())
     assert code == 0 and card["meets_target"] is False
     assert "misses its CE target" in err and "target 1e-06" in err and "final_sparsity_weight" in err
+
+
+def test_curves_lists_the_runs_evaluations_and_its_card(tmp_path, base_dir, capsys):
+    """`circuitkit curves`: the table's rows are the log's in-run evaluations (read here from the
+    JSON lines) and the finished card's own point, each judged against the card's bound."""
+    cfg = cfg_for(tmp_path, base_dir, eval_every=2, target_ce=3.5)  # a bound the first evaluation misses
+    card = finetune(cfg, progress=False)
+    evals = [(r["step"], r["eval"]) for r in log_records(tmp_path / "run") if "eval" in r]
+    assert [s for s, _ in evals] == [2, 4]  # every eval_every steps before the last
+    table, stem = tmp_path / "t.md", tmp_path / "fig" / "c"
+    assert cli_main(["curves", str(tmp_path / "run"), "--labels", "mine", "--out", str(stem),
+                     "--table", str(table)]) == 0
+    assert (tmp_path / "fig" / "c.png").stat().st_size > 0 and (tmp_path / "fig" / "c.svg").exists()
+    lines = table.read_text().splitlines()
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [dict(zip(head, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[2:]]
+    want = [(s, e["ce"], 100 * e["kept_edges"], e["accuracy"]["addition"], "log") for s, e in evals]
+    want.append((6, card["heldout_ce"], 100 * card["kept_edges"], card["heldout"]["addition"]["accuracy"], "card"))
+    assert [(int(r["step"]), float(r["heldout_ce"]), float(r["kept_edges_pct"]), float(r["acc_addition"]),
+             r["source"]) for r in rows] == \
+        [(s, pytest.approx(c, rel=1e-3), pytest.approx(k, rel=1e-3), pytest.approx(a, abs=1e-3), src)
+         for s, c, k, a, src in want]
+    assert [r["within_bound"] for r in rows] == ["yes" if w[1] <= 3.5 else "no" for w in want]
+    assert {r["within_bound"] for r in rows} == {"yes", "no"}
+    assert all(r["run"] == "mine" for r in rows) and table.read_text() in capsys.readouterr().out + "\n"
+    # --since keeps only the later steps
+    assert cli_main(["curves", str(tmp_path / "run"), "--since", "3", "--out", str(stem), "--table",
+                     str(table)]) == 0
+    assert [int(ln.split("|")[2]) for ln in table.read_text().splitlines()[2:]] == [4, 6]
+
+
+def test_curves_bad_input(tmp_path, base_dir, capsys):
+    def err(*args):
+        assert cli_main(["curves", *map(str, args)]) == 2
+        return capsys.readouterr().err
+
+    assert "no step log at" in err(tmp_path / "nothing") and "run_dir" in err(tmp_path / "nothing")
+    finetune(cfg_for(tmp_path, base_dir, steps=2), progress=False)
+    assert "gives 2 labels for 1 runs" in err(tmp_path / "run", "--labels", "a,b")
+    assert "no steps after --since 5; its log ends at step 2" in err(tmp_path / "run", "--since", "5")
+    train_log = tmp_path / "train"
+    train_log.mkdir()
+    (train_log / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    assert "not a sparse run with attention gates" in err(train_log)
