@@ -307,7 +307,7 @@ class RunKind(Enum):
 # base CEs the checkpoint keeps) -- each step's weights and target are in the step log, so a run that changed them
 # part-way is still readable. name is a label (progress bar, card).
 RESUMABLE_CHANGES = frozenset({"steps", "name", "out", "run_dir", "final_sparsity_weight", "attn_layer_weights",
-                               "tolerance", "target_ce", "target_floor", "heldout_tolerance"})
+                               "attn_head_power", "tolerance", "target_ce", "target_floor", "heldout_tolerance"})
 
 
 def prepare_run(run_dir: Path, out: Path, kind: RunKind, resume: bool, force: bool, main: bool = True) -> None:

@@ -164,6 +164,10 @@ def test_layer_weights_weigh_each_layers_density_and_its_gradient(tokens):
     assert sp.item() == pytest.approx((dens * torch.tensor([[3.0], [0.5]])).mean().item(), rel=1e-5)
     with pytest.raises(CircuitkitError, match="3 values for a 2-layer model"):
         gates.sparsity((1.0, 1.0, 1.0))
+    # the concave term: each head's density to the power p before the weights and the mean
+    sp = gates.sparsity((3.0, 0.5), head_power=0.5)["attn"]
+    assert sp.item() == pytest.approx((dens.sqrt() * torch.tensor([[3.0], [0.5]])).mean().item(), rel=1e-5)
+    assert gates.sparsity(head_power=1.0)["attn"].item() == pytest.approx(dens.mean().item(), rel=1e-6)
     for w, layer1_moves in (((1.0, 0.0), False), ((0.0, 1.0), True)):
         model.zero_grad()
         gates.clear_stats()
@@ -173,6 +177,28 @@ def test_layer_weights_weigh_each_layers_density_and_its_gradient(tokens):
         assert (g1 is not None and g1.abs().sum() > 0) == layer1_moves
         if not layer1_moves:  # layer 0's own weights still feel the penalty
             assert model.blocks[0].attn.W_Q.grad.abs().sum() > 0
+
+
+def test_concave_head_term_favours_closing_the_sparser_head():
+    """With p < 1 the term's gradient per unit of density is larger for a sparser head (p·d^(p−1)),
+    so the optimiser closes heads that are nearly closed first; p = 1 prices every head alike, and a
+    closed head (d = 0) still gives a finite gradient."""
+    model = small_model()
+    gates = attach(model, GateConfig(attn=True, bias_gate=0.0), GateMode.TRAIN)
+    d = torch.tensor([[0.01, 0.5], [0.0, 0.2]], requires_grad=True)  # [layers, heads]
+    gates.stats["attn_soft"] = {0: d[0], 1: d[1]}
+    for p in (0.5, 1.0):
+        d.grad = None
+        gates.sparsity(head_power=p)["attn"].backward()
+        g = d.grad
+        assert torch.isfinite(g).all()
+        if p == 1.0:
+            assert torch.allclose(g, torch.full_like(g, 0.25))
+        else:
+            assert g[0, 0] > g[1, 1] > g[0, 1]  # sparser heads are pushed harder
+            assert g[0, 0].item() == pytest.approx(0.25 * 0.5 * 0.01 ** -0.5, rel=1e-5)
+    with pytest.raises(CircuitkitError, match=r"head_power must be in \(0, 1\]"):
+        gates.sparsity(head_power=1.5)
 
 
 def test_geco_lambda_rises_when_violated_and_falls_when_satisfied():

@@ -134,7 +134,23 @@ def test_resume_may_change_the_layer_weights(tmp_path, base_dir):
     assert list(card["finetune_config"]["attn_layer_weights"]) == [4.0, 0.5]
 
 
+def test_resume_may_change_the_head_power(tmp_path, base_dir):
+    """attn_head_power set on resume: logged from then on, and each step's sparsity term equals the
+    mean over (layer, head) of the logged per-head soft densities to that power."""
+    finetune(cfg_for(tmp_path, base_dir), max_steps=3, progress=False)
+    card = finetune(cfg_for(tmp_path, base_dir, attn_head_power=0.5), resume=True, progress=False)
+    recs = log_records(tmp_path / "run")
+    assert [r.get("attn_head_power") for r in recs] == [None] * 3 + [0.5] * 3
+    for r in recs:
+        p = r.get("attn_head_power", 1.0)
+        heads = [d for layer in r["attn_soft_head"] for d in layer]
+        assert r["sparsity"] == pytest.approx(sum(d ** p for d in heads) / len(heads), rel=1e-5)
+    assert card["finetune_config"]["attn_head_power"] == 0.5
+
+
 @pytest.mark.parametrize("kw, msg", [
+    ({"attn_head_power": 0.0}, "attn_head_power must be"),
+    ({"attn_head_power": 1.5}, "attn_head_power must be"),
     ({"attn_layer_weights": (1.0, -1.0)}, "one non-negative number per layer"),
     ({"attn_layer_weights": ()}, "one non-negative number per layer"),
     ({"attn_layer_weights": (1.0, 1.0), "attn": False, "mlp": True}, "set attn = true"),

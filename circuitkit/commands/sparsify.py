@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--w-mlp", type=float, help="weight of the MLP-neuron density in the objective (default 1)")
     p.add_argument("--attn-layer-weights", type=_float_list, metavar="W0,W1,...",
                    help="one weight per layer on its attention density, e.g. 5,1,1,1 (default: all 1)")
+    p.add_argument("--attn-head-power", type=float,
+                   help="each head's attention density enters the term to this power, in (0, 1] (default 1; "
+                        "below 1 whole heads close rather than every head thinning)")
     p.add_argument("--eta", type=float, help="GECO step size for log λ (default 0.01)")
     p.add_argument("--steps", type=int, help="training steps (--resume accepts a change)")
     p.add_argument("--final-hard-steps", type=int, help="last steps with deterministic straight-through gates")
@@ -57,8 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 _FLAG_KEYS = ("model", "corpus", "corpus_seq_len", "attn", "mlp", "bias_gate", "bias_gate_mlp", "tolerance",
-              "target_ce", "w_attn", "w_mlp", "attn_layer_weights", "eta", "steps", "final_hard_steps",
-              "final_sparsity_weight", "batch_size", "lr", "seed", "out", "run_dir", "name")
+              "target_ce", "w_attn", "w_mlp", "attn_layer_weights", "attn_head_power", "eta", "steps",
+              "final_hard_steps", "final_sparsity_weight", "batch_size", "lr", "seed", "out", "run_dir", "name")
 
 
 def _float_list(spec: str) -> tuple[float, ...]:

@@ -26,8 +26,9 @@ A final phase (``final_hard_steps``) can run with deterministic straight-through
 ``final_sparsity_weight`` scales the sparsity term there (0: recover the CE only, which
 keeps the needed edges away from the gate threshold instead of pressing them onto it).
 ``attn_layer_weights`` weighs each layer's attention density in ``S_attn`` (for a layer the
-uniform penalty leaves dense, as the 6-layer toy's layer 0); like the final weight, a resumed
-run may change it.
+uniform penalty leaves dense, as the 6-layer toy's layer 0) and ``attn_head_power`` < 1 makes
+the term concave in each head's density (whole heads close rather than every head thinning);
+like the final weight, a resumed run may change either.
 """
 
 from __future__ import annotations
@@ -107,6 +108,9 @@ class SparsifyConfig(TomlConfig):
     # one weight per layer on its attention density: S_attn = mean over (layer, head) of weight[layer] × density
     # (None: every layer 1). Needs exactly n_layers values.
     attn_layer_weights: tuple[float, ...] | None = None
+    # each head's attention density d enters S_attn as d ** attn_head_power: 1 is the paper's term (every kept edge
+    # costs the same); below 1 the term is concave, so closing a head whole costs less than thinning every head
+    attn_head_power: float = 1.0
     batch_size: int = 128  # global batch (split across data-parallel ranks)
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -128,7 +132,8 @@ class SparsifyConfig(TomlConfig):
               "tolerance": NON_NEGATIVE, "heldout_tolerance": NON_NEGATIVE, "target_ce": POSITIVE,
               "target_floor": NON_NEGATIVE, "eta": NON_NEGATIVE,
               "ema_decay": Range(0, 1, hi_open=True), "seed": NON_NEGATIVE, "steps": POSITIVE,
-              "final_hard_steps": NON_NEGATIVE, "final_sparsity_weight": NON_NEGATIVE, "batch_size": POSITIVE,
+              "final_hard_steps": NON_NEGATIVE, "final_sparsity_weight": NON_NEGATIVE,
+              "attn_head_power": Range(0, 1, lo_open=True), "batch_size": POSITIVE,
               "lr": POSITIVE, "weight_decay": NON_NEGATIVE, "warmup": NON_NEGATIVE, "min_lr_fraction": FRACTION,
               "grad_clip": POSITIVE, "checkpoint_every": POSITIVE, "eval_every": POSITIVE, "eval_n": POSITIVE,
               "target_n": POSITIVE, "measure_n": POSITIVE}
@@ -284,7 +289,8 @@ class StepOutput:
 def sparse_step(ddp_model, model, gates, opt, sched, tokens: torch.Tensor, mask: torch.Tensor,
                 row_task: torch.Tensor, *, gecos: list[Geco], states: list[GecoState], targets: list[float],
                 task_w: torch.Tensor, per_task: bool, w_attn: float, w_mlp: float, w_scale: float = 1.0,
-                attn_layer_weights: tuple[float, ...] | None = None, grad_clip: float = 1.0, log_heads: bool = True, dd: _Dist | None = None, step: int = 0,
+                attn_layer_weights: tuple[float, ...] | None = None, attn_head_power: float = 1.0,
+                grad_clip: float = 1.0, log_heads: bool = True, dd: _Dist | None = None, step: int = 0,
                 run_dir: str | os.PathLike = "the run folder", lr: float | None = None) -> StepOutput:
     """One step of sparse post-training, the one ``circuitkit sparsify`` runs (and ``circuitkit bench`` times).
 
@@ -294,14 +300,15 @@ def sparse_step(ddp_model, model, gates, opt, sched, tokens: torch.Tensor, mask:
     (CE_c the mixture CE, or ŵ_t·CE_t per task with ``per_task``), backpropagates, clips the
     gradient to ``grad_clip``, steps ``opt`` (and ``sched`` unless None) and updates each
     constraint's GECO state. The gates' mode and noise generator are the caller's to set.
-    ``attn_layer_weights`` ([n_layers] or None) weighs each layer's attention density in S_attn.
+    ``attn_layer_weights`` ([n_layers] or None) weighs each layer's attention density in S_attn;
+    ``attn_head_power`` raises each head's density to that power first (:meth:`Gates.sparsity`).
     """
     dd = dd or _Dist()
     n_tasks = task_w.shape[0]
     gates.clear_stats()
     logits = ddp_model(tokens)
     sums, counts = task_nll(logits, tokens, mask, row_task, n_tasks)
-    sp = gates.sparsity(attn_layer_weights)
+    sp = gates.sparsity(attn_layer_weights, attn_head_power)
     s_total = sparsity_objective(sp["attn"], sp["mlp"], w_attn, w_mlp)
     dens = gates.density_report(heads=log_heads)
     # one reduction for everything the constraint and the log need
@@ -483,7 +490,7 @@ def _finetune(cfg, dd: _Dist, resume, max_steps, progress, command, device, on_b
             tokens, mask, row_task = tokens.to(device), mask.to(device), row_task.to(device)
             out = sparse_step(ddp_model, model, gates, opt, sched, tokens, mask, row_task, gecos=gecos, states=states,
                               targets=targets, task_w=task_w, per_task=per_task, w_attn=cfg.w_attn, w_mlp=cfg.w_mlp,
-                              w_scale=w_scale, attn_layer_weights=cfg.attn_layer_weights,
+                              w_scale=w_scale, attn_layer_weights=cfg.attn_layer_weights, attn_head_power=cfg.attn_head_power,
                               grad_clip=cfg.grad_clip, log_heads=cfg.log_heads, dd=dd, step=step,
                               run_dir=run_dir, lr=cfg.lr)
             states, ce_g, s_g, ce_task, present = out.states, out.ce, out.sparsity, out.ce_task, out.present
@@ -497,6 +504,8 @@ def _finetune(cfg, dd: _Dist, resume, max_steps, progress, command, device, on_b
                                    "mode": gates.mode.value, "sparsity_weight": w_scale}
             if cfg.attn_layer_weights is not None:
                 rec["attn_layer_weights"] = list(cfg.attn_layer_weights)
+            if cfg.attn_head_power != 1.0:
+                rec["attn_head_power"] = cfg.attn_head_power
             if n_tasks > 1:
                 rec["ce_task"] = {k: (float(ce_task[i]) if present[i] else None) for i, k in enumerate(data.names)}
             if per_task:

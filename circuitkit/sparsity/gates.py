@@ -619,15 +619,22 @@ class Gates:
         self.stats = {"attn_soft": {}, "attn_hard": {}, "mlp_soft": {}, "mlp_hard": {}, "mlp_hard_neuron": {}}
         self._pending.clear()
 
-    def sparsity(self, attn_layer_weights: Sequence[float] | None = None) -> dict[str, torch.Tensor | None]:
+    def sparsity(self, attn_layer_weights: Sequence[float] | None = None,
+                 head_power: float = 1.0) -> dict[str, torch.Tensor | None]:
         """``S_attn`` and ``S_mlp`` (scalars with gradient) from the last collecting forward.
 
-        ``S_attn`` is the mean over (layer, head) of the soft edge density, each layer's row
-        multiplied by ``attn_layer_weights[layer]`` when given (one weight per layer)."""
+        ``S_attn`` is the mean over (layer, head) of the soft edge density ``d`` raised to
+        ``head_power`` (1: ``d`` itself), each layer's row multiplied by
+        ``attn_layer_weights[layer]`` when given (one weight per layer)."""
         out: dict[str, torch.Tensor | None] = {"attn": None, "mlp": None}
         if self.stats["attn_soft"]:
             layers = sorted(self.stats["attn_soft"])
             dens = torch.stack([self.stats["attn_soft"][l] for l in layers])  # [layers, heads]
+            if head_power != 1.0:
+                if not 0.0 < head_power <= 1.0:
+                    raise CircuitkitError(f"head_power must be in (0, 1], got {head_power}")
+                # the floor keeps the derivative finite at a closed head (d = 0); it changes d ** p by < 1e-12 ** p
+                dens = dens.clamp_min(1e-12).pow(head_power)
             if attn_layer_weights is not None:
                 if len(attn_layer_weights) != self.model.cfg.n_layers:
                     raise CircuitkitError(f"attn_layer_weights has {len(attn_layer_weights)} values for a "
