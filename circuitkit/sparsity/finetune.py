@@ -491,7 +491,8 @@ def _finetune(cfg, dd: _Dist, resume, max_steps, progress, command, device, on_b
             out = sparse_step(ddp_model, model, gates, opt, sched, tokens, mask, row_task, gecos=gecos, states=states,
                               targets=targets, task_w=task_w, per_task=per_task, w_attn=cfg.w_attn, w_mlp=cfg.w_mlp,
                               w_scale=w_scale, attn_layer_weights=cfg.attn_layer_weights,
-                              attn_head_power=cfg.attn_head_power,                              grad_clip=cfg.grad_clip, log_heads=cfg.log_heads, dd=dd, step=step,
+                              attn_head_power=cfg.attn_head_power, grad_clip=cfg.grad_clip, log_heads=cfg.log_heads,
+                              dd=dd, step=step,
                               run_dir=run_dir, lr=cfg.lr)
             states, ce_g, s_g, ce_task, present = out.states, out.ce, out.sparsity, out.ce_task, out.present
             lams, offset, packed, flat_keys, dens = out.lams, out.offset, out.packed, out.flat_keys, out.density
