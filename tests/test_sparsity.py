@@ -162,7 +162,7 @@ def test_layer_weights_weigh_each_layers_density_and_its_gradient(tokens):
                         / (t * (t + 1) / 2) for l in range(2)])  # [layers, heads]
     sp = gates.sparsity((3.0, 0.5))["attn"]
     assert sp.item() == pytest.approx((dens * torch.tensor([[3.0], [0.5]])).mean().item(), rel=1e-5)
-    with pytest.raises(CircuitkitError, match="3 values for a 2-layer model"):
+    with pytest.raises(CircuitkitError, match="3 values but the model has 2 layers"):
         gates.sparsity((1.0, 1.0, 1.0))
     # the concave term: each head's density to the power p before the weights and the mean
     sp = gates.sparsity((3.0, 0.5), head_power=0.5)["attn"]

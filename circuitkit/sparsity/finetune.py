@@ -51,7 +51,7 @@ from circuitkit import CircuitkitError
 from circuitkit.io import (FRACTION, NON_NEGATIVE, POSITIVE, Range, TomlConfig, write_json,
                            write_text)
 from circuitkit.models import load_model
-from circuitkit.sparsity.gates import GateConfig, GateMode, attach, gate_mode
+from circuitkit.sparsity.gates import GateConfig, GateMode, attach, check_layer_weights, gate_mode
 from circuitkit.sparsity.measure import measure_sparsity
 from circuitkit.sparsity.objective import Geco, GecoState, sparsity_objective
 from circuitkit.sparsity.storage import save_sparse_model
@@ -406,9 +406,8 @@ def _finetune(cfg, dd: _Dist, resume, max_steps, progress, command, device, on_b
     if dd.main:
         run_dir.mkdir(parents=True, exist_ok=True)
     model = load_model(cfg.model, device=device, gates=False)
-    if cfg.attn_layer_weights is not None and len(cfg.attn_layer_weights) != model.cfg.n_layers:
-        raise CircuitkitError(f"attn_layer_weights has {len(cfg.attn_layer_weights)} values but {cfg.model} has "
-                              f"{model.cfg.n_layers} layers; give one weight per layer")
+    if cfg.attn_layer_weights is not None:  # before the data and the base CEs, which can take minutes
+        check_layer_weights(cfg.attn_layer_weights, model.cfg.n_layers, cfg.model)
     data = TrainingData(model, cfg.tasks, cfg.task_options, cfg.corpus, seq_len=cfg.corpus_seq_len,
                         heldout_fraction=cfg.corpus_heldout_fraction, text_field=cfg.corpus_text_field,
                         max_tokens=cfg.corpus_max_tokens, seed=cfg.corpus_seed)

@@ -636,9 +636,7 @@ class Gates:
                 # the floor keeps the derivative finite at a closed head (d = 0); it changes d ** p by < 1e-12 ** p
                 dens = dens.clamp_min(1e-12).pow(head_power)
             if attn_layer_weights is not None:
-                if len(attn_layer_weights) != self.model.cfg.n_layers:
-                    raise CircuitkitError(f"attn_layer_weights has {len(attn_layer_weights)} values for a "
-                                          f"{self.model.cfg.n_layers}-layer model; give one weight per layer")
+                check_layer_weights(attn_layer_weights, self.model.cfg.n_layers)
                 w = torch.tensor([float(attn_layer_weights[l]) for l in layers], dtype=dens.dtype, device=dens.device)
                 dens = dens * w[:, None]
             out["attn"] = dens.mean()
@@ -659,6 +657,13 @@ class Gates:
                 if fam == "attn" and heads:
                     rep[f"{fam}_{kind}_head"] = x.tolist()
         return rep
+
+
+def check_layer_weights(weights: Sequence[float], n_layers: int, model: str = "the model") -> None:
+    """Refuse per-layer attention weights (``attn_layer_weights``) that are not one per layer."""
+    if len(weights) != n_layers:
+        raise CircuitkitError(f"attn_layer_weights has {len(weights)} values but {model} has {n_layers} layers; "
+                              "give one weight per layer")
 
 
 # ---------------------------------------------------------------- attach / detach
