@@ -88,10 +88,11 @@ def run_cli(args: argparse.Namespace) -> int:
         raise CircuitkitError(f"--labels gives {len(labels)} labels for {len(dirs)} runs; give one per run")
     runs, tables = [], []
     for d, label in zip(dirs, labels):
-        records = [r for r in read_run_log(d) if r["step"] > args.since]
+        logged = read_run_log(d)
+        records = [r for r in logged if r["step"] > args.since]
         if not records:
             raise CircuitkitError(f"{d}: no steps after --since {args.since}; its log ends at step "
-                                  f"{read_run_log(d)[-1]['step']}")
+                                  f"{logged[-1]['step']}")
         if "attn_hard_mean" not in records[0]:
             raise CircuitkitError(f"{d} is not a sparse run with attention gates (its log has no kept-edge "
                                   "densities); give the run_dir of a `circuitkit sparsify` run")
