@@ -227,3 +227,16 @@ def test_compare_runs_the_shared_loop_and_checks_its_options(toy_dir, tmp_path, 
     assert main(["compare", "--base", str(toy_dir), "--sparse", str(sparse), "--tasks", "addition", "--method", "acdc",
                  "--tau", "0.5", "--out", str(tmp_path / "no")]) == 2
     assert "cannot pass tau" in capsys.readouterr().err and not (tmp_path / "no").exists()
+
+
+def test_default_toml_is_the_default_study():
+    """``analyses/run/default.toml`` says it is what ``circuitkit run`` runs with no --config: a pair or setting
+    changed in one place and not the other would make the README's numbers come from another study."""
+    from circuitkit.io import read_toml
+    from circuitkit.pipeline import REPO, RunConfig
+
+    path = REPO / "analyses" / "run" / "default.toml"
+    if not path.exists():
+        pytest.skip("needs the repository's analyses/")
+    committed, built_in = RunConfig.from_dict(read_toml(path), source=str(path)), RunConfig()
+    assert committed.pairs == built_in.pairs and committed.study == built_in.study and committed.out == built_in.out

@@ -148,6 +148,43 @@ def test_resume_may_change_the_head_power(tmp_path, base_dir):
     assert card["finetune_config"]["attn_head_power"] == 0.5
 
 
+def _weights(model):
+    return {k: v for k, v in model.state_dict().items() if "mask" not in k and "IGNORE" not in k}
+
+
+def test_init_from_starts_from_the_sparse_models_weights_and_survives_resume(tmp_path, base_dir):
+    """init_from continues a sparse model whose run folder is gone: the new run starts from its weights (with a
+    vanishing learning rate they stay put, and the kept-edge fraction measured again is the same), not from the
+    base's; the targets still come from the base, and the card says where it started, also after a resume."""
+    first = finetune(cfg_for(tmp_path / "a", base_dir), progress=False)
+    src = tmp_path / "a" / "out"
+    cfg = cfg_for(tmp_path / "b", base_dir, init_from=str(src), lr=1e-12)
+    finetune(cfg, max_steps=3, progress=False)
+    card = finetune(cfg, resume=True, progress=False)
+    got, want = _weights(load_model(tmp_path / "b" / "out", gates=False)), _weights(load_model(src, gates=False))
+    base = _weights(load_model(base_dir))
+    assert max(float((got[k] - want[k]).abs().max()) for k in want) < 1e-6
+    assert max(float((got[k] - base[k]).abs().max()) for k in base) > 1e-3  # the source run did move the weights
+    assert card["kept_edges"] == pytest.approx(first["kept_edges"], abs=1e-9)
+    assert card["init_from"] == {"model": str(src), "steps": 6, "kept_edges": first["kept_edges"],
+                                 "heldout_ce": first["heldout_ce"]}
+    assert card["base_heldout_ce"] == pytest.approx(first["base_heldout_ce"], rel=1e-9)  # targets from the base
+
+
+def test_init_from_refuses_what_would_mix_two_experiments(tmp_path, base_dir):
+    finetune(cfg_for(tmp_path / "a", base_dir), progress=False)
+    src = str(tmp_path / "a" / "out")
+    other = tmp_path / "other"
+    save_model(build_model(toy_config("toy-2l", seed=1)), other, {"name": "other"})
+    cases = [(dict(init_from=str(base_dir)), "is not a sparse model"),
+             (dict(init_from=src, bias_gate=2.0), "set attn, mlp, bias_gate"),
+             (dict(init_from=src, model=str(other)), "was made from"),
+             (dict(init_from=str(tmp_path / "nowhere")), "no checkpoint folder")]
+    for kw, msg in cases:
+        with pytest.raises(CircuitkitError, match=msg):
+            finetune(cfg_for(tmp_path / "b", base_dir, **kw), progress=False, force=True)
+
+
 @pytest.mark.parametrize("kw, msg", [
     ({"attn_head_power": 0.0}, "attn_head_power must be"),
     ({"attn_head_power": 1.5}, "attn_head_power must be"),
@@ -351,6 +388,7 @@ def run_cli(args, capsys):
     (["--task", "addition", "--lr", "inf"], "lr must be a number, got inf"),
     (["--tasks", "addition=x"], "bad weight"),
     (["--task", "addition", "--attn-layer-weights", "1,1,1"], "has 3 values but"),
+    (["--task", "addition", "--init-from", "/nonexistent/sparse-model"], "no checkpoint folder"),
 ])
 def test_cli_bad_input(tmp_path, base_dir, capsys, extra, message):
     code, err = run_cli(["--model", str(base_dir), "--out", str(tmp_path / "o"), "--run-dir",

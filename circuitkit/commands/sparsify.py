@@ -23,6 +23,9 @@ from circuitkit.sparsity.finetune import SparsifyConfig, finetune
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML config (see analyses/zoo/*-sparse*.toml); flags override it")
     p.add_argument("--model", help="base model: zoo name, checkpoint folder, or pretrained name (gpt2)")
+    p.add_argument("--init-from", dest="init_from",
+                   help="start from this sparse model's weights (zoo name or folder; made from --model with the same "
+                        "gates), e.g. to continue a shipped model whose run folder is gone")
     p.add_argument("--task", help="one task to train on (e.g. addition)")
     p.add_argument("--tasks", help="a task mixture, e.g. ioi=1,addition=1")
     p.add_argument("--corpus", help="text corpus: .txt/.jsonl file or folder, or hf:NAME[:CONFIG]")
@@ -59,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_progress_flag(p)
 
 
-_FLAG_KEYS = ("model", "corpus", "corpus_seq_len", "attn", "mlp", "bias_gate", "bias_gate_mlp", "tolerance",
+_FLAG_KEYS = ("model", "init_from", "corpus", "corpus_seq_len", "attn", "mlp", "bias_gate", "bias_gate_mlp", "tolerance",
               "target_ce", "w_attn", "w_mlp", "attn_layer_weights", "attn_head_power", "eta", "steps",
               "final_hard_steps", "final_sparsity_weight", "batch_size", "lr", "seed", "out", "run_dir", "name")
 

@@ -25,6 +25,9 @@ A final phase (``final_hard_steps``) can run with deterministic straight-through
 (forward exactly as in evaluation), so the weights adapt to the gates that will be kept;
 ``final_sparsity_weight`` scales the sparsity term there (0: recover the CE only, which
 keeps the needed edges away from the gate threshold instead of pressing them onto it).
+``init_from`` starts the weights from a sparse model made from the same base with the same gates (a
+shipped model whose run folder is gone); the targets still come from the base model, and the
+optimiser, the schedule and the GECO state start afresh (``rho_init``).
 ``attn_layer_weights`` weighs each layer's attention density in ``S_attn`` (for a layer the
 uniform penalty leaves dense, as the 6-layer toy's layer 0) and ``attn_head_power`` < 1 makes
 the term concave in each head's density (whole heads close rather than every head thinning);
@@ -50,11 +53,11 @@ from tqdm.auto import tqdm
 from circuitkit import CircuitkitError
 from circuitkit.io import (FRACTION, NON_NEGATIVE, POSITIVE, Range, TomlConfig, write_json,
                            write_text)
-from circuitkit.models import load_model
+from circuitkit.models import load_card, load_model, resolve_path
 from circuitkit.sparsity.gates import GateConfig, GateMode, attach, check_layer_weights, gate_mode
 from circuitkit.sparsity.measure import measure_sparsity
 from circuitkit.sparsity.objective import Geco, GecoState, sparsity_objective
-from circuitkit.sparsity.storage import save_sparse_model
+from circuitkit.sparsity.storage import read_sparsity_file, save_sparse_model
 from circuitkit.training import (RunKind, StepLog, TrainingData, check_mixture, corpus_ce, load_checkpoint,
                                  make_optimizer, prepare_run, save_checkpoint)
 
@@ -72,6 +75,9 @@ class SparsifyConfig(TomlConfig):
     model: str  # base model: zoo name, checkpoint folder, or pretrained name (gpt2)
     out: str  # the sparse model folder (weights + card + sparsity.json)
     run_dir: str  # checkpoint, log.jsonl, log.csv
+    # start from a sparse model's finetuned weights (zoo name or folder) made from `model` with the same gates; the
+    # base model still sets the targets. The way to continue a shipped model when its run folder is gone.
+    init_from: str | None = None
     tasks: dict[str, float] = field(default_factory=dict)  # task -> mixture weight (or use corpus)
     task_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     corpus: str | None = None  # stdlib[:FOLDER], .txt/.jsonl file or folder, or hf:NAME[:CONFIG]
@@ -401,6 +407,45 @@ def _check_same_corpus(model, data: TrainingData) -> None:
                               "model's train_config, on a machine with the same standard library")
 
 
+def _same_model(a: str, b: str) -> bool:
+    """Whether two model references (zoo names, folders or pretrained names) name the same model."""
+    if a == b:
+        return True
+    pa, pb = resolve_path(a), resolve_path(b)
+    return pa is not None and pb is not None and pa.resolve() == pb.resolve()
+
+
+def load_init_weights(cfg: SparsifyConfig, model, device: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``cfg.init_from``'s finetuned weights (a state dict for ``model``, the base without gates) and what the
+    card records of it. Refused, with what to change, unless it is a sparse model made from ``cfg.model``
+    with the same architecture and the same gates as ``cfg`` (continuing another base's model, or with other
+    gates, would silently mix two experiments). Called before the data load, so a bad one fails at once."""
+    src = cfg.init_from
+    path = resolve_path(src)
+    if path is None or not (path / "sparsity.json").exists():
+        raise CircuitkitError(f"init_from = {src!r} is not a sparse model (a zoo name or folder holding sparsity.json, "
+                              "written by circuitkit sparsify); give the sparse model to continue, or drop init_from "
+                              "to start from the base model")
+    card = load_card(path)
+    made_from = card.get("base_model")
+    if not made_from or not _same_model(str(made_from), cfg.model):
+        raise CircuitkitError(f"init_from = {src!r} was made from {made_from!r}, not from model = {cfg.model!r}; set "
+                              f"model = {made_from!r} (its targets must come from the base it was made from)")
+    gates, _ = read_sparsity_file(path / "sparsity.json")
+    if gates != cfg.gate_config:
+        raise CircuitkitError(f"init_from = {src!r} has gates {gates.to_dict()} but this run has "
+                              f"{cfg.gate_config.to_dict()}; set attn, mlp, bias_gate and bias_gate_mlp as "
+                              f"{src!r} has them")
+    init = load_model(path, device=device, gates=False)
+    want, have = model.state_dict(), init.state_dict()
+    bad = sorted(k for k in want if k not in have or have[k].shape != want[k].shape)
+    if bad or set(have) - set(want):
+        raise CircuitkitError(f"init_from = {src!r} does not have the architecture of model = {cfg.model!r} "
+                              f"(first differing tensor: {(bad or sorted(set(have) - set(want)))[0]})")
+    return have, {"model": src, "steps": card.get("steps"), "kept_edges": card.get("kept_edges"),
+                  "heldout_ce": card.get("heldout_ce")}
+
+
 def _finetune(cfg, dd: _Dist, resume, max_steps, progress, command, device, on_batch) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     if dd.main:
@@ -408,6 +453,7 @@ def _finetune(cfg, dd: _Dist, resume, max_steps, progress, command, device, on_b
     model = load_model(cfg.model, device=device, gates=False)
     if cfg.attn_layer_weights is not None:  # before the data and the base CEs, which can take minutes
         check_layer_weights(cfg.attn_layer_weights, model.cfg.n_layers, cfg.model)
+    init_state, init = load_init_weights(cfg, model, device) if cfg.init_from and not resume else (None, None)
     data = TrainingData(model, cfg.tasks, cfg.task_options, cfg.corpus, seq_len=cfg.corpus_seq_len,
                         heldout_fraction=cfg.corpus_heldout_fraction, text_field=cfg.corpus_text_field,
                         max_tokens=cfg.corpus_max_tokens, seed=cfg.corpus_seed)
@@ -420,6 +466,9 @@ def _finetune(cfg, dd: _Dist, resume, max_steps, progress, command, device, on_b
             box = [base]
             dist.broadcast_object_list(box, src=0)
             base = box[0]
+    if init_state is not None:  # after the base metrics, which the dense base's weights set
+        model.load_state_dict(init_state)
+        del init_state
     gates = attach(model, cfg.gate_config, GateMode.EVAL)
     opt, sched = make_optimizer(model, cfg, cfg.steps)
     data_gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -446,6 +495,8 @@ def _finetune(cfg, dd: _Dist, resume, max_steps, progress, command, device, on_b
             base_task, targets = [base_ce], [constraint_target(cfg, base_ce)]
         extra = {"wall_time_s": 0.0, "targets": targets, "base_ce": base_ce, "base_ce_constraints": base_task,
                  "base_heldout": base["eval_set"]}
+        if init is not None:
+            extra["init_from"] = init
         states = [GecoState(rho=cfg.rho_init) for _ in targets]
     targets = [float(t) for t in extra["targets"]]
     if len(targets) != (n_tasks if per_task else 1) or len(states) != len(targets):
@@ -625,7 +676,8 @@ def _final_card(cfg, model, data: TrainingData, extra, states: list[GecoState], 
         target, meets = targets[0], bool(h["ce"] <= targets[0])
         geco = {**states[0].to_dict(), "lam": states[0].lam}
     card = {
-        "name": cfg.name, "base_model": cfg.model, "command": command, "wall_time_s": round(wall, 1),
+        "name": cfg.name, "base_model": cfg.model, "init_from": extra.get("init_from"), "command": command,
+        "wall_time_s": round(wall, 1),
         "steps": step, "seed": cfg.seed, "tasks": cfg.tasks, "task_options": cfg.task_options, "corpus": cfg.corpus,
         "corpus_hash": data.corpus.manifest["hash"] if data.corpus is not None and data.corpus.manifest else None,
         "target_ce": target, "base_heldout_ce": extra["base_ce"],
