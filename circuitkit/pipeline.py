@@ -72,7 +72,7 @@ class RunConfig(TomlConfig):
     pairs: tuple[Pair, ...] = (
         Pair("toy-addition", "toy-addition-sparse", ("addition",)),
         Pair("toy-multitask", "toy-multitask-sparse", TOY_TASKS),
-        Pair("toy-multitask-6l", "toy-multitask-6l-sparse-long", TOY_TASKS, n=50),  # see analyses/run/default.toml
+        Pair("toy-multitask-6l", "toy-multitask-6l-sparse-hp025", TOY_TASKS, n=50),  # see analyses/run/default.toml
     )
     figures: bool = True
     # figures of the sparse post-training stage, linked into the report when they exist and show studied models
