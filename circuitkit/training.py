@@ -305,9 +305,10 @@ class RunKind(Enum):
 # Config fields a resume may change: the length of the run, where its files go, and (sparsify) the weights of
 # the sparsity term (in the final deterministic phase, per layer) and the constraint's target (recomputed from the
 # base CEs the checkpoint keeps) -- each step's weights and target are in the step log, so a run that changed them
-# part-way is still readable. name is a label (progress bar, card).
+# part-way is still readable. name is a label (progress bar, card); max_accuracy_drop only judges the finished model.
 RESUMABLE_CHANGES = frozenset({"steps", "name", "out", "run_dir", "final_sparsity_weight", "attn_layer_weights",
-                               "attn_head_power", "tolerance", "target_ce", "target_floor", "heldout_tolerance"})
+                               "attn_head_power", "tolerance", "target_ce", "target_floor", "heldout_tolerance",
+                               "max_accuracy_drop"})
 
 
 def prepare_run(run_dir: Path, out: Path, kind: RunKind, resume: bool, force: bool, main: bool = True) -> None:

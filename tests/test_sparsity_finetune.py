@@ -449,6 +449,27 @@ def test_cli_warns_when_the_model_misses_its_ce_target(tmp_path, base_dir, capsy
     assert "misses its CE target" in err and "target 1e-06" in err and "final_sparsity_weight" in err
 
 
+def test_cli_warns_when_a_task_loses_accuracy(tmp_path, capsys):
+    """A trained model (toy-addition, 100% held-out) finetuned 3 steps at a learning rate that wrecks it: the card's
+    meets_accuracy is False, its accuracy_delta is the held-out accuracies' difference, and stderr names the task and
+    the loss. The same card judged with max_accuracy_drop = 1 (any loss allowed) meets it."""
+    args = ["--model", "toy-addition", "--task", "addition", "--steps", "3", "--lr", "0.05", "--batch-size", "8",
+            "--no-progress", "--bias-gate", "1"]
+    code, err = run_cli([*args, "--out", str(tmp_path / "o"), "--run-dir", str(tmp_path / "r")], capsys)
+    card = json.loads((tmp_path / "o" / "card.json").read_text())
+    drop = card["heldout_base"]["addition"]["accuracy"] - card["heldout"]["addition"]["accuracy"]
+    assert code == 0 and drop > 0.01 and card["max_accuracy_drop"] == 0.01 and card["meets_accuracy"] is False
+    assert card["accuracy_delta"]["addition"] == pytest.approx(-drop, abs=1e-12)
+    assert "loses more than 1 points of held-out accuracy on addition" in err and f"({round(100 * drop, 2):g} " in err
+    cfg = SparsifyConfig.from_dict(dict(name="t", model="toy-addition", out=str(tmp_path / "o2"),
+                                        run_dir=str(tmp_path / "r2"), tasks={"addition": 1.0}, steps=3, lr=0.05,
+                                        batch_size=8, bias_gate=1.0, max_accuracy_drop=1.0))
+    assert finetune(cfg, progress=False)["meets_accuracy"] is True
+    with pytest.raises(CircuitkitError, match="max_accuracy_drop"):
+        SparsifyConfig.from_dict({**dict(name="t", model="m", out="o", run_dir="r", tasks={"addition": 1.0}),
+                                  "max_accuracy_drop": 1.5})
+
+
 def test_curves_lists_the_runs_evaluations_and_its_card(tmp_path, base_dir, capsys):
     """`circuitkit curves`: the table's rows are the log's in-run evaluations (read here from the
     JSON lines) and the finished card's own point, each judged against the card's bound."""

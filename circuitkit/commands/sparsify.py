@@ -127,7 +127,7 @@ def run_cli(args: argparse.Namespace) -> int:
                     force=args.force)
     if card and not report_stop(card, cfg.steps, cfg.run_dir):
         keys = ("name", "steps", "wall_time_s", "target_ce", "heldout_ce", "meets_target", "kept_edges",
-                "mlp_active", "accuracy_delta")
+                "mlp_active", "accuracy_delta", "meets_accuracy")
         print(json.dumps({k: card[k] for k in keys if k in card}, indent=2))
         if card.get("meets_target") is False:
             # a corpus model holds train-window CE at target_ce, but is judged on held-out CE against its own target
@@ -136,6 +136,13 @@ def run_cli(args: argparse.Namespace) -> int:
                   f"{_short(card.get('heldout_ce'))}, target {_short(target)}). It was saved; to meet "
                   "the target, train longer (steps), loosen it (target_ce / tolerance), or let the hard-gate phase "
                   "recover CE only (final_sparsity_weight = 0).", file=sys.stderr)
+        if card.get("meets_accuracy") is False:
+            lost = {k: round(-100 * d, 2) for k, d in card["accuracy_delta"].items() if -d > card["max_accuracy_drop"]}
+            print(f"warning: the sparse model in {cfg.out} loses more than {100 * card['max_accuracy_drop']:g} "
+                  f"points of held-out accuracy on {', '.join(f'{k} ({v:g} points)' for k, v in lost.items())}. It "
+                  "was saved; the CE constraint does not guard accuracy: tighten that task's constraint (tolerance, "
+                  "target_floor) or sparsify less (fewer steps, attn_head_power nearer 1), or set "
+                  "max_accuracy_drop if the loss is acceptable.", file=sys.stderr)
     return 0
 
 

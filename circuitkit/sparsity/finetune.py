@@ -99,6 +99,10 @@ class SparsifyConfig(TomlConfig):
     # corpus runs: the held-out criterion of the card (meets_target) is base held-out CE × (1 + this);
     # default: the constraint's tolerance (or target_ce). Lets a run hold its train CE tighter than the criterion.
     heldout_tolerance: float | None = None
+    # task runs: the card's meets_accuracy (and the CLI's warning) when a task's held-out accuracy falls more than
+    # this below the base's. A CE constraint can hold while accuracy goes: greater-than's CE is mostly the entropy of
+    # its "any later year" label, so 5% of it is room to lose the years near YY.
+    max_accuracy_drop: float = 0.01
     target_floor: float = 0.0  # targets are at least this (a base CE near 0 makes a relative target vanish)
     per_task_constraints: bool = False  # one constraint (and λ) per task instead of one on the mixture CE
     eta: float = 0.01
@@ -136,6 +140,7 @@ class SparsifyConfig(TomlConfig):
               "corpus_seed": NON_NEGATIVE,
               "corpus_max_tokens": POSITIVE, "w_attn": NON_NEGATIVE, "w_mlp": NON_NEGATIVE,
               "tolerance": NON_NEGATIVE, "heldout_tolerance": NON_NEGATIVE, "target_ce": POSITIVE,
+              "max_accuracy_drop": FRACTION,
               "target_floor": NON_NEGATIVE, "eta": NON_NEGATIVE,
               "ema_decay": Range(0, 1, hi_open=True), "seed": NON_NEGATIVE, "steps": POSITIVE,
               "final_hard_steps": NON_NEGATIVE, "final_sparsity_weight": NON_NEGATIVE,
@@ -698,4 +703,6 @@ def _final_card(cfg, model, data: TrainingData, extra, states: list[GecoState], 
     if data.corpus is None:
         card["accuracy_delta"] = {k: h["per_task"][k]["accuracy"] - base["per_task"][k]["accuracy"]
                                   for k in h["per_task"]}
+        card["max_accuracy_drop"] = cfg.max_accuracy_drop
+        card["meets_accuracy"] = all(-d <= cfg.max_accuracy_drop for d in card["accuracy_delta"].values())
     return card
