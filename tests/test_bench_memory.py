@@ -32,10 +32,13 @@ def test_ratios_are_growths_over_the_base_growth():
 def test_the_gated_step_probe_sees_the_gates_tensors():
     """1 layer, 4 heads, batch 4 x 256 tokens: a [batch, head, q, k] float tensor is 4 MiB, and a
     training-mode gated step keeps at least three more of them for the backward than the plain step
-    (sigmoid, noise, gate), so its peak growth exceeds the plain step's by well over 6 MiB."""
+    (sigmoid, noise, gate), so its peak growth exceeds the plain step's by well over 6 MiB. One probe's peak moves
+    by several MiB from run to run (the allocator's reuse of freed blocks; one run in about ten of single probes
+    showed 4.5 MiB), so each step is probed three times, interleaved, and the smallest growths are compared."""
     which = {"arch": TINY}
-    plain = step_memory_probe("plain", which, batch=4, seq_len=256, threads=1)
-    gated = step_memory_probe("attn", which, batch=4, seq_len=256, threads=1)
-    assert "error" not in plain and "error" not in gated, (plain, gated)
-    assert plain["delta_mib"] > 4, plain  # the plain step's own attention pattern is kept too
-    assert gated["delta_mib"] >= plain["delta_mib"] + 6, (plain, gated)
+    runs = [(step_memory_probe("plain", which, batch=4, seq_len=256, threads=1),
+             step_memory_probe("attn", which, batch=4, seq_len=256, threads=1)) for _ in range(3)]
+    assert all("error" not in p and "error" not in g for p, g in runs), runs
+    plain, gated = (min(r[i]["delta_mib"] for r in runs) for i in (0, 1))
+    assert plain > 4, runs  # the plain step's own attention pattern is kept too
+    assert gated >= plain + 6, runs
