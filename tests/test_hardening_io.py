@@ -243,9 +243,8 @@ def test_damaged_log_line_in_the_middle_is_an_error(tmp_path):
 def test_resume_with_a_changed_config_is_refused(tmp_path, change):
     train(tiny(tmp_path), max_steps=2, progress=False)
     key = next(iter(change))
-    allowed = ("attn_head_power, attn_layer_weights, final_sparsity_weight, heldout_tolerance, max_accuracy_drop, name, "
-               "out, run_dir, "
-               "steps, target_ce, target_floor, tolerance")
+    allowed = ("attn_head_power, attn_layer_weights, final_sparsity_weight, heldout_tolerance, max_accuracy_drop, "
+               "name, out, run_dir, steps, target_ce, target_floor, tolerance")
     with pytest.raises(CircuitkitError, match=rf"config differs .*{key}: .* -> .*may change only {allowed}"):
         train(tiny(tmp_path, **change), resume=True, progress=False)
 

@@ -7,9 +7,8 @@ written by ``circuitkit run --config analyses/run/6l_<x>.toml``; the same base r
 one) and its independent check (``analyses/sparsity/check_6l_<x>.json``, written by
 ``analyses/sparsity/check_sparse_zoo.py MODEL --n 2000``), and writes one row per (model, task): kept edges (all
 prompts, and the task's own), open heads, accuracy against the base (the table: each model's largest loss), and the
-minimal circuit at f >= 0.9 in
-edges and heads with its ratio to the base's. The figure draws edge ratio and head ratio against kept edges,
-one line per task through the models in the order they were made: the trade-off the levers move along.
+minimal circuit at f >= 0.9 in edges and heads with its ratio to the base's. The figure draws edge ratio and head
+ratio against kept edges, a point per (model, task): the trade-off the levers move along.
 Models whose files are missing are left out with a note on stderr.
 """
 
@@ -62,8 +61,8 @@ def rows() -> list[dict]:
 
 
 def markdown(df: pd.DataFrame) -> str:
-    """One row per model: kept edges, open heads, and per task 'edges (heads)' of the minimal circuit with the
-    edge ratio; the base row first."""
+    """One row per model: kept edges, open heads, the largest accuracy loss, and per task 'edges (heads)' of the
+    minimal circuit with the edge and head ratios; the base row first."""
     lines = ["| model | kept edges | open heads | largest accuracy loss | " + " | ".join(TASKS) + " |",
              "|---|---|---|---|" + "---|" * len(TASKS)]
     base = {t: df[df.task == t].iloc[0] for t in TASKS}

@@ -62,8 +62,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_progress_flag(p)
 
 
-_FLAG_KEYS = ("model", "init_from", "corpus", "corpus_seq_len", "attn", "mlp", "bias_gate", "bias_gate_mlp", "tolerance",
-              "target_ce", "w_attn", "w_mlp", "attn_layer_weights", "attn_head_power", "eta", "steps",
+_FLAG_KEYS = ("model", "init_from", "corpus", "corpus_seq_len", "attn", "mlp", "bias_gate", "bias_gate_mlp",
+              "tolerance", "target_ce", "w_attn", "w_mlp", "attn_layer_weights", "attn_head_power", "eta", "steps",
               "final_hard_steps", "final_sparsity_weight", "batch_size", "lr", "seed", "out", "run_dir", "name")
 
 

@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 from circuitkit import CircuitkitError
 from circuitkit.io import (FRACTION, NON_NEGATIVE, POSITIVE, Range, TomlConfig, write_json,
                            write_text)
-from circuitkit.models import load_card, load_model, resolve_path
+from circuitkit.models import SPARSITY_FILE, load_card, load_model, resolve_path
 from circuitkit.sparsity.gates import GateConfig, GateMode, attach, check_layer_weights, gate_mode
 from circuitkit.sparsity.measure import measure_sparsity
 from circuitkit.sparsity.objective import Geco, GecoState, sparsity_objective
@@ -427,16 +427,16 @@ def load_init_weights(cfg: SparsifyConfig, model, device: str) -> tuple[dict[str
     gates, would silently mix two experiments). Called before the data load, so a bad one fails at once."""
     src = cfg.init_from
     path = resolve_path(src)
-    if path is None or not (path / "sparsity.json").exists():
-        raise CircuitkitError(f"init_from = {src!r} is not a sparse model (a zoo name or folder holding sparsity.json, "
-                              "written by circuitkit sparsify); give the sparse model to continue, or drop init_from "
-                              "to start from the base model")
+    if path is None or not (path / SPARSITY_FILE).exists():
+        raise CircuitkitError(f"init_from = {src!r} is not a sparse model (a zoo name or folder holding "
+                              f"{SPARSITY_FILE}, written by circuitkit sparsify); give the sparse model to continue, "
+                              "or drop init_from to start from the base model")
     card = load_card(path)
     made_from = card.get("base_model")
     if not made_from or not _same_model(str(made_from), cfg.model):
         raise CircuitkitError(f"init_from = {src!r} was made from {made_from!r}, not from model = {cfg.model!r}; set "
                               f"model = {made_from!r} (its targets must come from the base it was made from)")
-    gates, _ = read_sparsity_file(path / "sparsity.json")
+    gates, _ = read_sparsity_file(path / SPARSITY_FILE)
     if gates != cfg.gate_config:
         raise CircuitkitError(f"init_from = {src!r} has gates {gates.to_dict()} but this run has "
                               f"{cfg.gate_config.to_dict()}; set attn, mlp, bias_gate and bias_gate_mlp as "
