@@ -33,8 +33,8 @@ def test_the_gated_step_probe_sees_the_gates_tensors():
     """1 layer, 4 heads, batch 4 x 256 tokens: a [batch, head, q, k] float tensor is 4 MiB, and a
     training-mode gated step keeps at least three more of them for the backward than the plain step
     (sigmoid, noise, gate), so its peak growth exceeds the plain step's by well over 6 MiB. One probe's peak moves
-    by several MiB from run to run (the allocator's reuse of freed blocks; one run in about ten of single probes
-    showed 4.5 MiB), so each step is probed three times, interleaved, and the smallest growths are compared."""
+    by several MiB from run to run (the allocator's reuse of freed blocks; one of nine single probe pairs showed a
+    4.5 MiB gap), so each step is probed three times, interleaved, and the smallest growths are compared."""
     which = {"arch": TINY}
     runs = [(step_memory_probe("plain", which, batch=4, seq_len=256, threads=1),
              step_memory_probe("attn", which, batch=4, seq_len=256, threads=1)) for _ in range(3)]
