@@ -113,6 +113,7 @@ def test_run_bench_output_structure(tmp_path):
     assert {"forward_nograd", "fwd_bwd_inputs", "fwd_bwd_params", "eap", "eap-ig"} <= set(a["times"])
     assert set(a["ratios"]) == {"eap_vs_floor", "eap_vs_floor_params", "eap_ig_per_step_vs_floor", "eap_ig_vs_floor"}
     assert all(v > 0 for v in a["ratios"].values())
+    assert a["flops"]["eap_vs_floor"] > 1 and a["flops"]["eap_ig_vs_floor"] > 0
 
     p = parts["peer"]
     n_edges = GraphSpec(n_layers=2, n_heads=4).n_real_edges
@@ -142,7 +143,7 @@ def test_run_bench_output_structure(tmp_path):
     loaded = json.loads(jpath.read_text())
     assert loaded["format"] == "circuitkit.bench" and loaded["command"] == "circuitkit bench --quick"
     md = mpath.read_text()
-    for heading in ("Attribution cost vs floor", "auto-circuit", "Exact patching", "Sparse post-training step",
+    for heading in ("Attribution cost vs floor", "Work (floating-point operations", "auto-circuit", "Exact patching", "Sparse post-training step",
                     "Scaling", "Drawn into the figure's ratio panels"):
         assert heading in md
 
@@ -229,3 +230,25 @@ def test_the_gated_step_benchmark_runs_the_training_loops_step(monkeypatch):
     plain.train()
     steps.time_steps(plain, tokens, mask, n=1, gated=False, warmup=0)
     assert calls == [0, 1, 2]  # the plain step does not go through the gated one
+
+
+def test_flop_counts_match_the_architecture_and_eap_does_more_than_its_floor():
+    """The bench's work counts: the no-grad forward's matrix products written out by hand from the
+    shape, the backward to the inputs as one product per linear map and two per attention product,
+    and eap (which runs the floor's passes and scores the edges besides) above its floor."""
+    from circuitkit.bench.config import _dataset, build_shape
+    from circuitkit.bench.timing import count_flops, floor_fns, method_fns
+
+    model = build_shape("toy-2l").eval()
+    c = model.cfg
+    ds = _dataset(model, "ioi", 3)
+    b, p = ds.clean.shape
+    t = b * p  # tokens
+    linear = c.n_layers * 2 * t * (c.d_model * 3 * c.n_heads * c.d_head + c.n_heads * c.d_head * c.d_model
+                                   + 2 * c.d_model * c.d_mlp) + 2 * t * c.d_model * c.d_vocab
+    attention = c.n_layers * 2 * (2 * b * c.n_heads * p * p * c.d_head)  # q·k and pattern·v
+    fns = {**floor_fns(model, ds), **method_fns(model, ds, 2)}
+    fl = count_flops({k: fns[k] for k in ("forward_nograd", "fwd_bwd_inputs", "eap")})
+    assert fl["forward_nograd"] == linear + attention
+    assert fl["fwd_bwd_inputs"] == (linear + attention) + linear + 2 * attention
+    assert fl["eap"] > fl["forward_nograd"] + fl["fwd_bwd_inputs"]

@@ -16,7 +16,7 @@ from circuitkit.bench.reference import agreement, reference_eap_scores
 from circuitkit.bench.report import _loadavg, environment
 from circuitkit.bench.scaling import ShapePoint, plot_scaling, scaling_part, shape_points, shape_points_record
 from circuitkit.bench.steps import VARIANTS, measure_steps
-from circuitkit.bench.timing import _ratio, floor_fns, interleaved, method_fns
+from circuitkit.bench.timing import _ratio, count_flops, floor_fns, interleaved, method_fns
 from circuitkit import CircuitkitError
 from circuitkit.circuits import attribute
 from circuitkit.circuits.graph import GraphSpec
@@ -44,6 +44,11 @@ def attribution_part(model, ds, cfg: Mapping[str, Any], model_spec: str) -> dict
                             "(clean), bare model, default TransformerLens flags; floor_params: backward with "
                             "parameter gradients; ig_floor: 2 no-grad forwards + steps x (forward + backward)",
     }
+    fl = count_flops({k: fns[k] for k in ("forward_nograd", "fwd_bwd_inputs", "eap", "eap-ig")})
+    fl_floor, fl_ig_floor = fl["forward_nograd"] + fl["fwd_bwd_inputs"], 2 * fl["forward_nograd"] + s * fl["fwd_bwd_inputs"]
+    out["flops"] = {**fl, "floor": fl_floor, "ig_floor": fl_ig_floor,
+                    "eap_vs_floor": _ratio(fl["eap"], fl_floor), "eap_ig_vs_floor": _ratio(fl["eap-ig"], fl_ig_floor),
+                    "method": "torch.utils.flop_counter.FlopCounterMode, one call each: matrix products only"}
     out["meets_target"] = {"eap_vs_floor": out["ratios"]["eap_vs_floor"] <= TARGETS["eap_vs_floor"],
                            "eap_ig_vs_floor": out["ratios"]["eap_ig_vs_floor"] <= TARGETS["eap_ig_vs_floor"]}
     if cfg["memory"]:

@@ -105,6 +105,14 @@ def to_markdown(res: Mapping[str, Any], command: str | None = None) -> str:
                   "", f"Components: no-grad forward {_f(t['forward_nograd'])} ms, forward + backward to inputs "
                       f"{_f(t['fwd_bwd_inputs'])} ms, forward + backward with parameter gradients "
                       f"{_f(t['fwd_bwd_params'])} ms."]
+        if "flops" in a:
+            fl = a["flops"]
+            lines += ["", f"Work (floating-point operations of the matrix products, {fl['method'].split(',')[0]}): "
+                          f"floor {fl['floor'] / 1e9:.3g} G, eap {fl['eap'] / 1e9:.3g} G = {_f(fl['eap_vs_floor'])}× "
+                          f"the floor's (the time ratio eap would have if its extra products ran at the floor's "
+                          f"rate; measured {_f(r['eap_vs_floor'])}×), eap-ig {fl['eap-ig'] / 1e9:.3g} G = "
+                          f"{_f(fl['eap_ig_vs_floor'])}× its floor's ({fl['ig_floor'] / 1e9:.3g} G; measured "
+                          f"{_f(r['eap_ig_vs_floor'])}×)."]
         if mem:
             mr = mem.get("ratio_vs_floor", {})
             ok = a["meets_target"].get("memory_vs_floor")

@@ -1,7 +1,9 @@
 """Timing: interleaved medians, and the work being timed — the bare model's floor and our methods.
 
 Owns how a time is taken (every variant once per round, medians of the timed rounds, so
-background load hits all variants alike) and the functions each part times.
+background load hits all variants alike), how the work is counted (floating-point operations of
+the matrix products, :func:`count_flops`: the part of a time ratio that no implementation can
+remove), and the functions each part times.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 from typing import Any, Callable, Mapping
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from circuitkit.circuits import attribute
 from circuitkit.circuits.interventions import temporary_hooks
@@ -49,6 +52,18 @@ def interleaved(fns: Mapping[str, Callable[[], Any]], repeats: int, warmup: int 
                 samples[name].append(dt * 1e3)
     return {k: {"median_ms": round(statistics.median(v), 3), "samples_ms": [round(x, 3) for x in v]}
             for k, v in samples.items()}
+
+
+def count_flops(fns: Mapping[str, Callable[[], Any]]) -> dict[str, int]:
+    """Floating-point operations of one call of each function, as torch's ``FlopCounterMode`` counts
+    them: matrix products (mm, addmm, bmm, einsum's products, attention), the work that dominates a
+    transformer; elementwise operations are not counted."""
+    out = {}
+    for name, fn in fns.items():
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        out[name] = int(counter.get_total_flops())
+    return out
 
 
 def _ratio(a: float, b: float) -> float:

