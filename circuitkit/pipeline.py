@@ -73,6 +73,7 @@ class RunConfig(TomlConfig):
         Pair("toy-addition", "toy-addition-sparse", ("addition",)),
         Pair("toy-multitask", "toy-multitask-sparse", TOY_TASKS),
         Pair("toy-multitask-6l", "toy-multitask-6l-sparse-hp025", TOY_TASKS, n=50),  # see analyses/run/default.toml
+        Pair("toy-addition-6l", "toy-addition-6l-sparse", ("addition",)),
     )
     figures: bool = True
     # figures of the sparse post-training stage, linked into the report when they exist and show studied models
@@ -83,8 +84,9 @@ class RunConfig(TomlConfig):
     )
     # zoo configs rebuilt by --retrain, in order
     retrain: tuple[str, ...] = ("analyses/zoo/toy-addition.toml", "analyses/zoo/toy-multitask.toml",
-                                "analyses/zoo/toy-multitask-6l.toml", "analyses/zoo/toy-addition-sparse.toml",
-                                "analyses/zoo/toy-multitask-sparse.toml", "analyses/zoo/toy-multitask-6l-sparse.toml")
+                                "analyses/zoo/toy-multitask-6l.toml", "analyses/zoo/toy-addition-6l.toml",
+                                "analyses/zoo/toy-addition-sparse.toml", "analyses/zoo/toy-multitask-sparse.toml",
+                                "analyses/zoo/toy-multitask-6l-sparse.toml", "analyses/zoo/toy-addition-6l-sparse.toml")
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "RunConfig":

@@ -50,6 +50,22 @@ def test_same_seed_same_model_different_seed_differs(tmp_path):
     assert torch.equal(la, lb) and not torch.allclose(la, lc)
 
 
+def test_same_seed_same_weights_with_two_threads(tmp_path):
+    """Two runs of one config at 2 threads give bit-identical weights, and the loop leaves torch's
+    deterministic-algorithms setting as it found it. Without deterministic algorithms the embedding's
+    backward (an accumulating index_put_ over repeated tokens) summed in a run-dependent order here."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for k in "ab":
+            train(tiny_cfg(tmp_path / k, steps=4, batch_size=256, warmup=1, checkpoint_every=100), progress=False)
+    finally:
+        torch.set_num_threads(before)
+    a, b = (load_model(tmp_path / k / "model").state_dict() for k in "ab")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
 def test_card_records_run(tmp_path):
     card = train(tiny_cfg(tmp_path, steps=4), progress=False, command="circuitkit train --config x.toml")
     saved = json.loads((tmp_path / "model" / "card.json").read_text())
