@@ -33,6 +33,7 @@ from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
+import torch.utils.deterministic
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
@@ -285,25 +286,25 @@ class TrainingData:
 
 @contextmanager
 def deterministic_algorithms() -> Iterator[None]:
-    """Torch's deterministic algorithms for the length of a training loop; the caller's setting after.
+    """Torch's deterministic algorithms for a whole training run (it decorates ``train`` and the sparse
+    run); the caller's setting after.
 
     With more than one thread the embedding's backward on CPU (``W_E[tokens]`` in TransformerLens:
     an accumulating ``index_put_``) adds the rows of a repeated token in an order that changes from
     run to run, so two runs of the same config and seed drifted apart (weights 1.6e-5 apart after 5
     steps, 0.02 after 150, at 2 threads); the deterministic path sorts first. Uninitialized memory
-    is not filled (torch's default in this mode; every buffer here is written before it is read).
+    is not filled (torch fills it in this mode unless told not to; every buffer here is written before
+    it is read).
     """
-    import torch.utils.deterministic as det
-
     before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-              det.fill_uninitialized_memory)
+              torch.utils.deterministic.fill_uninitialized_memory)
     torch.use_deterministic_algorithms(True)
-    det.fill_uninitialized_memory = False
+    torch.utils.deterministic.fill_uninitialized_memory = False
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-        det.fill_uninitialized_memory = before[2]
+        torch.utils.deterministic.fill_uninitialized_memory = before[2]
 
 
 def rng_state(data_gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -551,6 +552,7 @@ def _lm_card(cfg: TrainConfig, model: HookedTransformer, data: TrainingData, ste
             "tokenizer_vocab": len(model.tokenizer)}
 
 
+@deterministic_algorithms()  # the same config and seed give the same model
 def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, progress: bool = True,
           command: str | None = None, force: bool = False) -> dict[str, Any]:
     """Train ``cfg`` from scratch (or resume), write the final model to ``cfg.out``.
@@ -583,34 +585,33 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
     model.train()
     bar = tqdm(total=cfg.steps, initial=step, desc=cfg.name, disable=not progress, dynamic_ncols=True)
     try:
-        with deterministic_algorithms():  # the same config and seed give the same model
-            while step < stop:
-                tokens, mask, _ = data.sample(cfg.batch_size, data_gen)
-                logits = model(tokens)
-                loss = masked_ce(logits, tokens, mask)
-                if not torch.isfinite(loss):
-                    raise CircuitkitError(f"loss became {loss.item()} at step {step}; the last good checkpoint in "
-                                          f"{run_dir} is intact. Lower lr (now {cfg.lr}) and rerun with --resume")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opt.step()
-                sched.step()
-                step += 1
-                rec = {"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0]}
-                if not lm:
-                    rec["accuracy"] = masked_accuracy(logits.detach(), tokens, mask).item()
-                if step % cfg.eval_every == 0 or step == cfg.steps:
-                    rec["eval"] = (_lm_eval(model, data, min(cfg.eval_n, 200)) if lm
-                                   else evaluate(model, data.tasks, n=min(cfg.eval_n, 500)))
-                    model.train()
-                log.write(rec)
-                bar.update(1)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", **({} if lm else {"acc": f"{rec['accuracy']:.3f}"}),
-                                **({"heldout": f"{rec['eval']['heldout_ce']:.3f}"} if lm and "eval" in rec else {}))
-                if step % cfg.checkpoint_every == 0 or step == stop:
-                    extra = {"wall_time_s": wall0 + time.time() - t0}
-                    save_checkpoint(run_dir, step, model, opt, sched, data_gen, extra, kind=RunKind.TRAIN, config=cfg)
+        while step < stop:
+            tokens, mask, _ = data.sample(cfg.batch_size, data_gen)
+            logits = model(tokens)
+            loss = masked_ce(logits, tokens, mask)
+            if not torch.isfinite(loss):
+                raise CircuitkitError(f"loss became {loss.item()} at step {step}; the last good checkpoint in "
+                                      f"{run_dir} is intact. Lower lr (now {cfg.lr}) and rerun with --resume")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            step += 1
+            rec = {"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0]}
+            if not lm:
+                rec["accuracy"] = masked_accuracy(logits.detach(), tokens, mask).item()
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                rec["eval"] = (_lm_eval(model, data, min(cfg.eval_n, 200)) if lm
+                               else evaluate(model, data.tasks, n=min(cfg.eval_n, 500)))
+                model.train()
+            log.write(rec)
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", **({} if lm else {"acc": f"{rec['accuracy']:.3f}"}),
+                            **({"heldout": f"{rec['eval']['heldout_ce']:.3f}"} if lm and "eval" in rec else {}))
+            if step % cfg.checkpoint_every == 0 or step == stop:
+                extra = {"wall_time_s": wall0 + time.time() - t0}
+                save_checkpoint(run_dir, step, model, opt, sched, data_gen, extra, kind=RunKind.TRAIN, config=cfg)
     finally:
         bar.close()
         log.close()

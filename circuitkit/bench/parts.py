@@ -45,7 +45,8 @@ def attribution_part(model, ds, cfg: Mapping[str, Any], model_spec: str) -> dict
                             "parameter gradients; ig_floor: 2 no-grad forwards + steps x (forward + backward)",
     }
     fl = count_flops({k: fns[k] for k in ("forward_nograd", "fwd_bwd_inputs", "eap", "eap-ig")})
-    fl_floor, fl_ig_floor = fl["forward_nograd"] + fl["fwd_bwd_inputs"], 2 * fl["forward_nograd"] + s * fl["fwd_bwd_inputs"]
+    fl_floor = fl["forward_nograd"] + fl["fwd_bwd_inputs"]
+    fl_ig_floor = 2 * fl["forward_nograd"] + s * fl["fwd_bwd_inputs"]
     out["flops"] = {**fl, "floor": fl_floor, "ig_floor": fl_ig_floor,
                     "eap_vs_floor": _ratio(fl["eap"], fl_floor), "eap_ig_vs_floor": _ratio(fl["eap-ig"], fl_ig_floor),
                     "method": "torch.utils.flop_counter.FlopCounterMode, one call each: matrix products only"}

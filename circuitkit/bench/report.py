@@ -107,7 +107,7 @@ def to_markdown(res: Mapping[str, Any], command: str | None = None) -> str:
                       f"{_f(t['fwd_bwd_params'])} ms."]
         if "flops" in a:
             fl = a["flops"]
-            lines += ["", f"Work (floating-point operations of the matrix products, {fl['method'].split(',')[0]}): "
+            lines += ["", "Work (floating-point operations of the matrix products, torch's FlopCounterMode): "
                           f"floor {fl['floor'] / 1e9:.3g} G, eap {fl['eap'] / 1e9:.3g} G = {_f(fl['eap_vs_floor'])}× "
                           f"the floor's (the time ratio eap would have if its extra products ran at the floor's "
                           f"rate; measured {_f(r['eap_vs_floor'])}×), eap-ig {fl['eap-ig'] / 1e9:.3g} G = "

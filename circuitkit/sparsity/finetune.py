@@ -451,6 +451,7 @@ def load_init_weights(cfg: SparsifyConfig, model, device: str) -> tuple[dict[str
                   "heldout_ce": card.get("heldout_ce")}
 
 
+@deterministic_algorithms()  # the same config and seed give the same model
 def _finetune(cfg, dd: _Dist, resume, max_steps, progress, command, device, on_batch) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     if dd.main:
@@ -531,82 +532,81 @@ def _finetune(cfg, dd: _Dist, resume, max_steps, progress, command, device, on_b
     bar = tqdm(total=cfg.steps, initial=step, desc=cfg.name, disable=not (progress and dd.main), dynamic_ncols=True)
     hard_from = cfg.steps - cfg.final_hard_steps
     try:
-        with deterministic_algorithms():  # the same config and seed give the same model
-            while step < stop:
-                final = step >= hard_from
-                gates.mode = GateMode.HARD_ST if final else GateMode.TRAIN
-                w_scale = cfg.final_sparsity_weight if final else 1.0
-                noise_gen.manual_seed(_noise_seed(cfg.seed, step))
-                tokens, mask, row_task = data.sample(cfg.batch_size, data_gen)
-                if on_batch is not None:
-                    tokens, mask = on_batch(step, tokens, mask)
-                if dd.on:
-                    rows = slice(dd.rank * local_b, (dd.rank + 1) * local_b)
-                    tokens, mask, row_task = tokens[rows], mask[rows], row_task[rows]
-                tokens, mask, row_task = tokens.to(device), mask.to(device), row_task.to(device)
-                out = sparse_step(ddp_model, model, gates, opt, sched, tokens, mask, row_task, gecos=gecos, states=states,
-                                  targets=targets, task_w=task_w, per_task=per_task, w_attn=cfg.w_attn, w_mlp=cfg.w_mlp,
-                                  w_scale=w_scale, attn_layer_weights=cfg.attn_layer_weights,
-                                  attn_head_power=cfg.attn_head_power, grad_clip=cfg.grad_clip, log_heads=cfg.log_heads,
-                                  dd=dd, step=step,
-                                  run_dir=run_dir, lr=cfg.lr)
-                states, ce_g, s_g, ce_task, present = out.states, out.ce, out.sparsity, out.ce_task, out.present
-                lams, offset, packed, flat_keys, dens = out.lams, out.offset, out.packed, out.flat_keys, out.density
-                step += 1
-                lam = float(lams.max())
-                rec: dict[str, Any] = {"step": step, "ce": ce_g, "target": targets[0] if not per_task else None,
-                                       "lam": lam, "rho": states[0].rho if not per_task else None,
-                                       "ema_ce": states[0].ema if not per_task else None, "sparsity": s_g,
-                                       "loss": w_scale * s_g + offset, "lr": sched.get_last_lr()[0],
-                                       "mode": gates.mode.value, "sparsity_weight": w_scale}
-                if cfg.attn_layer_weights is not None:
-                    rec["attn_layer_weights"] = list(cfg.attn_layer_weights)
-                if cfg.attn_head_power != 1.0:
-                    rec["attn_head_power"] = cfg.attn_head_power
-                if n_tasks > 1:
-                    rec["ce_task"] = {k: (float(ce_task[i]) if present[i] else None) for i, k in enumerate(data.names)}
-                if per_task:
-                    rec["target_task"] = dict(zip(cnames, targets))
-                    rec["lam_task"] = dict(zip(cnames, lams.tolist()))
-                    rec["ema_ce_task"] = {k: st.ema for k, st in zip(cnames, states)}
-                off = 2 * n_tasks + 1
-                for k in flat_keys:
-                    n = len(_flatten(dens[k]))
-                    vals = packed[off:off + n].tolist()
-                    off += n
-                    rec[k] = _unflatten(vals, dens[k])
-                for fam in ("attn", "mlp"):
-                    if f"{fam}_soft" in rec:
-                        rec[f"{fam}_soft_mean"] = sum(rec[f"{fam}_soft"]) / len(rec[f"{fam}_soft"])
-                        rec[f"{fam}_hard_mean"] = sum(rec[f"{fam}_hard"]) / len(rec[f"{fam}_hard"])
-                if step % cfg.eval_every == 0 and step < cfg.steps:
-                    if dd.main:
-                        rec["eval"] = _quick_eval(model, data, min(cfg.eval_n, 500), min(cfg.measure_n, 500))
-                        model.train()
-                    if dd.on:
-                        dist.barrier()
+        while step < stop:
+            final = step >= hard_from
+            gates.mode = GateMode.HARD_ST if final else GateMode.TRAIN
+            w_scale = cfg.final_sparsity_weight if final else 1.0
+            noise_gen.manual_seed(_noise_seed(cfg.seed, step))
+            tokens, mask, row_task = data.sample(cfg.batch_size, data_gen)
+            if on_batch is not None:
+                tokens, mask = on_batch(step, tokens, mask)
+            if dd.on:
+                rows = slice(dd.rank * local_b, (dd.rank + 1) * local_b)
+                tokens, mask, row_task = tokens[rows], mask[rows], row_task[rows]
+            tokens, mask, row_task = tokens.to(device), mask.to(device), row_task.to(device)
+            out = sparse_step(ddp_model, model, gates, opt, sched, tokens, mask, row_task, gecos=gecos, states=states,
+                              targets=targets, task_w=task_w, per_task=per_task, w_attn=cfg.w_attn, w_mlp=cfg.w_mlp,
+                              w_scale=w_scale, attn_layer_weights=cfg.attn_layer_weights,
+                              attn_head_power=cfg.attn_head_power, grad_clip=cfg.grad_clip, log_heads=cfg.log_heads,
+                              dd=dd, step=step,
+                              run_dir=run_dir, lr=cfg.lr)
+            states, ce_g, s_g, ce_task, present = out.states, out.ce, out.sparsity, out.ce_task, out.present
+            lams, offset, packed, flat_keys, dens = out.lams, out.offset, out.packed, out.flat_keys, out.density
+            step += 1
+            lam = float(lams.max())
+            rec: dict[str, Any] = {"step": step, "ce": ce_g, "target": targets[0] if not per_task else None,
+                                   "lam": lam, "rho": states[0].rho if not per_task else None,
+                                   "ema_ce": states[0].ema if not per_task else None, "sparsity": s_g,
+                                   "loss": w_scale * s_g + offset, "lr": sched.get_last_lr()[0],
+                                   "mode": gates.mode.value, "sparsity_weight": w_scale}
+            if cfg.attn_layer_weights is not None:
+                rec["attn_layer_weights"] = list(cfg.attn_layer_weights)
+            if cfg.attn_head_power != 1.0:
+                rec["attn_head_power"] = cfg.attn_head_power
+            if n_tasks > 1:
+                rec["ce_task"] = {k: (float(ce_task[i]) if present[i] else None) for i, k in enumerate(data.names)}
+            if per_task:
+                rec["target_task"] = dict(zip(cnames, targets))
+                rec["lam_task"] = dict(zip(cnames, lams.tolist()))
+                rec["ema_ce_task"] = {k: st.ema for k, st in zip(cnames, states)}
+            off = 2 * n_tasks + 1
+            for k in flat_keys:
+                n = len(_flatten(dens[k]))
+                vals = packed[off:off + n].tolist()
+                off += n
+                rec[k] = _unflatten(vals, dens[k])
+            for fam in ("attn", "mlp"):
+                if f"{fam}_soft" in rec:
+                    rec[f"{fam}_soft_mean"] = sum(rec[f"{fam}_soft"]) / len(rec[f"{fam}_soft"])
+                    rec[f"{fam}_hard_mean"] = sum(rec[f"{fam}_hard"]) / len(rec[f"{fam}_hard"])
+            if step % cfg.eval_every == 0 and step < cfg.steps:
                 if dd.main:
-                    log.write(rec)
-                bar.update(1)
-                post = {"ce": f"{ce_g:.4g}", "lam": f"{lam:.3g}"}
-                if not per_task:
-                    post["tgt"] = f"{targets[0]:.4g}"
-                if "attn_hard_mean" in rec:
-                    post["edges"] = f"{rec['attn_hard_mean']:.4f}"
-                if "mlp_hard_mean" in rec:
-                    post["mlp"] = f"{rec['mlp_hard_mean']:.3f}"
-                bar.set_postfix(post)
-                if step % cfg.checkpoint_every == 0 or step == stop:
-                    if not _params_finite(model):
-                        raise CircuitkitError(f"the weights became non-finite by step {step}; the checkpoint was not "
-                                              f"overwritten and the last good one in {run_dir} is intact. Lower lr "
-                                              f"(now {cfg.lr}) and rerun with --resume")
-                    if dd.main:
-                        extra = {**extra, "wall_time_s": wall0 + time.time() - t0, "geco": [st.to_dict() for st in states]}
-                        save_checkpoint(run_dir, step, model, opt, sched, data_gen, extra, kind=RunKind.SPARSIFY, config=cfg)
-                        write_text(run_dir / CSV_FILE, _csv_from_records(log.records()))
-                    if dd.on:
-                        dist.barrier()
+                    rec["eval"] = _quick_eval(model, data, min(cfg.eval_n, 500), min(cfg.measure_n, 500))
+                    model.train()
+                if dd.on:
+                    dist.barrier()
+            if dd.main:
+                log.write(rec)
+            bar.update(1)
+            post = {"ce": f"{ce_g:.4g}", "lam": f"{lam:.3g}"}
+            if not per_task:
+                post["tgt"] = f"{targets[0]:.4g}"
+            if "attn_hard_mean" in rec:
+                post["edges"] = f"{rec['attn_hard_mean']:.4f}"
+            if "mlp_hard_mean" in rec:
+                post["mlp"] = f"{rec['mlp_hard_mean']:.3f}"
+            bar.set_postfix(post)
+            if step % cfg.checkpoint_every == 0 or step == stop:
+                if not _params_finite(model):
+                    raise CircuitkitError(f"the weights became non-finite by step {step}; the checkpoint was not "
+                                          f"overwritten and the last good one in {run_dir} is intact. Lower lr "
+                                          f"(now {cfg.lr}) and rerun with --resume")
+                if dd.main:
+                    extra = {**extra, "wall_time_s": wall0 + time.time() - t0, "geco": [st.to_dict() for st in states]}
+                    save_checkpoint(run_dir, step, model, opt, sched, data_gen, extra, kind=RunKind.SPARSIFY, config=cfg)
+                    write_text(run_dir / CSV_FILE, _csv_from_records(log.records()))
+                if dd.on:
+                    dist.barrier()
     finally:
         bar.close()
         if log is not None:
