@@ -148,3 +148,65 @@ def test_eap_ig_one_step_per_pass_equals_batched_at_every_level(monkeypatch, abl
                 apart = run()
             assert together.abs().max() > 0, level
             assert torch.allclose(together, apart, rtol=1e-4, atol=1e-6 * float(apart.abs().max())), (level, ds.metric)
+
+
+@pytest.mark.parametrize("norm", ["LN", "LNPre", "RMS", "RMSPre"])
+@pytest.mark.parametrize("method,options", [("eap", {}), ("eap-ig", {"steps": 2})])
+def test_own_qkv_backward_equals_transformer_lens_and_runs(monkeypatch, norm, method, options):
+    """Gradient passes whose q/k/v backward is circuitkit's (eap: the per-head pull-backs made inside
+    it and scored there; eap-ig: their sum in one product, scored after the passes) give the scores of
+    passes that leave the backward to TransformerLens and pull back afterwards, at edge and position
+    level; and the own backward did run (not a silent fall-back). Catches a returned gradient missing
+    ln1's weight or σ (every earlier receiver's score would move), or a weight applied twice."""
+    from circuitkit.circuits.positions import attribute_positions
+
+    m = build_model(toy_config("toy-2l", seed=6, normalization_type=norm))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # fresh models' norms are w = 1, b = 0: give ln1 its own weights to pull back through
+        for name, p in m.named_parameters():
+            if ".ln1." in name:
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.5 if name.endswith(".w") else torch.randn(p.shape, generator=gen))
+    ds = get_task("addition").dataset(7, seed=8)
+    runs = {"edge": lambda: attribute(m, ds, method, batch_size=4, **options).scores,
+            "position": lambda: attribute_positions(m, ds, method, batch_size=4, **options).scores}
+    calls = Counter()
+    original = attribution._HeadInputsOf.backward
+
+    def counted(ctx, grad):
+        calls["backward"] += 1
+        return original(ctx, grad)
+
+    for level, run in runs.items():
+        with monkeypatch.context() as mp:
+            mp.setattr(attribution._HeadInputsOf, "backward", staticmethod(counted))
+            own = run()
+        with monkeypatch.context() as mp:
+            mp.setattr(attribution, "OWN_QKV_BACKWARD", False)
+            plain = run()
+        assert own.abs().max() > 0, level
+        assert torch.allclose(own, plain, rtol=1e-4, atol=1e-6 * float(plain.abs().max())), (level, norm)
+    assert calls["backward"] == 2 * 2 * 2 * 3, calls  # levels x batches x blocks x q, k, v (eap-ig: one pass)
+
+
+@pytest.mark.parametrize("steps", [None, 2])
+def test_own_qkv_backward_with_a_block_whose_queries_and_keys_get_no_gradient(steps):
+    """A detached attention pattern in block 1 leaves its q and k without a path to the metric: their
+    own backward never runs for them, so their scores must be exactly 0 (not an unset buffer's
+    contents), and every other score must match plain autograd (eap, and eap-ig with 2 steps)."""
+    from tests.test_circuits_core import reference_eap
+
+    m = build_model(toy_config("toy-2l", seed=2))
+    m.blocks[1].attn.hook_pattern.add_hook(lambda act, hook: act.detach(), is_permanent=True)
+    try:
+        batch = get_task("addition").dataset(8, seed=5)
+        method, options = ("eap", {}) if steps is None else ("eap-ig", {"steps": steps})
+        got = attribute(m, batch, method, **options).scores
+        expected = reference_eap(m, batch, steps)
+    finally:
+        m.reset_hooks(including_permanent=True)
+    from circuitkit.circuits.graph import GraphSpec
+
+    qk = [i for i, name in enumerate(GraphSpec.from_model(m).dst_names) if name.startswith("a1.") and name[-2] in "qk"]
+    assert len(qk) == 8 and torch.equal(got[:, qk], torch.zeros_like(got[:, qk]))
+    assert got.abs().max() > 0
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))

@@ -14,9 +14,11 @@ and ``eap`` / ``eap-ig`` (gradient estimates) can be compared directly.
   scores are computed (:func:`_last_block_tail`). The tests check it against the general
   intervention of :mod:`~circuitkit.circuits.interventions`.
 - ``eap``: ``(a_u^ablate - a_u^clean) · ∂m/∂(input_v)``, summed over positions and d_model,
-  on the clean run: one ablation pass + one clean forward + one backward per batch; the
-  backward hooks sum the receivers' gradients, and the products are one matrix product per
-  receiver block after the backward (:meth:`_GradientPass.flush`).
+  on the clean run: one ablation pass + one clean forward + one backward per batch, and one
+  matrix product per receiver block. On pre-norm models the q/k/v receivers are scored inside
+  the backward, which pulls their gradients back through each head's weights once (where
+  TransformerLens's backward would make the sum and the scoring the per-head products again);
+  the other receivers after it (:meth:`_GradientPass.flush`).
 - ``eap-ig``: as eap, with the receiver gradients averaged over ``steps`` runs whose input
   embeddings are interpolated from the ablated to the clean input (k/steps, k = 1..steps;
   ``steps=1`` is eap). Steps share a pass as :data:`IG_COPY_BUDGET` allows; the gradients of
@@ -74,6 +76,10 @@ IG_COPY_BUDGET = 2**21
 # each copy is its own rows), so a CPU gets its own, smaller budget for them (eap-ig-senders was slower with it)
 PATCH_COPY_BUDGET = 2**21
 CPU_PATCH_COPY_BUDGET = 2**19
+# gradient passes on pre-norm models take q/k/v's backward over from TransformerLens (_HeadInputsOf), and eap
+# scores their receivers inside it, where the per-head pull-backs are made once (_GradientPass); False: every pass
+# reads the gradients at hook_q/k/v and pulls back after the backward (the tests compare the two)
+OWN_QKV_BACKWARD = True
 
 
 def ig_steps_per_pass(steps: int, numbers_per_copy: int) -> int:
@@ -123,15 +129,61 @@ class _QKVWeights:
         return torch.bmm(v.view(1, 1, -1).expand(w.shape[0], 1, -1), w).squeeze(1)
 
     @staticmethod
-    def pull_back(model, layer: int, g: torch.Tensor,  # [3 * n_heads, rows, d_head]: ∂m/∂q, ∂m/∂k, ∂m/∂v
+    def pull_back(model, layer: int, g: torch.Tensor,  # [rows, 3 * n_heads, d_head]: ∂m/∂q, ∂m/∂k, ∂m/∂v
                   ln_w: torch.Tensor | None) -> torch.Tensor:  # [3 * n_heads, rows, d_model]
-        """``(g_h @ W_h^T) ⊙ w_ln`` for every q, k and v head: three batched products into one buffer."""
+        """``(g_h @ W_h^T) ⊙ w_ln`` for every q, k and v head, into one buffer."""
         attn = model.blocks[layer].attn
         n = attn.W_Q.shape[0]
-        u = g.new_empty(g.shape[0], g.shape[1], model.cfg.d_model)
-        for i, w in enumerate((attn.W_Q, attn.W_K, attn.W_V)):  # [n_heads, d_model, d_head]
-            torch.bmm(g[i * n: (i + 1) * n], w.detach().transpose(1, 2), out=u[i * n: (i + 1) * n])
+        u = g.new_empty(g.shape[1], g.shape[0], model.cfg.d_model)
+        for i, w in enumerate((attn.W_Q, attn.W_K, attn.W_V)):
+            _QKVWeights.pull_back_into(w, g[:, i * n: (i + 1) * n], u[i * n: (i + 1) * n])
         return u if ln_w is None else u.mul_(ln_w)
+
+    @staticmethod
+    def summed_pull_back(w: torch.Tensor,  # [n_heads, d_model, d_head]: W_Q, W_K or W_V
+                         g: torch.Tensor) -> torch.Tensor:  # [rows, n_heads, d_head] -> [rows, d_model]
+        """``Σ_h g[:, h] @ w[h]^T``, accumulated head by head in one buffer: a single product would need
+        ``w`` copied to the [(n_heads d_head), d_model] layout first (0.5 ms a weight at GPT-2 width)."""
+        w = w.detach()
+        out = torch.mm(g[:, 0], w[0].T)
+        for h in range(1, w.shape[0]):
+            out.addmm_(g[:, h], w[h].T)
+        return out
+
+    @staticmethod
+    def pull_back_into(w: torch.Tensor,  # [n_heads, d_model, d_head]: W_Q, W_K or W_V
+                       g: torch.Tensor,  # [rows, n_heads, d_head]
+                       out: torch.Tensor) -> None:  # [n_heads, rows, d_model]
+        """``out[h] = g[:, h] @ w[h]^T``: one matrix product per head, reading ``g`` and ``w`` where they
+        lie (at GPT-2 width 6.3 ms a block against 8.0 ms for batched products on the transposed layouts)."""
+        w = w.detach()
+        for h in range(w.shape[0]):
+            torch.mm(g[:, h], w[h].T, out=out[h])
+
+
+class _HeadInputsOf(torch.autograd.Function):
+    """A block's q (k, v) made a function of ln1's normalized input ``x̂``, with the backward given.
+
+    The values are TransformerLens's own (computed, then detached: its linear map and whatever it
+    saved for its backward leave the autograd graph); ``backward`` returns ``on_grad(∂m/∂q)``, which
+    must be ``∂m/∂x̂`` — ``Σ_h (∂m/∂q_h @ W_Q[h]^T) ⊙ w_ln`` — and may keep what it made on the way
+    (:meth:`_GradientPass._own_input_hook`).
+    """
+
+    @staticmethod
+    def forward(ctx, x_hat: torch.Tensor,  # [batch, pos, d_model], in the autograd graph
+                act: torch.Tensor,  # [batch, pos, n_heads, d_head], detached
+                on_grad: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:  # [batch, pos, n_heads, d_head]
+        ctx.on_grad = on_grad
+        return act.view_as(act)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # [batch, pos, n_heads, d_head] -> ∂m/∂x̂ [batch, pos, d_model]
+        return ctx.on_grad(grad), None, None
+
+
+# normalisations whose q/k/v gradient passes read as functions of ln1's hook_normalized (_GradientPass)
+_OWN_BACKWARD_NORMS = ("LN", "LNPre", "RMS", "RMSPre")
 
 
 class _GradientPass:
@@ -159,6 +211,17 @@ class _GradientPass:
     passes), and no [3 * n_heads, batch*pos, d_model] product is held while the backward's
     activations are.
 
+    Pre-norm models (``own_qkv``): each block's q, k and v are made functions of the first of ln1's
+    three copies of ``x̂`` (:class:`_HeadInputsOf`, equal values), so TransformerLens's q/k/v linear
+    maps and the other two copies of ln1 leave the autograd graph: their saved activations are freed
+    at once (a pass's peak memory falls by about a tenth at GPT-2-small width) and the backward runs
+    ln1 once per block. The backward returns ``∂m/∂x̂`` itself. With ``score_in_backward`` (eap: one
+    pass, ``diff`` complete before the backward) it pulls ``∂m/∂q`` back through each head's weights
+    and returns the sum of those products, scoring them at once (:meth:`_score_in_backward`): the
+    pull-back is made once, where TransformerLens's backward made the sum and the scoring the
+    per-head products again. Otherwise it makes the sum in one product, as TransformerLens would,
+    and the gradients go to the sums scored after the passes.
+
     ``level="position"`` scores the same edges per token position (``out`` is
     ``[pos, n_src, n_dst]``): every contraction goes through
     :meth:`_with_diff`, which then sums over batch and d_model but keeps the position axis
@@ -170,8 +233,12 @@ class _GradientPass:
                  diff: torch.Tensor | None,  # [n_src, batch, pos, d_model], sender-major (None: given to flush)
                  subtract_clean: bool = False,
                  z_ablate: dict[int, torch.Tensor] | None = None,  # layer -> ablated z [batch, pos, n_heads, d_head]
-                 weights: dict[int, "_QKVWeights"] | None = None):  # per-layer weight products, shared by passes
+                 weights: dict[int, "_QKVWeights"] | None = None,  # per-layer weight products, shared by passes
+                 score_in_backward: bool = False):
         self.model, self.spec, self.level, self.out = model, spec, level, out
+        self.own_qkv = (OWN_QKV_BACKWARD and level in ("edge", "position")
+                        and model.cfg.normalization_type in _OWN_BACKWARD_NORMS)
+        self.score_in_backward = self.own_qkv and score_in_backward and diff is not None
         self.weights = {} if weights is None else weights
         self.diff, self.subtract_clean, self.z_ablate = diff, subtract_clean, z_ablate
         self.input_fn: Callable[[torch.Tensor], torch.Tensor] = lambda x: x  # per pass, see run()
@@ -187,6 +254,7 @@ class _GradientPass:
         self.resid_acc: dict[tuple[int, int, int], torch.Tensor] = {}
         self.node_acc: dict[tuple[int, int], torch.Tensor] = {}  # node level: sender rows -> [batch*pos*d_model]
         self.head_acc: dict[int, _HeadInputSums] = {}  # layer -> its q/k/v receivers' sums
+        self.pulled: dict[int, torch.Tensor] = {}  # score_in_backward: layer -> pull-backs [3 * n_heads, b*pos, d]
 
     @property
     def diff_t(self) -> torch.Tensor:  # [n_src, batch*pos*d_model]
@@ -206,7 +274,8 @@ class _GradientPass:
                 if qkv == "q" and self.model.cfg.normalization_type is not None:
                     for stat in ("scale", "normalized"):
                         hooks.append((f"blocks.{layer}.ln1.hook_{stat}", self._keep_stat(layer, stat)))
-                hooks.append((f"blocks.{layer}.attn.hook_{qkv}", self._head_input_hook(layer, qkv, g.prefix)))
+                make = self._own_input_hook if self.own_qkv else self._head_input_hook
+                hooks.append((f"blocks.{layer}.attn.hook_{qkv}", make(layer, qkv, g.prefix)))
         else:  # the input's gradient is watched on the leaf itself, in _input
             for g in spec.sender_groups[1:]:
                 hooks.append((g.grad_hook, self._watch(self._node_grad(g.rows))))
@@ -237,8 +306,69 @@ class _GradientPass:
 
     def _keep_stat(self, layer: int, stat: str) -> Callable:
         def hook(act, hook):  # [batch, pos, 1] or [batch, pos, d_model]; the same for q, k and v
-            self.ln_stats[layer, stat] = act.detach()
+            if self.own_qkv:  # q's copy, kept in the graph: k and v read it too (_own_input_hook)
+                self.ln_stats.setdefault((layer, stat), act)
+            else:
+                self.ln_stats[layer, stat] = act.detach()
         return hook
+
+    def _own_input_hook(self, layer: int, qkv: str, prefix: int) -> Callable:
+        i, n, d_model = "qkv".index(qkv), self.spec.n_heads, self.model.cfg.d_model
+        weight = getattr(self.model.blocks[layer].attn, f"W_{qkv.upper()}")  # [n_heads, d_model, d_head]
+
+        def on_grad(grad):  # ∂m/∂q (or k, v) [batch, pos, n_heads, d_head] -> ∂m/∂x̂ [batch, pos, d_model]
+            ln_w = self._weights(layer).ln_w
+            with torch.no_grad():
+                if self.score_in_backward:  # every head's pull-back, kept for the scores; their sum
+                    scale = self.ln_stats[layer, "scale"].detach()  # [batch, pos, 1]
+                    g = grad / scale.unsqueeze(-1)
+                    u = self.pulled.get(layer)
+                    if u is None:
+                        u = self.pulled[layer] = g.new_empty(3 * n, g.shape[0] * g.shape[1], d_model)
+                    part = u[i * n: (i + 1) * n]  # [n_heads, b*pos, d_model]
+                    _QKVWeights.pull_back_into(weight, g.reshape(-1, n, g.shape[-1]), part)
+                    if ln_w is not None:
+                        part.mul_(ln_w)
+                    grad_x = part.sum(0).view(*g.shape[:2], d_model).mul_(scale)
+                else:  # only their sum, as TransformerLens's backward makes it
+                    g = grad
+                    grad_x = _QKVWeights.summed_pull_back(weight, g.reshape(-1, n, g.shape[-1])).view(*g.shape[:2], -1)
+                    if ln_w is not None:
+                        grad_x.mul_(ln_w)
+            got = self.pending.setdefault(layer, {})
+            got[qkv] = g
+            if len(got) == 3:
+                score = self._score_in_backward if self.score_in_backward else self._collect_head_inputs
+                score(layer, prefix, self.pending.pop(layer))
+            return grad_x
+
+        def hook(act, hook):  # q (or k, v): [batch, pos, n_heads, d_head]
+            self.qkv_acts[layer, qkv] = act.detach()
+            return _HeadInputsOf.apply(self.ln_stats[layer, "normalized"], act.detach(), on_grad)
+        return hook
+
+    def _score_in_backward(self, layer: int, prefix: int, grads: dict[str, torch.Tensor]) -> None:
+        """Scores one block's q/k/v receivers from the pull-backs its backward made (``grads``:
+        ∂m/∂q / σ and so on; a missing one had no path to the metric)."""
+        u, n = self.pulled.pop(layer), self.spec.n_heads
+        some = next(iter(grads.values()))
+        with torch.no_grad():
+            for i, c in enumerate("qkv"):
+                if c not in grads:
+                    u[i * n: (i + 1) * n].zero_()
+            g = torch.cat([grads.get(c, torch.zeros_like(some)) for c in "qkv"], 2)  # [b, pos, 3 * n_heads, d_head]
+            acc = _HeadInputSums(prefix, g, self._corrections(layer, g, 1.0))
+            self._score_head_inputs(layer, acc, u, self.weight)
+
+    def _corrections(self, layer: int, g: torch.Tensor,  # [r*b, pos, 3 * n_heads, d_head]: ∂m/∂q,k,v / σ
+                     weight: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """ln1's ``x̂`` terms, one per copy: (weight * Σ_d u x̂ [b*pos, 3 * n_heads], x̂ [b*pos, d_model])."""
+        w, r, n = self._weights(layer), self.repeats, g.shape[2]
+        x_hat = self.ln_stats[layer, "normalized"].detach()  # [r*b, pos, d_model]
+        xw = torch.cat([self.qkv_acts.pop((layer, c)) for c in "qkv"], 2) - w.offset  # x̂ @ (w ⊙ W): [r*b, pos, 3nh, d_head]
+        e = (g * xw).sum(-1).reshape(r, -1, n) * weight  # Σ_d u x̂ per copy: [r, b*pos, 3 * n_heads]
+        x_hat_r = x_hat.reshape(r, -1, x_hat.shape[-1])  # [r, b*pos, d_model]
+        return [(e[c], x_hat_r[c]) for c in range(r)]
 
     def _head_input_hook(self, layer: int, qkv: str, prefix: int) -> Callable:
         def on_grad(grad):  # ∂m/∂q (or k, v): [batch, pos, n_heads, d_head]
@@ -267,8 +397,7 @@ class _GradientPass:
         with torch.no_grad():
             g = torch.cat([grads.get(c, torch.zeros_like(some)) for c in "qkv"], 2)  # [r*b, pos, 3 * n_heads, d_head]
             if norm is not None:
-                scale, x_hat = self.ln_stats[layer, "scale"], self.ln_stats[layer, "normalized"]  # [r*b,p,1], [r*b,p,d]
-                g = g / scale.unsqueeze(-1)
+                g = g / self.ln_stats[layer, "scale"].unsqueeze(-1)  # σ: [r*b, pos, 1]
             n, r = g.shape[2], self.repeats
             g_sum = (g.reshape(r, -1, *g.shape[1:]).sum(0) if r > 1 else g) * self.weight  # [b, pos, 3nh, d_head]
             acc = self.head_acc.get(layer)
@@ -277,31 +406,32 @@ class _GradientPass:
             else:
                 acc.g_sum.add_(g_sum)
             if norm is not None:  # x̂ differs between copies: one correction per copy
-                w = self._weights(layer)
-                xw = torch.cat([self.qkv_acts.pop((layer, c)) for c in "qkv"], 2) - w.offset  # x̂ @ (w ⊙ W): [r*b, pos, 3 * n_heads, d_head]
-                e = (g * xw).sum(-1).reshape(r, -1, n) * self.weight  # Σ_d u x̂ per copy: [r, b*pos, 3 * n_heads]
-                x_hat_r = x_hat.reshape(r, -1, x_hat.shape[-1])  # [r, b*pos, d_model]
-                acc.corrections.extend((e[c], x_hat_r[c]) for c in range(r))
+                acc.corrections.extend(self._corrections(layer, g, self.weight))
 
-    def _score_head_inputs(self, layer: int, acc: "_HeadInputSums") -> None:
+    def _score_head_inputs(self, layer: int, acc: "_HeadInputSums",
+                           u: torch.Tensor | None = None,  # [3 * n_heads, b*pos, d_model]: the pull-backs, if made
+                           weight: float = 1.0) -> None:
         """Scores of the edges into one block's q, k and v inputs from their sums: the pull-back
-        ``u`` [3 * n_heads, batch*pos, d_model] is made once (the correction terms applied in place)
-        and scored in a single matrix product with ``diff``: ``diff`` is read once per block and no
-        [senders, batch, pos, d_model] temporary is made (that was half the block's scoring time at
-        GPT-2-small width)."""
+        ``u`` [3 * n_heads, batch*pos, d_model] is made once (or given: made in the backward), the
+        correction terms applied in place, and scored in a single matrix product with ``diff``
+        (times ``weight``): ``diff`` is read once per block and no [senders, batch, pos, d_model]
+        temporary is made (that was half the block's scoring time at GPT-2-small width)."""
         norm, d_model = self.model.cfg.normalization_type, self.model.cfg.d_model
         first = self.spec.head_dst(layer, 0, "q")  # a block's q, k, v receivers are contiguous
         w = self._weights(layer)
         with torch.no_grad():
             g_sum = acc.g_sum  # [b, pos, 3 * n_heads, d_head]
             n = g_sum.shape[2]
-            u = w.pull_back(self.model, layer, g_sum.reshape(-1, n, g_sum.shape[-1]).transpose(0, 1), w.ln_w)  # [3nh, b*pos, d]
+            if u is None:
+                u = w.pull_back(self.model, layer, g_sum.reshape(-1, n, g_sum.shape[-1]), w.ln_w)  # [3nh, b*pos, d]
             for e, x_hat in acc.corrections:  # [b*pos, 3 * n_heads], [b*pos, d_model]
                 u.addcmul_(e.T.unsqueeze(-1), x_hat.unsqueeze(0), value=-1.0 / d_model)
             if norm in ("LN", "LNPre"):
                 mean_u = (g_sum * w.col_sum).sum(-1).reshape(-1, n)  # Σ_d u: [b*pos, 3 * n_heads]
                 u.sub_(mean_u.T.unsqueeze(-1), alpha=1.0 / d_model)
             score = self._with_diff(acc.prefix, u.reshape(n, -1))  # [(pos,) prefix, 3 * n_heads]
+            if weight != 1.0:
+                score.mul_(weight)
             self.out[..., :acc.prefix, first: first + n] += score.to(self.out.dtype)
 
     def flush(self, diff: torch.Tensor | None = None) -> None:  # [n_src, batch, pos, d_model]
@@ -382,7 +512,8 @@ class _GradientPass:
         metric = copies_metric(batch, logits, reference, self.repeats).mean()  # over copies and examples
         metric.backward(inputs=[self.x])
         for layer, grads in list(self.pending.items()):  # blocks where q, k or v got no gradient
-            self._collect_head_inputs(layer, self.prefix_of[self.spec.head_dst(layer, 0, "q")], self.pending.pop(layer))
+            score = self._score_in_backward if self.score_in_backward else self._collect_head_inputs
+            score(layer, self.prefix_of[self.spec.head_dst(layer, 0, "q")], self.pending.pop(layer))
         self.qkv_acts.clear()
         self.ln_stats.clear()
         self.x = None
@@ -464,7 +595,8 @@ def _gradient_scores(model, ds: TaskDataset, *, level: str, steps: int | None, a
             b = len(batch)
             if steps is None:  # eap: the clean forward with gradients also subtracts the clean outputs
                 diff, z_ablate = _ablated_sender_major(model, spec, values_src, batch)
-                gp = _GradientPass(model, spec, level, total, diff, True, z_ablate, weights=weights)
+                gp = _GradientPass(model, spec, level, total, diff, True, z_ablate, weights=weights,
+                                   score_in_backward=True)
                 logits = gp.run(model, batch.clean)
                 reference = logits.detach() if batch.metric is Metric.NEG_KL else None
                 gp.backward(logits, batch, reference, b / n)
