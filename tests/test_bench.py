@@ -113,7 +113,8 @@ def test_run_bench_output_structure(tmp_path):
     assert {"forward_nograd", "fwd_bwd_inputs", "fwd_bwd_params", "eap", "eap-ig"} <= set(a["times"])
     assert set(a["ratios"]) == {"eap_vs_floor", "eap_vs_floor_params", "eap_ig_per_step_vs_floor", "eap_ig_vs_floor"}
     assert all(v > 0 for v in a["ratios"].values())
-    assert a["flops"]["eap_vs_floor"] > 1 and a["flops"]["eap_ig_vs_floor"] > 0
+    assert a["flops"]["eap_vs_floor"] == pytest.approx(a["flops"]["eap"] / a["flops"]["floor"], abs=1e-3)
+    assert a["flops"]["eap_ig_vs_floor"] > 0
 
     p = parts["peer"]
     n_edges = GraphSpec(n_layers=2, n_heads=4).n_real_edges
@@ -232,10 +233,15 @@ def test_the_gated_step_benchmark_runs_the_training_loops_step(monkeypatch):
     assert calls == [0, 1, 2]  # the plain step does not go through the gated one
 
 
-def test_flop_counts_match_the_architecture_and_eap_does_more_than_its_floor():
+def test_flop_counts_match_the_architecture_and_eaps_work_written_out():
     """The bench's work counts: the no-grad forward's matrix products written out by hand from the
-    shape, the backward to the inputs as one product per linear map and two per attention product,
-    and eap (which runs the floor's passes and scores the edges besides) above its floor."""
+    shape, the backward to the inputs as one product per linear map and two per attention product;
+    and eap's exactly: its two forwards and its backward with the last block's MLP and the unembedding
+    at the scored positions only, the per-head pull-backs made once (in place of TransformerLens's
+    q/k/v input products, not beside them), one W_O projection of the heads' differences, one
+    contraction per receiver column over the senders before it (2 × tokens × d_model a real edge),
+    and the small q/k/v weight terms. Catches a pull-back made twice, a pass not cut, or a
+    contraction over more senders than the graph's."""
     from circuitkit.bench.config import _dataset, build_shape
     from circuitkit.bench.timing import count_flops, floor_fns, method_fns
 
@@ -251,4 +257,13 @@ def test_flop_counts_match_the_architecture_and_eap_does_more_than_its_floor():
     fl = count_flops({k: fns[k] for k in ("forward_nograd", "fwd_bwd_inputs", "eap")})
     assert fl["forward_nograd"] == linear + attention
     assert fl["fwd_bwd_inputs"] == (linear + attention) + linear + 2 * attention
-    assert fl["eap"] > fl["forward_nograd"] + fl["fwd_bwd_inputs"]
+
+    first = int(ds.answer_pos.min())
+    assert first > 0
+    unscored = b * first * (2 * 2 * c.d_model * c.d_mlp + 2 * c.d_model * c.d_vocab)  # last MLP + unembed, cut
+    cut = linear - unscored
+    w_o = c.n_layers * 2 * t * c.n_heads * c.d_head * c.d_model
+    contraction = 2 * t * c.d_model * GraphSpec.from_model(model).n_real_edges
+    weight_terms = c.n_layers * 6 * 2 * c.n_heads * c.d_model * c.d_head  # LN: b_ln @ W and w_ln @ W, q/k/v
+    assert c.normalization_type == "LN"
+    assert fl["eap"] == 2 * (cut + attention) + (cut + 2 * attention) + w_o + contraction + weight_terms

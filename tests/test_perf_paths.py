@@ -210,3 +210,56 @@ def test_own_qkv_backward_with_a_block_whose_queries_and_keys_get_no_gradient(st
     assert len(qk) == 8 and torch.equal(got[:, qk], torch.zeros_like(got[:, qk]))
     assert got.abs().max() > 0
     assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("method,options", [("eap", {}), ("eap-ig", {"steps": 2})])
+def test_gradient_passes_skip_the_unscored_tail_with_the_same_scores(monkeypatch, method, options):
+    """eap and eap-ig run the last block's MLP, the final norm and the unembedding only from the first
+    scored position on (every pass but eap-ig's ablated values and KL's clean logits), and score exactly as full passes do,
+    at edge, node and position level, for the task's metric and a KL metric. Catches an unpadded
+    gradient after the cut (a shape error, or scores shifted by the cut), or a metric read at the
+    cut logits' wrong positions."""
+    import dataclasses
+
+    from circuitkit.circuits.positions import attribute_positions
+    from circuitkit.tasks import Metric
+
+    m = build_model(toy_config("toy-2l", seed=3))
+    base = get_task("addition").dataset(6, seed=2)
+    first, last = int(base.answer_pos.min()), m.cfg.n_layers - 1
+    assert first > 0
+    seen: list[int] = []
+    m.blocks[last].hook_mlp_out.add_hook(lambda act, hook: seen.append(act.shape[1]), is_permanent=True)
+    try:
+        for ds in (base, dataclasses.replace(base, metric=Metric.NEG_KL)):
+            runs = {"edge": lambda: attribute(m, ds, method, **options).scores,
+                    "node": lambda: attribute_nodes(m, ds, method, **options),
+                    "position": lambda: attribute_positions(m, ds, method, **options).scores}
+            for level, run in runs.items():
+                seen.clear()
+                cut = run()
+                # full length only where eap-ig asks the ablation for its values, and captures KL's clean logits
+                full_runs = 0 if method == "eap" else 1 + (ds.metric is Metric.NEG_KL)
+                assert sorted(seen) == [ds.seq_len - first] * (len(seen) - full_runs) + [ds.seq_len] * full_runs, \
+                    (level, seen)
+                assert len(seen) > full_runs
+                with monkeypatch.context() as mp:
+                    mp.setattr(attribution, "_last_block_tail", lambda model, first: [])
+                    full = run()
+                assert cut.abs().max() > 0, level
+                assert torch.allclose(cut, full, rtol=1e-5, atol=1e-7 * float(full.abs().max())), (level, ds.metric)
+    finally:
+        m.reset_hooks(including_permanent=True)
+
+
+def test_write_tail_zeroes_the_positions_a_cut_run_did_not_compute():
+    dst = torch.full((2, 3, 5, 4), float("nan"))
+    act = torch.randn(2, 3, 2, 4)
+    attribution._write_tail(dst, act)
+    assert torch.equal(dst[..., :3, :], torch.zeros(2, 3, 3, 4)) and torch.equal(dst[..., 3:, :], act)
+    attribution._write_tail(dst, act, subtract=True)
+    assert torch.equal(dst[..., 3:, :], torch.zeros_like(act)) and not dst.isnan().any()
+    full = torch.randn(2, 3, 5, 4)
+    before = full.clone()
+    attribution._write_tail(full, before, subtract=True)
+    assert torch.equal(full, torch.zeros_like(full))

@@ -243,6 +243,7 @@ class _GradientPass:
         self.diff, self.subtract_clean, self.z_ablate = diff, subtract_clean, z_ablate
         self.input_fn: Callable[[torch.Tensor], torch.Tensor] = lambda x: x  # per pass, see run()
         self.repeats = 1  # per pass: the model's batch is `repeats` copies of the examples (eap-ig steps)
+        self.n_pos = 0  # per pass: the prompts' positions (the last block's MLP may see fewer: run(first=...))
         self.x: torch.Tensor | None = None
         self.weight = 1.0
         self.prefix_of = spec.src_prefix.tolist()  # receiver -> number of senders before it (Python ints: no sync)
@@ -289,7 +290,7 @@ class _GradientPass:
             out = self.diff[rows].view(z.shape[0], z.shape[1], -1)  # written in place: [n_heads, b*pos, d_model]
             torch.bmm(z, self.model.blocks[layer].attn.W_O.detach(), out=out)
         else:
-            self.diff[rows] -= act
+            _write_tail(self.diff[rows], act, subtract=True)
 
     def _input(self, act, hook):  # act [batch, pos, d_model]
         x = self.input_fn(act.detach()).detach().requires_grad_(True)
@@ -471,8 +472,11 @@ class _GradientPass:
         p = self.diff.shape[2]
         return t.reshape(t.shape[0], -1, p, width).permute(2, 0, 1, 3).reshape(p, t.shape[0], -1)
 
-    def _summed(self, grad: torch.Tensor) -> torch.Tensor:  # [repeats*batch, pos, d_model] -> [batch*pos*d_model]
-        """Scores are linear in these gradients, so the copies' gradients are summed first."""
+    def _summed(self, grad: torch.Tensor) -> torch.Tensor:  # [repeats*batch, pos', d_model] -> [batch*pos*d_model]
+        """Scores are linear in these gradients, so the copies' gradients are summed first. A gradient
+        after the last block's cut (``pos' < pos``, :func:`_last_block_tail`) is 0 at the positions cut."""
+        if grad.shape[1] < self.n_pos:
+            grad = torch.nn.functional.pad(grad, (0, 0, self.n_pos - grad.shape[1], 0))
         return grad.reshape(self.repeats, -1).sum(0) if self.repeats > 1 else grad.reshape(-1)
 
     def _receiver_grad(self, prefix: int, cols: slice) -> Callable:
@@ -498,18 +502,25 @@ class _GradientPass:
                 self.node_acc[key] = g
         return on_grad
 
-    def run(self, model, tokens: torch.Tensor,  # [repeats*batch, pos] -> [repeats*batch, pos, d_vocab]
-            input_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, repeats: int = 1) -> torch.Tensor:
+    def run(self, model, tokens: torch.Tensor,  # [repeats*batch, pos] -> [repeats*batch, pos - first, d_vocab]
+            input_fn: Callable[[torch.Tensor], torch.Tensor] | None = None, repeats: int = 1,
+            first: int = 0) -> torch.Tensor:
         """Forward with these hooks, the input embedding replaced by ``input_fn(embedding)``
-        (identity when None); the logits stay attached to the autograd graph."""
-        self.input_fn, self.repeats = input_fn or (lambda x: x), repeats
-        with torch.enable_grad(), temporary_hooks(model, self.hooks()):
+        (identity when None); the logits stay attached to the autograd graph. After the last block's
+        attention only positions ``first..`` are computed (the metric reads none before them)."""
+        self.input_fn, self.repeats, self.n_pos = input_fn or (lambda x: x), repeats, tokens.shape[1]
+        with torch.enable_grad(), temporary_hooks(model, self.hooks() + _last_block_tail(model, first)):
             return model(tokens)
 
-    def backward(self, logits: torch.Tensor,  # [repeats*batch, pos, d_vocab]
-                 batch: TaskDataset, reference: torch.Tensor | None, weight: float) -> None:
+    def backward(self, logits: torch.Tensor,  # [repeats*batch, pos - first, d_vocab]
+                 batch: TaskDataset,
+                 reference: torch.Tensor | None,  # [batch, pos or pos - first, d_vocab]: NEG_KL's clean logits
+                 weight: float) -> None:
         self.weight = weight
-        metric = copies_metric(batch, logits, reference, self.repeats).mean()  # over copies and examples
+        kept = logits.shape[1]  # positions the run computed after the last block's attention
+        if reference is not None:
+            reference = reference[:, reference.shape[1] - kept:]
+        metric = copies_metric(batch.scored_from(self.n_pos - kept), logits, reference, self.repeats).mean()
         metric.backward(inputs=[self.x])
         for layer, grads in list(self.pending.items()):  # blocks where q, k or v got no gradient
             score = self._score_in_backward if self.score_in_backward else self._collect_head_inputs
@@ -526,6 +537,28 @@ class _HeadInputSums:
     prefix: int  # senders before the block
     g_sum: torch.Tensor  # [batch, pos, 3 * n_heads, d_head]: Σ weight * (∂m/∂q,k,v) / σ
     corrections: list[tuple[torch.Tensor, torch.Tensor]]  # per copy: (weight * Σ_d u x̂ [b*pos, 3nh], x̂ [b*pos, d])
+
+
+def first_scored(batch: TaskDataset) -> int:
+    """The batch's first position the metric reads: nothing before it needs the last block's MLP,
+    the final norm or the unembedding (:func:`_last_block_tail`)."""
+    return int(batch.answer_pos.min())
+
+
+def _write_tail(dst: torch.Tensor,  # [n_rows, batch, pos, d_model], written in place
+                act: torch.Tensor,  # [n_rows, batch, pos', d_model], pos' <= pos
+                subtract: bool = False) -> None:
+    """``dst = act`` (or ``dst -= act``) for a sender output that a run cut after the last block's
+    attention computed at the last ``pos'`` positions only; ``dst`` is 0 before them (nothing reads
+    those positions: every receiver of such a sender is read after the cut, with gradient 0 there)."""
+    cut = dst.shape[-2] - act.shape[-2]
+    if cut:
+        dst[..., :cut, :] = 0
+        dst = dst[..., cut:, :]
+    if subtract:
+        dst -= act
+    else:
+        dst.copy_(act)
 
 
 def _sender_major(values: torch.Tensor, batch: int, owned: bool) -> torch.Tensor:
@@ -553,9 +586,10 @@ def _ablated_sender_major(model, spec: GraphSpec, values_src: AblationValues, ba
         if rows.start in spec.head_group_layer:
             zs[spec.head_group_layer[rows.start]] = act  # z [batch, pos, n_heads, d_head]
         else:
-            buf[rows] = act
+            _write_tail(buf[rows], act)
 
-    with torch.no_grad(), temporary_hooks(model, sender_hooks(model, spec, sink, heads_as_z=True)):
+    hooks = sender_hooks(model, spec, sink, heads_as_z=True) + _last_block_tail(model, first_scored(batch))
+    with torch.no_grad(), temporary_hooks(model, hooks):
         model(batch.corrupt)
     return buf, zs
 
@@ -571,10 +605,10 @@ def _sender_differences(model, spec: GraphSpec, values_src: AblationValues, batc
         if clean is not None:
             return diff.sub_(clean.permute(2, 0, 1, 3))
 
-        def sink(rows: slice, act: torch.Tensor) -> None:  # [n_rows, batch, pos, d_model]
-            diff[rows] -= act
+        def sink(rows: slice, act: torch.Tensor) -> None:  # [n_rows, batch, pos (after the cut: pos - first), d_model]
+            _write_tail(diff[rows], act, subtract=True)
 
-        with temporary_hooks(model, sender_hooks(model, spec, sink)):
+        with temporary_hooks(model, sender_hooks(model, spec, sink) + _last_block_tail(model, first_scored(batch))):
             model(batch.clean)
     return diff
 
@@ -597,7 +631,7 @@ def _gradient_scores(model, ds: TaskDataset, *, level: str, steps: int | None, a
                 diff, z_ablate = _ablated_sender_major(model, spec, values_src, batch)
                 gp = _GradientPass(model, spec, level, total, diff, True, z_ablate, weights=weights,
                                    score_in_backward=True)
-                logits = gp.run(model, batch.clean)
+                logits = gp.run(model, batch.clean, first=first_scored(batch))
                 reference = logits.detach() if batch.metric is Metric.NEG_KL else None
                 gp.backward(logits, batch, reference, b / n)
                 del logits, reference  # the autograd graph's buffers go before the contraction's
@@ -619,7 +653,7 @@ def _gradient_scores(model, ds: TaskDataset, *, level: str, steps: int | None, a
                     clean_in = x.reshape(r, -1, *x.shape[1:])[0]  # [b, pos, d_model]
                     return (base_in + alphas[:, None, None, None] * (clean_in - base_in)).reshape(-1, *x.shape[1:])
 
-                logits = gp.run(model, batch.clean.repeat(r, 1), interpolate, r)
+                logits = gp.run(model, batch.clean.repeat(r, 1), interpolate, r, first_scored(batch))
                 gp.backward(logits, batch, clean_logits, r * b / (n * steps))
                 del logits
             gp.flush(_sender_differences(model, spec, values_src, batch, clean))  # every step's, contracted once
