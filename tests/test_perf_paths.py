@@ -165,7 +165,8 @@ def test_own_qkv_backward_equals_transformer_lens_and_runs(monkeypatch, norm, me
     with torch.no_grad():  # fresh models' norms are w = 1, b = 0: give ln1 its own weights to pull back through
         for name, p in m.named_parameters():
             if ".ln1." in name:
-                p.copy_(torch.rand(p.shape, generator=gen) + 0.5 if name.endswith(".w") else torch.randn(p.shape, generator=gen))
+                weight = name.endswith(".w")
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.5 if weight else torch.randn(p.shape, generator=gen))
     ds = get_task("addition").dataset(7, seed=8)
     runs = {"edge": lambda: attribute(m, ds, method, batch_size=4, **options).scores,
             "position": lambda: attribute_positions(m, ds, method, batch_size=4, **options).scores}
@@ -215,8 +216,8 @@ def test_own_qkv_backward_with_a_block_whose_queries_and_keys_get_no_gradient(st
 @pytest.mark.parametrize("method,options", [("eap", {}), ("eap-ig", {"steps": 2})])
 def test_gradient_passes_skip_the_unscored_tail_with_the_same_scores(monkeypatch, method, options):
     """eap and eap-ig run the last block's MLP, the final norm and the unembedding only from the first
-    scored position on (every pass but eap-ig's ablated values and KL's clean logits), and score exactly as full passes do,
-    at edge, node and position level, for the task's metric and a KL metric. Catches an unpadded
+    scored position on (every pass but eap-ig's ablated values and KL's clean logits), and score exactly
+    as full passes do, at edge, node and position level, for the task's metric and a KL metric. Catches an unpadded
     gradient after the cut (a shape error, or scores shifted by the cut), or a metric read at the
     cut logits' wrong positions."""
     import dataclasses

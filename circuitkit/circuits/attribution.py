@@ -366,7 +366,8 @@ class _GradientPass:
         """ln1's ``x̂`` terms, one per copy: (weight * Σ_d u x̂ [b*pos, 3 * n_heads], x̂ [b*pos, d_model])."""
         w, r, n = self._weights(layer), self.repeats, g.shape[2]
         x_hat = self.ln_stats[layer, "normalized"].detach()  # [r*b, pos, d_model]
-        xw = torch.cat([self.qkv_acts.pop((layer, c)) for c in "qkv"], 2) - w.offset  # x̂ @ (w ⊙ W): [r*b, pos, 3nh, d_head]
+        # x̂ @ (w ⊙ W): [r*b, pos, 3 * n_heads, d_head]
+        xw = torch.cat([self.qkv_acts.pop((layer, c)) for c in "qkv"], 2) - w.offset
         e = (g * xw).sum(-1).reshape(r, -1, n) * weight  # Σ_d u x̂ per copy: [r, b*pos, 3 * n_heads]
         x_hat_r = x_hat.reshape(r, -1, x_hat.shape[-1])  # [r, b*pos, d_model]
         return [(e[c], x_hat_r[c]) for c in range(r)]
@@ -570,11 +571,12 @@ def _sender_major(values: torch.Tensor, batch: int, owned: bool) -> torch.Tensor
     return v.expand(v.shape[0], batch, *v.shape[2:]).contiguous()
 
 
-def _ablated_sender_major(model, spec: GraphSpec, values_src: AblationValues, batch: TaskDataset
+def _ablated_sender_major(model, spec: GraphSpec, values_src: AblationValues, batch: TaskDataset, first: int = 0
                           ) -> tuple[torch.Tensor, dict[int, torch.Tensor] | None]:
     """Ablated values as a fresh sender-major [n_src, batch, pos, d_model] buffer. For PATCHING
     the heads' rows are left unset and their corrupted ``z`` returned per layer instead, to be
-    projected once after the clean ``z`` is subtracted."""
+    projected once after the clean ``z`` is subtracted; the corrupted forward is cut after the last
+    block's attention at ``first`` (:func:`_last_block_tail`)."""
     if values_src.ablation is not Ablation.PATCHING:
         with torch.no_grad():
             return _sender_major(values_src.for_batch(model, batch), len(batch), owned=False), None
@@ -588,7 +590,7 @@ def _ablated_sender_major(model, spec: GraphSpec, values_src: AblationValues, ba
         else:
             _write_tail(buf[rows], act)
 
-    hooks = sender_hooks(model, spec, sink, heads_as_z=True) + _last_block_tail(model, first_scored(batch))
+    hooks = sender_hooks(model, spec, sink, heads_as_z=True) + _last_block_tail(model, first)
     with torch.no_grad(), temporary_hooks(model, hooks):
         model(batch.corrupt)
     return buf, zs
@@ -596,9 +598,10 @@ def _ablated_sender_major(model, spec: GraphSpec, values_src: AblationValues, ba
 
 def _sender_differences(model, spec: GraphSpec, values_src: AblationValues, batch: TaskDataset,
                         clean: torch.Tensor | None = None,  # [b, pos, n_src, d_model]: clean outputs, if captured
-                        ) -> torch.Tensor:  # [n_src, batch, pos, d_model]
+                        first: int = 0) -> torch.Tensor:  # [n_src, batch, pos, d_model]
     """``a^ablate - a^clean`` sender-major, in one buffer: the ablated values, from which the clean
-    outputs are subtracted as a clean forward computes them (or ``clean`` when given)."""
+    outputs are subtracted as a clean forward computes them (or ``clean`` when given); that forward
+    cut after the last block's attention at ``first`` (:func:`_last_block_tail`)."""
     b = len(batch)
     with torch.no_grad():
         diff = _sender_major(values_src.for_batch(model, batch), b, owned=values_src.ablation is Ablation.PATCHING)
@@ -608,7 +611,7 @@ def _sender_differences(model, spec: GraphSpec, values_src: AblationValues, batc
         def sink(rows: slice, act: torch.Tensor) -> None:  # [n_rows, batch, pos (after the cut: pos - first), d_model]
             _write_tail(diff[rows], act, subtract=True)
 
-        with temporary_hooks(model, sender_hooks(model, spec, sink) + _last_block_tail(model, first_scored(batch))):
+        with temporary_hooks(model, sender_hooks(model, spec, sink) + _last_block_tail(model, first)):
             model(batch.clean)
     return diff
 
@@ -626,12 +629,12 @@ def _gradient_scores(model, ds: TaskDataset, *, level: str, steps: int | None, a
     with graph_hooks_enabled(model, split_qkv=False):
         for batch in tqdm(list(ds.batches(batch_size)), desc="attribution", disable=not progress, leave=False):
             batch = batch.to(device)
-            b = len(batch)
+            b, scored_from = len(batch), first_scored(batch)  # the metric reads no logits before it
             if steps is None:  # eap: the clean forward with gradients also subtracts the clean outputs
-                diff, z_ablate = _ablated_sender_major(model, spec, values_src, batch)
+                diff, z_ablate = _ablated_sender_major(model, spec, values_src, batch, scored_from)
                 gp = _GradientPass(model, spec, level, total, diff, True, z_ablate, weights=weights,
                                    score_in_backward=True)
-                logits = gp.run(model, batch.clean, first=first_scored(batch))
+                logits = gp.run(model, batch.clean, first=scored_from)
                 reference = logits.detach() if batch.metric is Metric.NEG_KL else None
                 gp.backward(logits, batch, reference, b / n)
                 del logits, reference  # the autograd graph's buffers go before the contraction's
@@ -653,10 +656,11 @@ def _gradient_scores(model, ds: TaskDataset, *, level: str, steps: int | None, a
                     clean_in = x.reshape(r, -1, *x.shape[1:])[0]  # [b, pos, d_model]
                     return (base_in + alphas[:, None, None, None] * (clean_in - base_in)).reshape(-1, *x.shape[1:])
 
-                logits = gp.run(model, batch.clean.repeat(r, 1), interpolate, r, first_scored(batch))
+                logits = gp.run(model, batch.clean.repeat(r, 1), interpolate, r, scored_from)
                 gp.backward(logits, batch, clean_logits, r * b / (n * steps))
                 del logits
-            gp.flush(_sender_differences(model, spec, values_src, batch, clean))  # every step's, contracted once
+            # every step's gradients, contracted once
+            gp.flush(_sender_differences(model, spec, values_src, batch, clean, scored_from))
     return total.cpu()  # one transfer per call, after every batch
 
 
@@ -930,7 +934,7 @@ def _single_sender_patching(model, ds: TaskDataset, srcs: torch.Tensor,  # [n_it
             m_full = batch.metric_values(logits, reference).double()  # [b]
             diff = values.permute(2, 0, 1, 3) - clean  # [n_src, b, pos, d_model]
             per_pass = max(1, patch_copy_budget(device) // (b * p * d_model))
-            first = int(batch.answer_pos.min())  # the metric reads no logits before this position
+            first = first_scored(batch)
             scored = batch.scored_from(first)
             tail_ref = None if reference is None else reference[:, first:]  # [b, pos - first, d_vocab]
             for (layer, hook), items in groups.items():
