@@ -267,3 +267,21 @@ def test_flop_counts_match_the_architecture_and_eaps_work_written_out():
     weight_terms = c.n_layers * 6 * 2 * c.n_heads * c.d_model * c.d_head  # LN: b_ln @ W and w_ln @ W, q/k/v
     assert c.normalization_type == "LN"
     assert fl["eap"] == 2 * (cut + attention) + (cut + 2 * attention) + w_o + contraction + weight_terms
+
+
+def test_named_shapes_are_judged_by_their_own_targets():
+    """GPT-2-small shape is judged by issue 15's targets (eap ≤ 1.3×, eap-ig ≤ 1.2× their floors),
+    toy models by the project's (1.5×); the report prints the targets its run was judged by. Catches
+    a report that prints the toy target beside a run judged by another."""
+    from circuitkit.bench.config import TARGETS, targets_for
+    from circuitkit.bench.report import to_markdown
+
+    shape = targets_for("random:gpt2-small-shape")
+    assert (shape["eap_vs_floor"], shape["eap_ig_vs_floor"], shape["memory_vs_floor"]) == (1.3, 1.2, 1.5)
+    assert targets_for("toy-multitask") == TARGETS and targets_for("random:toy-2l") == TARGETS
+    res = json.loads((BENCHMARKS / "gpt2-small-shape.json").read_text())
+    a = res["parts"]["attribution"]
+    assert a["targets"]["eap_vs_floor"] == 1.3
+    assert a["meets_target"]["eap_vs_floor"] == (a["ratios"]["eap_vs_floor"] <= 1.3)
+    md = to_markdown(res)
+    assert "≤ 1.3×" in md and "≤ 1.2×" in md and "≤ 1.5× ✓ | " not in md.split("### Attribution")[1].split("\n\n")[1]

@@ -25,11 +25,20 @@ PEER = "auto-circuit"
 PEER_VERSION = "1.0.1"
 TARGETS = {"eap_vs_floor": 1.5, "eap_ig_vs_floor": 1.5, "peer_time_ratio": 1.0, "peer_pearson": 0.999,
            "peer_top50": 50, "gated_vs_plain": 1.5, "memory_vs_floor": 1.5}
+# Stricter targets at larger shapes (issue 15, at GPT-2-small shape): keyed by the shape's name in MODEL_SHAPES.
+SHAPE_TARGETS: dict[str, dict[str, float]] = {"gpt2-small-shape": {"eap_vs_floor": 1.3, "eap_ig_vs_floor": 1.2}}
 TOP_K = 50
 # Named shapes beyond the toy widths (toy vocabulary, random weights): ``random:NAME`` in --model.
 MODEL_SHAPES: dict[str, dict[str, Any]] = {
     "gpt2-small-shape": dict(n_layers=12, n_heads=12, d_model=768, d_head=64, d_mlp=3072, n_ctx=1024),
 }
+
+
+def targets_for(model: str) -> dict[str, float]:
+    """The targets a run on ``model`` (a --model value) is judged by: :data:`TARGETS`, with a named
+    shape's own (``random:gpt2-small-shape``: :data:`SHAPE_TARGETS`) in their place."""
+    name = model.removeprefix("random:").strip()
+    return {**TARGETS, **SHAPE_TARGETS.get(name, {})}
 
 
 def shape_fields(arch: str) -> dict[str, Any]:

@@ -9,7 +9,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from circuitkit.bench.config import PEER, PEER_VERSION, TARGETS, _dataset, _load, _model_summary, resolve_model_spec
+from circuitkit.bench.config import (PEER, PEER_VERSION, TARGETS, _dataset, _load, _model_summary, resolve_model_spec,
+                                     targets_for)
 from circuitkit.bench.memory import memory_probe, method_text, ratios_vs, step_memory_probe
 from circuitkit.bench.peer import PeerRunner, PeerUnavailable
 from circuitkit.bench.reference import agreement, reference_eap_scores
@@ -50,13 +51,15 @@ def attribution_part(model, ds, cfg: Mapping[str, Any], model_spec: str) -> dict
     out["flops"] = {**fl, "floor": fl_floor, "ig_floor": fl_ig_floor,
                     "eap_vs_floor": _ratio(fl["eap"], fl_floor), "eap_ig_vs_floor": _ratio(fl["eap-ig"], fl_ig_floor),
                     "method": "torch.utils.flop_counter.FlopCounterMode, one call each: matrix products only"}
-    out["meets_target"] = {"eap_vs_floor": out["ratios"]["eap_vs_floor"] <= TARGETS["eap_vs_floor"],
-                           "eap_ig_vs_floor": out["ratios"]["eap_ig_vs_floor"] <= TARGETS["eap_ig_vs_floor"]}
+    targets = targets_for(model_spec)
+    out["targets"] = {k: targets[k] for k in ("eap_vs_floor", "eap_ig_vs_floor", "memory_vs_floor")}
+    out["meets_target"] = {"eap_vs_floor": out["ratios"]["eap_vs_floor"] <= targets["eap_vs_floor"],
+                           "eap_ig_vs_floor": out["ratios"]["eap_ig_vs_floor"] <= targets["eap_ig_vs_floor"]}
     if cfg["memory"]:
         probes = {kind: memory_probe(kind, model_spec, cfg) for kind in ("floor", "floor_params", "eap", "eap-ig")}
         ratios = ratios_vs(probes, "floor")
         out["memory"] = {"method": method_text(probes), **probes, "ratio_vs_floor": ratios}
-        out["meets_target"]["memory_vs_floor"] = all(ratios[k] is not None and ratios[k] <= TARGETS["memory_vs_floor"]
+        out["meets_target"]["memory_vs_floor"] = all(ratios[k] is not None and ratios[k] <= targets["memory_vs_floor"]
                                                      for k in ("eap", "eap-ig"))
     return out
 
@@ -154,7 +157,7 @@ def run_bench(cfg: Mapping[str, Any], log: Callable[[str], None] = lambda s: Non
     points = read_shape_points(cfg.get("scaling_with") or []) if "scaling" in cfg["parts"] else []
     res: dict[str, Any] = {"format": "circuitkit.bench", "version": 1, "environment": environment(),
                            "config": dict(cfg), "model": _model_summary(model, description), "task": ds.task,
-                           "targets": TARGETS, "parts": {}, "part_wall_s": {}}
+                           "targets": targets_for(cfg["model"]), "parts": {}, "part_wall_s": {}}
     for part in cfg["parts"]:
         log(f"bench: {part} ...")
         t0 = time.perf_counter()

@@ -86,6 +86,7 @@ def to_markdown(res: Mapping[str, Any], command: str | None = None) -> str:
         t = {k: v["median_ms"] for k, v in a["times"].items()}
         r = a["ratios"]
         mem = a.get("memory", {})
+        tg = {**TARGETS, **a.get("targets", {})}  # what the run was judged by (runs before 2026-12-07: TARGETS)
 
         def mm(kind):
             v = mem.get(kind)
@@ -96,10 +97,11 @@ def to_markdown(res: Mapping[str, Any], command: str | None = None) -> str:
                   f"| floor with parameter gradients | {_f(a['floor_params_ms'])} | "
                   f"{_f(a['floor_params_ms'] / a['floor_ms'])}× | | {mm('floor_params')} |",
                   f"| eap | {_f(t['eap'])} | {_f(r['eap_vs_floor'])}× (vs floor w/ param grads "
-                  f"{_f(r['eap_vs_floor_params'])}×) | ≤ 1.5×{_mark(a['meets_target']['eap_vs_floor'])} | {mm('eap')} |",
+                  f"{_f(r['eap_vs_floor_params'])}×) | "
+                  f"≤ {tg['eap_vs_floor']}×{_mark(a['meets_target']['eap_vs_floor'])} | {mm('eap')} |",
                   f"| eap-ig, {a['ig_steps']} steps | {_f(t['eap-ig'])} | {_f(r['eap_ig_vs_floor'])}× of "
                   f"2 fwd + {a['ig_steps']}×(fwd+bwd) = {_f(a['ig_floor_ms'])} ms | "
-                  f"≤ 1.5×{_mark(a['meets_target']['eap_ig_vs_floor'])} | {mm('eap-ig')} |",
+                  f"≤ {tg['eap_ig_vs_floor']}×{_mark(a['meets_target']['eap_ig_vs_floor'])} | {mm('eap-ig')} |",
                   f"| eap-ig per step | {_f(t['eap-ig'] / a['ig_steps'])} | {_f(r['eap_ig_per_step_vs_floor'])}× "
                   f"of the eap floor | | |",
                   "", f"Components: no-grad forward {_f(t['forward_nograd'])} ms, forward + backward to inputs "
@@ -118,7 +120,7 @@ def to_markdown(res: Mapping[str, Any], command: str | None = None) -> str:
             ok = a["meets_target"].get("memory_vs_floor")
             lines += ["", f"Peak memory growth ÷ the floor's: eap {_f(mr.get('eap'))}×, eap-ig {_f(mr.get('eap-ig'))}×, "
                           f"floor with parameter gradients {_f(mr.get('floor_params'))}× (target ≤ "
-                          f"{TARGETS['memory_vs_floor']}×{_mark(ok)}); whole-process peaks (model and libraries "
+                          f"{tg['memory_vs_floor']}×{_mark(ok)}); whole-process peaks (model and libraries "
                           f"included): " + ", ".join(f"{k} {mem[k]['peak_mib']:.0f} MiB" for k in
                                                      ("floor", "floor_params", "eap", "eap-ig") if "peak_mib" in mem.get(k, {}))
                       + ".", "", f"Memory: {mem['method']}."]
