@@ -339,8 +339,7 @@ class _GradientPass:
             got = self.pending.setdefault(layer, {})
             got[qkv] = g
             if len(got) == 3:
-                score = self._score_in_backward if self.score_in_backward else self._collect_head_inputs
-                score(layer, prefix, self.pending.pop(layer))
+                self._block_done(layer, prefix, self.pending.pop(layer))
             return grad_x
 
         def hook(act, hook):  # q (or k, v): [batch, pos, n_heads, d_head]
@@ -348,16 +347,28 @@ class _GradientPass:
             return _HeadInputsOf.apply(self.ln_stats[layer, "normalized"], act.detach(), on_grad)
         return hook
 
+    def _block_done(self, layer: int, prefix: int, grads: dict[str, torch.Tensor]) -> None:
+        """A block's q/k/v gradients of this pass are in: scored now (``score_in_backward``) or summed."""
+        if self.score_in_backward:
+            self._score_in_backward(layer, prefix, grads)
+        else:
+            self._collect_head_inputs(layer, prefix, grads)
+
+    @staticmethod
+    def _stacked(grads: dict[str, torch.Tensor]) -> torch.Tensor:  # -> [r*b, pos, 3 * n_heads, d_head]
+        """One block's ∂m/∂q, ∂m/∂k, ∂m/∂v side by side, zeros for one with no path to the metric."""
+        some = next(iter(grads.values()))
+        return torch.cat([grads.get(c, torch.zeros_like(some)) for c in "qkv"], 2)
+
     def _score_in_backward(self, layer: int, prefix: int, grads: dict[str, torch.Tensor]) -> None:
         """Scores one block's q/k/v receivers from the pull-backs its backward made (``grads``:
         ∂m/∂q / σ and so on; a missing one had no path to the metric)."""
         u, n = self.pulled.pop(layer), self.spec.n_heads
-        some = next(iter(grads.values()))
         with torch.no_grad():
             for i, c in enumerate("qkv"):
                 if c not in grads:
                     u[i * n: (i + 1) * n].zero_()
-            g = torch.cat([grads.get(c, torch.zeros_like(some)) for c in "qkv"], 2)  # [b, pos, 3 * n_heads, d_head]
+            g = self._stacked(grads)  # [b, pos, 3 * n_heads, d_head]
             acc = _HeadInputSums(prefix, g, self._corrections(layer, g, 1.0))
             self._score_head_inputs(layer, acc, u, self.weight)
 
@@ -377,7 +388,7 @@ class _GradientPass:
             got = self.pending.setdefault(layer, {})
             got[qkv] = grad
             if len(got) == 3:
-                self._collect_head_inputs(layer, prefix, self.pending.pop(layer))
+                self._block_done(layer, prefix, self.pending.pop(layer))
 
         def hook(act, hook):  # q (or k, v): [batch, pos, n_heads, d_head]
             self.qkv_acts[layer, qkv] = act.detach()
@@ -395,9 +406,8 @@ class _GradientPass:
         each copy's ``x̂`` and its coefficients ``Σ_d u x̂`` ([batch*pos, 3 * n_heads]).
         """
         norm = self.model.cfg.normalization_type
-        some = next(iter(grads.values()))
         with torch.no_grad():
-            g = torch.cat([grads.get(c, torch.zeros_like(some)) for c in "qkv"], 2)  # [r*b, pos, 3 * n_heads, d_head]
+            g = self._stacked(grads)  # [r*b, pos, 3 * n_heads, d_head]
             if norm is not None:
                 g = g / self.ln_stats[layer, "scale"].unsqueeze(-1)  # σ: [r*b, pos, 1]
             n, r = g.shape[2], self.repeats
@@ -524,8 +534,7 @@ class _GradientPass:
         metric = copies_metric(batch.scored_from(self.n_pos - kept), logits, reference, self.repeats).mean()
         metric.backward(inputs=[self.x])
         for layer, grads in list(self.pending.items()):  # blocks where q, k or v got no gradient
-            score = self._score_in_backward if self.score_in_backward else self._collect_head_inputs
-            score(layer, self.prefix_of[self.spec.head_dst(layer, 0, "q")], self.pending.pop(layer))
+            self._block_done(layer, self.prefix_of[self.spec.head_dst(layer, 0, "q")], self.pending.pop(layer))
         self.qkv_acts.clear()
         self.ln_stats.clear()
         self.x = None
