@@ -215,12 +215,13 @@ class _GradientPass:
     three copies of ``x̂`` (:class:`_HeadInputsOf`, equal values), so TransformerLens's q/k/v linear
     maps and the other two copies of ln1 leave the autograd graph: their saved activations are freed
     at once (at GPT-2-small width eap's peak memory growth fell from 1.18-1.30x the bare forward +
-    backward's to 0.75-0.90x) and the backward runs ln1 once per block. The backward returns ``∂m/∂x̂`` itself. With ``score_in_backward`` (eap: one
-    pass, ``diff`` complete before the backward) it pulls ``∂m/∂q`` back through each head's weights
-    and returns the sum of those products, scoring them at once (:meth:`_score_in_backward`): the
-    pull-back is made once, where TransformerLens's backward made the sum and the scoring the
-    per-head products again. Otherwise it makes only their sum (head by head into one buffer), and
-    the gradients go to the sums scored after the passes.
+    backward's to 0.75-0.90x) and the backward runs ln1 once per block. The backward returns
+    ``∂m/∂x̂`` itself. With ``score_in_backward`` (eap: one pass, ``diff`` complete before the
+    backward) it pulls ``∂m/∂q`` back through each head's weights and returns the sum of those
+    products, scoring them at once (:meth:`_score_in_backward`): the pull-back is made once, where
+    TransformerLens's backward made the sum and the scoring the per-head products again. Otherwise
+    it makes only their sum (head by head into one buffer), and the gradients go to the sums scored
+    after the passes.
 
     ``level="position"`` scores the same edges per token position (``out`` is
     ``[pos, n_src, n_dst]``): every contraction goes through
