@@ -283,5 +283,6 @@ def test_named_shapes_are_judged_by_their_own_targets():
     a = res["parts"]["attribution"]
     assert a["targets"]["eap_vs_floor"] == 1.3
     assert a["meets_target"]["eap_vs_floor"] == (a["ratios"]["eap_vs_floor"] <= 1.3)
-    md = to_markdown(res)
-    assert "≤ 1.3×" in md and "≤ 1.2×" in md and "≤ 1.5× ✓ | " not in md.split("### Attribution")[1].split("\n\n")[1]
+    rows = {line.split(" | ")[0]: line for line in to_markdown(res).splitlines() if line.startswith("| eap")}
+    assert "| ≤ 1.3×" in rows["| eap"] and "| ≤ 1.2×" in rows["| eap-ig, 5 steps"]
+    assert not any("≤ 1.5×" in row for row in rows.values())
