@@ -46,6 +46,7 @@ TOY_CONFIGS: dict[str, dict[str, Any]] = {
     "toy-4l": dict(n_layers=4, d_model=64, n_heads=4, d_head=16, d_mlp=256, n_ctx=32),
     "toy-4l-wide": dict(n_layers=4, d_model=128, n_heads=8, d_head=16, d_mlp=512, n_ctx=32),
     "toy-6l8h": dict(n_layers=6, d_model=128, n_heads=8, d_head=16, d_mlp=512, n_ctx=32),
+    "toy-8l8h": dict(n_layers=8, d_model=128, n_heads=8, d_head=16, d_mlp=512, n_ctx=32),
     "toy-2l": dict(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=128, n_ctx=32),
 }
 _TOY_DEFAULTS = dict(act_fn="gelu", normalization_type="LN", d_vocab=VOCAB.d_vocab,

@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from circuitkit import CircuitkitError, plotting
+from circuitkit.circuits.selection import MinimalRule
 from circuitkit.evaluation.compare import (check_pair, overlap_table, pair_table, position_table, study_pair,
                                            write_table)
 from circuitkit.evaluation.pairs import PAPER_MASS_RATIOS, pair_row, study_pair_tokens
@@ -166,8 +167,7 @@ def run(cfg: RunConfig, progress: bool = True) -> Path:
         if "pairs" in study.levels:  # the token level: attention pairs (docs/method.md §10)
             token_panels += [(f"{b.model}: {b.scores.task}", b, s) for b, s in study_pair_tokens(
                 pair.base, pair.sparse, pair.tasks, study.pair_method, study.pair_n or study.n, study.seed,
-                study.threshold,
-                study.batch_size, progress)]
+                study.threshold, study.batch_size, progress, minimal_rule=study.minimal)]
     main_table = pd.concat(tables, ignore_index=True)
     token_table = pd.DataFrame([pair_row(b, s) for _, b, s in token_panels]) if token_panels else None
     if token_table is not None:
@@ -221,7 +221,10 @@ def report(cfg: RunConfig, table, overlaps, figs: list[Path], out: Path, wall: f
     s = cfg.study
     lines = ["# circuitkit study", "",
              f"Method `{s.method}` (IG steps {s.ig_steps}), ablation `{s.ablation}`, {s.n} prompts per task "
-             f"(seed {s.seed}; a pair may set its own, see `n_prompts`), minimal circuit = fewest top-scoring edges with explained effect f ≥ {s.threshold}. "
+             f"(seed {s.seed}; a pair may set its own, see `n_prompts`), minimal circuit = fewest top-scoring edges with explained effect f ≥ {s.threshold}"
+             + ("; then minimized: every edge (position edge, attention pair) it does not need dropped, until each "
+                "one left is needed (`*_prefix_*` columns: the sizes before). "
+                if MinimalRule.parse(s.minimal) is MinimalRule.MINIMIZED else ". ") +
              f"Wall time {wall:.0f} s.", "",
              "## Base vs sparse: minimal circuits", "",
              "`edge_ratio` = base edges ÷ sparse edges; `head_ratio` likewise for the heads the minimal edge "

@@ -371,9 +371,15 @@ class PairScores:
         mask[best[:, 0], best[:, 1], best[:, 2], best[:, 3]] = True
         return mask
 
-    def top_pairs(self, n: int = 20) -> list[dict[str, Any]]:
+    def top_pairs(self, n: int | None = 20,
+                  within: torch.Tensor | None = None  # [layer, head, query, key] bool
+                  ) -> list[dict[str, Any]]:
+        """The ``n`` best pairs (every one with None), of those in ``within`` when given, as dicts."""
+        order = self.order()  # [n_pairs, 4]
+        if within is not None:
+            order = order[within[tuple(order.T)]]
         return [{"pair": PairSpec.pair_name(*p), "layer": p[0], "head": p[1], "query": p[2], "key": p[3],
-                 "score": float(self.scores[tuple(p)])} for p in self.order()[:n].tolist()]
+                 "score": float(self.scores[tuple(p)])} for p in order[:n].tolist()]
 
     # -- files
     def summary(self) -> dict[str, Any]:

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from circuitkit.circuits.attribution import COMPONENT, POSITION, attribute, get_method, method_names
-from circuitkit import parse_enum
+from circuitkit import CircuitkitError, parse_enum
 from circuitkit.circuits.graph import Graph
 from circuitkit.circuits.interventions import DEFAULT_BATCH_SIZE, Ablation, faithfulness
 from circuitkit.circuits.positions import PositionGraph, attribute_positions
-from circuitkit.circuits.selection import greedy, threshold, top_n
+from circuitkit.circuits.selection import greedy, minimize as minimize_circuit, threshold, top_n
 from circuitkit.io import write_json, write_text
 from circuitkit.tasks import NL_SUFFIX
 
@@ -71,13 +71,16 @@ def untrained_task_warning(task: str, model) -> str | None:
 def discover(model, ds, *, method: str = "eap-ig", edges: int | None = None, threshold_value: float | None = None,
              target: float | None = None, ablation: str = "patching", batch_size: int = DEFAULT_BATCH_SIZE,
              prune: bool = True, progress: bool = False, level: Level | str = Level.COMPONENT,
-             **options) -> tuple[Graph | PositionGraph, dict[str, Any]]:
+             minimize: bool = False, **options) -> tuple[Graph | PositionGraph, dict[str, Any]]:
     """Attribute, select and verify; returns ``(circuit graph, summary dict)``.
 
     ``options`` are the method's own (``steps`` for eap-ig, ``tau`` for acdc; its defaults
     otherwise). The summary holds the wall times; the graph's metadata does not. ``level``
-    ``"position"`` scores and selects position edges (methods: eap, eap-ig, patching).
+    ``"position"`` scores and selects position edges (methods: eap, eap-ig, patching). ``minimize``
+    (with ``target``): the greedy circuit, then every edge it does not need dropped (:func:`minimize`).
     """
+    if minimize and target is None:
+        raise CircuitkitError("minimize needs a target: the explained effect the circuit must keep")
     t0 = time.perf_counter()
     level = Level.parse(level)
     options = {**level.method_defaults(method), **options}
@@ -91,6 +94,9 @@ def discover(model, ds, *, method: str = "eap-ig", edges: int | None = None, thr
     elif target is not None:
         circuit = greedy(model, scored, ds, target, ablation=ablation, batch_size=batch_size, prune=prune,
                          progress=progress)
+        if minimize and circuit.metadata.get("reached"):
+            circuit = minimize_circuit(model, circuit, ds, target, ablation=ablation, batch_size=batch_size,
+                                       prune=prune)
     else:
         circuit = top_n(scored, DEFAULT_EDGES if edges is None else edges, prune=prune)
     faith = faithfulness(model, circuit, ds, ablation, batch_size, progress)
@@ -102,6 +108,8 @@ def discover(model, ds, *, method: str = "eap-ig", edges: int | None = None, thr
         "heads_total": circuit.spec.n_layers * circuit.spec.n_heads,
         "metric": ds.metric.value, **faith.to_dict(),
     }
+    if circuit.metadata.get("selection") == "minimized":
+        summary["prefix_edges"] = circuit.metadata["from_edges"]  # the greedy circuit it was minimized from
     timing = {"attribution_seconds": round(t_attr, 3), "total_seconds": round(time.perf_counter() - t0, 3)}
     return circuit.with_metadata(summary=summary), {**summary, **timing}
 

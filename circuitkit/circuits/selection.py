@@ -2,9 +2,10 @@
 
 Why: attribution gives every edge a score; a circuit is a membership mask. This module
 owns the rules that turn one into the other (top-n, threshold, greedy to a target
-explained effect, node-level top heads) and the clean-up every rule ends with: removing
-dangling edges, those not on any path from ``input`` to ``logits``. Every function
-returns a new :class:`Graph` and leaves its argument as it was.
+explained effect, node-level top heads), the search that makes a circuit minimal (:func:`minimize`:
+drop edges while the circuit still reaches the target, until every edge left is needed) and the
+clean-up every rule ends with: removing dangling edges, those not on any path from ``input`` to
+``logits``. Every function returns a new :class:`Graph` and leaves its argument as it was.
 
 Every rule takes a position-resolved graph
 (:class:`~circuitkit.circuits.positions.PositionGraph`) as well: its edges are (position, edge) pairs.
@@ -16,11 +17,12 @@ Pruning never changes what a circuit computes under PATCHING: a node cut off fro
 from __future__ import annotations
 
 import math
+from enum import Enum
 from typing import Callable, Sequence
 
 import torch
 
-from circuitkit import CircuitkitError
+from circuitkit import CircuitkitError, parse_enum
 from circuitkit.circuits.graph import Graph, GraphSpec
 from circuitkit.circuits.interventions import DEFAULT_BATCH_SIZE, Ablation, explained_effect, metric_with_graphs
 from circuitkit.circuits.positions import PositionGraph, remove_dangling_positions
@@ -152,6 +154,106 @@ def greedy(model, graph: Graph, ds: TaskDataset, target: float = 0.9, *, absolut
     n, f, reached = bisect_top_n(sizes, f_grid, target, effect)
     meta = dict(selection="greedy", target=target, reached=reached, explained_effect=f)
     return candidate(n).with_metadata(**meta, **({"requested_edges": n} if reached else {}))
+
+
+class MinimalRule(Enum):
+    """How a study's minimal circuit is chosen once the scores rank the edges (``[study] minimal``).
+
+    PREFIX: the fewest top-scoring edges with f ≥ threshold (:func:`bisect_top_n`): one search along
+    the ranking, as the paper does. MINIMIZED: that prefix, then :func:`eliminate` drops every edge
+    whose removal keeps f ≥ threshold, until each edge left is needed. The prefix keeps edges that a
+    ranking puts early but the circuit does not need; the minimized circuit is the one to count when
+    "minimal" is meant as a property of the circuit rather than of the ranking.
+    """
+
+    PREFIX = "prefix"
+    MINIMIZED = "minimized"
+
+    @classmethod
+    def parse(cls, value: "MinimalRule | str") -> "MinimalRule":
+        return parse_enum(cls, value, "minimal-circuit rule")
+
+
+def eliminate(member: torch.Tensor,  # any shape, bool: the circuit
+              order: torch.Tensor,  # [k, member.ndim] long: the members to try, in this order
+              effects: Callable[[list[torch.Tensor]], Sequence[float]], target: float, f_start: float,
+              closure: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              window: int = 16) -> tuple[torch.Tensor, float, int]:
+    """Backward elimination: ``(mask, f, evaluations)``.
+
+    Try each member of ``order`` in turn; drop it when the circuit without it (then ``closure``, e.g.
+    dangling-edge removal) still has ``f ≥ target``. Repeat passes until one drops nothing, so the
+    result is 1-minimal: dropping any single member of it gives ``f < target``. ``effects`` measures
+    several candidate masks at once; candidates are the next removals from the current circuit, up to
+    ``window`` of them (fewer while removals keep succeeding), and only the first that succeeds is
+    taken, so the result is the one-at-a-time search's exactly, with fewer forward passes where most
+    removals fail.
+    """
+    if f_start < target:
+        raise CircuitkitError(f"the circuit explains f = {f_start:.4f} < the target {target}; elimination starts "
+                              "from a circuit that reaches it (a greedy / minimal prefix)")
+    if window < 1:
+        raise CircuitkitError(f"window must be >= 1, got {window}")
+    mask, f_now, n_eval = member.clone(), float(f_start), 0
+    tried = [tuple(e) for e in order.tolist()]
+    if any(not bool(member[e]) for e in tried):
+        raise CircuitkitError("every entry of the order must be a member of the circuit")
+    while True:
+        dropped, w, i = False, 1, 0
+        while i < len(tried):
+            batch: list[tuple[int, torch.Tensor]] = []
+            j = i
+            while j < len(tried) and len(batch) < w:
+                if mask[tried[j]]:  # a closure may have dropped it already
+                    cand = mask.clone()
+                    cand[tried[j]] = False
+                    batch.append((j, closure(cand) if closure is not None else cand))
+                j += 1
+            if not batch:
+                break
+            f = list(effects([c for _, c in batch]))
+            n_eval += len(batch)
+            ok = next((k for k, v in enumerate(f) if v >= target), None)
+            if ok is None:
+                i, w = j, min(2 * w, window)
+                continue
+            mask, f_now, dropped = batch[ok][1], float(f[ok]), True
+            i, w = batch[ok][0] + 1, 1 if ok == 0 else w
+        if not dropped:
+            return mask, f_now, n_eval
+        tried = [e for e in tried if mask[e]]
+
+
+def minimize(model, circuit: Graph, ds: TaskDataset, target: float = 0.9, *, absolute: bool = True,
+             ablation: Ablation | str = Ablation.PATCHING, batch_size: int = DEFAULT_BATCH_SIZE, prune: bool = True,
+             known: tuple[float, float] | None = None) -> Graph:
+    """The circuit with every edge it does not need dropped (:func:`eliminate`, lowest |score| first):
+    f ≥ ``target`` still, and dropping any one edge left (then the edges left dangling, with
+    ``prune``) gives f < ``target``. ``circuit`` must reach ``target`` (a :func:`greedy` circuit or a
+    study's minimal prefix); ``known`` = (m(N), m(∅)) when already measured on ``ds``. Works on a
+    position-resolved graph the same way."""
+    if not 0.0 < target <= 1.0:
+        raise CircuitkitError(f"target must be a fraction in (0, 1], got {target}")
+    if known is None:
+        full, empty = circuit.with_in_graph(circuit.real_mask), circuit.with_in_graph(torch.zeros_like(circuit.in_graph))
+        m = metric_with_graphs(model, [full, empty], ds, ablation, batch_size).mean(1)  # [2]
+        known = (float(m[0]), float(m[1]))
+    m_full, m_empty = known
+
+    def effects(masks: list[torch.Tensor]) -> list[float]:
+        m = metric_with_graphs(model, [circuit.with_in_graph(c) for c in masks], ds, ablation, batch_size).mean(1)
+        return explained_effect(m, m_full, m_empty).tolist()  # [len(masks)]
+
+    def closure(mask: torch.Tensor) -> torch.Tensor:
+        return remove_dangling(circuit.with_in_graph(mask)).in_graph
+
+    start = remove_dangling(circuit) if prune else circuit
+    order = edge_order(start, absolute)  # [n_real, 2 or 3], best first
+    order = order[start.in_graph[tuple(order.T)]].flip(0)  # the circuit's edges, lowest |score| first
+    f_start = effects([start.in_graph])[0]
+    mask, f, n_eval = eliminate(start.in_graph, order, effects, target, f_start, closure if prune else None)
+    return start.with_in_graph(mask, selection="minimized", target=target, explained_effect=f,
+                               from_edges=start.n_edges, evaluations=n_eval)
 
 
 def from_nodes(spec_or_graph: GraphSpec | Graph | PositionGraph, heads: torch.Tensor,  # [n_layers, n_heads] bool

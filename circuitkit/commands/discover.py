@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
     add_batch_size_flag(parser)
     add_ablation_flag(parser)
+    parser.add_argument("--minimize", action="store_true",
+                        help="with --target: then drop every edge the circuit does not need, until each edge left is "
+                             "needed (one ablated forward pass per edge tried)")
     parser.add_argument("--no-prune", action="store_true", help="keep dangling edges")
     parser.add_argument("--out", default=None, help="output folder (default circuits/<model>-<task>-<method>)")
     add_progress_flag(parser)
@@ -44,6 +47,8 @@ def run_cli(args: argparse.Namespace) -> int:
     positive(args, "n", "batch_size")
     if args.edges is not None and args.edges < 0:
         raise CircuitkitError("--edges must be a non-negative number of edges")
+    if args.minimize and args.target is None:
+        raise CircuitkitError("--minimize needs --target, the explained effect the circuit must keep (e.g. --target 0.9)")
     options = method_options(args)
     model_name = Path(str(args.model)).name
     level = Level.parse(args.level)
@@ -58,7 +63,7 @@ def run_cli(args: argparse.Namespace) -> int:
         print(warning, file=sys.stderr)
     circuit, summary = discover(model, ds, method=args.method, edges=args.edges, threshold_value=args.threshold,
                                 target=args.target, ablation=args.ablation, batch_size=args.batch_size,
-                                prune=not args.no_prune, progress=not args.no_progress, level=level, **options)
+                                prune=not args.no_prune, minimize=args.minimize, progress=not args.no_progress, level=level, **options)
     summary = {"model": str(args.model), "seed": args.seed, **summary}
     paths = write_discovery(out, circuit.with_metadata(model=str(args.model), seed=args.seed), summary, model_name)
     print(json.dumps({k: summary[k] for k in ("edges", "heads", "m_full", "m_empty", "m_circuit",

@@ -19,7 +19,7 @@ from circuitkit import CircuitkitError
 from circuitkit.circuits.attention_pairs import PairMethod, attribute_pairs
 from circuitkit.circuits.discover import untrained_task_warning
 from circuitkit.commands.options import add_batch_size_flag, add_progress_flag, positive
-from circuitkit.evaluation.pairs import head_mass, minimal_pair_circuit, pair_curve, pair_mass
+from circuitkit.evaluation.pairs import head_mass, minimal_pair_circuit, minimize_pairs, pair_curve, pair_mass
 from circuitkit.io import check_writable_dir, write_json
 from circuitkit.sparsity import load_model
 from circuitkit.tasks import task_for_model
@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also measure the pair-level faithfulness curve and the minimal token-level circuit")
     parser.add_argument("--threshold", type=float, default=0.9,
                         help="explained effect the minimal circuit must reach (default 0.9; with --minimal)")
+    parser.add_argument("--minimize", action="store_true",
+                        help="with --minimal: then drop every pair the circuit does not need, until each pair left is "
+                             "needed (one forward pass per pair tried)")
     parser.add_argument("--top", type=int, default=20, help="best pairs listed in summary.json (default 20)")
     parser.add_argument("--out", default=None, help="output folder (default pairs/<model>-<task>-<method>)")
     parser.add_argument("--force", action="store_true", help="replace pairs.safetensors / summary.json in --out")
@@ -52,6 +55,8 @@ def run_cli(args: argparse.Namespace) -> int:
         raise CircuitkitError(f"--top must be non-negative, got {args.top}")
     if not 0.0 < args.threshold <= 1.0:
         raise CircuitkitError(f"--threshold must be in (0, 1], got {args.threshold}")
+    if args.minimize and not args.minimal:
+        raise CircuitkitError("--minimize minimizes the minimal pair circuit: add --minimal")
     model_name = Path(str(args.model)).name
     out = Path(args.out) if args.out else Path("pairs") / f"{model_name}-{args.task}-{args.method}"
     check_writable_dir(out, "the output folder (--out)")  # before the computation, not after it
@@ -76,9 +81,12 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.minimal:
         curve = pair_curve(model, scores, ds, batch_size=args.batch_size)
         minimal = minimal_pair_circuit(model, scores, ds, args.threshold, curve, args.batch_size)
+        if args.minimize and minimal.reached:
+            minimal = minimize_pairs(model, scores, ds, minimal, (curve.m_full, curve.m_empty), args.batch_size)
         summary.update({"curve": curve.to_dict(), "m_empty": curve.m_empty, "threshold": args.threshold,
                         "minimal_pairs": minimal.k, "minimal_f": minimal.f, "minimal_reached": minimal.reached,
-                        "minimal_heads": minimal.n_heads})
+                        "minimal_heads": minimal.n_heads, "prefix_pairs": minimal.prefix_k,
+                        "minimal_pair_list": minimal.pairs(scores)})
     paths = [scores.save(out / SCORES_FILE), out / SUMMARY_FILE]
     write_json(paths[1], summary)
     keys = ["method", "nonzero_pairs", "pair_mass", "head_mass"] + (["minimal_pairs", "minimal_f"] if args.minimal

@@ -35,6 +35,9 @@ POSITION_COLUMNS = ["task", "position_graph_edges", "base_position_edges", "spar
                     "position_edge_ratio", "base_position_heads", "sparse_position_heads", "base_positions",
                     "sparse_positions", "base_position_f", "sparse_position_f", "base_position_completeness",
                     "sparse_position_completeness", "position_edge_jaccard"]
+# with the "minimized" rule (StudyConfig.minimal): the size of the top-scoring prefix each minimal circuit started from
+PREFIX_COLUMNS = ["base_prefix_edges", "sparse_prefix_edges"]
+POSITION_PREFIX_COLUMNS = ["base_position_prefix_edges", "sparse_position_prefix_edges"]
 OVERLAP_COLUMNS = ["model", "task_a", "task_b", "edges_a", "edges_b", "shared_edges", "edge_jaccard",
                    "heads_a", "heads_b", "shared_heads", "head_jaccard"]
 
@@ -88,7 +91,8 @@ def pair_row(base: TaskResult, sparse: TaskResult) -> dict:
             "base_completeness": base.completeness, "sparse_completeness": sparse.completeness,
             "base_minimality": base.minimality, "sparse_minimality": sparse.minimality,
             "edge_jaccard": jaccard(base.minimal.in_graph, sparse.minimal.in_graph),
-            "head_jaccard": jaccard(_heads(base), _heads(sparse))}
+            "head_jaccard": jaccard(_heads(base), _heads(sparse)),
+            "base_prefix_edges": base.prefix_edges, "sparse_prefix_edges": sparse.prefix_edges}
 
 
 def position_row(base: TaskResult, sparse: TaskResult) -> dict:
@@ -105,13 +109,20 @@ def position_row(base: TaskResult, sparse: TaskResult) -> dict:
             "base_positions": b.n_positions, "sparse_positions": s.n_positions,
             "base_position_f": b.f_minimal, "sparse_position_f": s.f_minimal,
             "base_position_completeness": b.completeness, "sparse_position_completeness": s.completeness,
-            "position_edge_jaccard": jaccard(b.minimal.in_graph, s.minimal.in_graph)}
+            "position_edge_jaccard": jaccard(b.minimal.in_graph, s.minimal.in_graph),
+            "base_position_prefix_edges": b.prefix_edges, "sparse_position_prefix_edges": s.prefix_edges}
+
+
+def _table(rows: list[dict], columns: list[str], prefix_columns: list[str]) -> pd.DataFrame:
+    """The rows as a table; the prefix sizes only when some circuit was minimized (they are None otherwise)."""
+    minimized = any(r[c] is not None for r in rows for c in prefix_columns)
+    return pd.DataFrame(rows, columns=columns + (prefix_columns if minimized else []))
 
 
 def position_table(base: list[TaskResult], sparse: list[TaskResult]) -> pd.DataFrame:
     by_task = {r.task: r for r in sparse}
     rows = [position_row(b, by_task[b.task]) for b in base if b.task in by_task]
-    return pd.DataFrame(rows, columns=POSITION_COLUMNS)
+    return _table(rows, POSITION_COLUMNS, POSITION_PREFIX_COLUMNS)
 
 
 def _heads(r: TaskResult):
@@ -121,7 +132,7 @@ def _heads(r: TaskResult):
 def pair_table(base: list[TaskResult], sparse: list[TaskResult]) -> pd.DataFrame:
     by_task = {r.task: r for r in sparse}
     rows = [pair_row(b, by_task[b.task]) for b in base if b.task in by_task]
-    return pd.DataFrame(rows, columns=PAIR_COLUMNS)
+    return _table(rows, PAIR_COLUMNS, PREFIX_COLUMNS)
 
 
 def overlap_table(results: list[TaskResult]) -> pd.DataFrame:

@@ -12,7 +12,9 @@ compares a base model with its sparse one (docs/method.md §10):
   the top-k pairs are kept and every other pair's pattern entry is 0; ``∅`` = every pair removed;
 - the *minimal token-level circuit*: the fewest top-scoring pairs with ``f ≥ threshold``, found
   with the same grid-and-bisection search as the edge-level minimal circuit
-  (:func:`~circuitkit.circuits.selection.bisect_top_n`).
+  (:func:`~circuitkit.circuits.selection.bisect_top_n`); with the ``minimized`` rule
+  (:class:`~circuitkit.circuits.selection.MinimalRule`) that prefix then loses every pair it does
+  not need (:func:`minimize_pairs`, the same elimination as the edge level's).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from circuitkit import CircuitkitError
 from circuitkit.circuits.attention_pairs import PairMethod, PairScores, attribute_pairs, metric_with_pairs
 from circuitkit.circuits.interventions import DEFAULT_BATCH_SIZE, explained_effect
-from circuitkit.circuits.selection import bisect_top_n, log_sizes
+from circuitkit.circuits.selection import MinimalRule, bisect_top_n, eliminate, log_sizes
 from circuitkit.sparsity import load_model
 from circuitkit.tasks import task_for_model
 from circuitkit.tasks.base import TaskDataset
@@ -149,20 +151,23 @@ def pair_curve(model, scores: PairScores, ds: TaskDataset, sizes: Sequence[int] 
 
 @dataclass(frozen=True)
 class MinimalPairs:
-    """The minimal token-level circuit: the fewest top-scoring pairs with f ≥ threshold."""
+    """The minimal token-level circuit: the fewest top-scoring pairs with f ≥ threshold (``prefix_k``
+    None), or that prefix of ``prefix_k`` pairs minimized (:func:`minimize_pairs`). ``k``: the pairs kept."""
 
     k: int
     f: float
     reached: bool
     threshold: float
     keep: torch.Tensor  # [layer, head, query, key] bool
+    prefix_k: int | None = None
 
     @property
     def n_heads(self) -> int:
         return int(self.keep.any(-1).any(-1).sum())
 
     def pairs(self, scores: PairScores) -> list[dict[str, Any]]:
-        return scores.top_pairs(self.k)
+        """The kept pairs, best |score| first."""
+        return scores.top_pairs(None, within=self.keep)
 
 
 def minimal_pair_circuit(model, scores: PairScores, ds: TaskDataset, threshold: float = 0.9,
@@ -183,6 +188,26 @@ def minimal_pair_circuit(model, scores: PairScores, ds: TaskDataset, threshold: 
     return MinimalPairs(k, f, reached, threshold, scores.top_k_mask(k))
 
 
+def minimize_pairs(model, scores: PairScores, ds: TaskDataset, minimal: MinimalPairs, known: tuple[float, float],
+                   batch_size: int = DEFAULT_BATCH_SIZE) -> MinimalPairs:
+    """``minimal`` with every pair it does not need dropped, lowest |score| first
+    (:func:`~circuitkit.circuits.selection.eliminate`): f ≥ its threshold still, and dropping any one pair
+    left gives f < threshold. ``known`` = (m(N), m(∅)) measured on ``ds`` (the pair curve's)."""
+    _check(scores, ds)
+    if not minimal.reached:
+        raise CircuitkitError("the minimal pair circuit did not reach its threshold; there is nothing to minimize")
+    m_full, m_empty = known
+
+    def effects(masks: list[torch.Tensor]) -> list[float]:
+        m = metric_with_pairs(model, ds, torch.stack(masks), batch_size).mean(1)  # [len(masks)]
+        return explained_effect(m, m_full, m_empty).tolist()
+
+    order = scores.order()  # [n_pairs, 4], best first
+    order = order[minimal.keep[tuple(order.T)]].flip(0)  # the circuit's pairs, lowest |score| first
+    keep, f, _ = eliminate(minimal.keep, order, effects, minimal.threshold, minimal.f)
+    return MinimalPairs(int(keep.sum()), f, True, minimal.threshold, keep, prefix_k=minimal.k)
+
+
 # ---------------------------------------------------------------- one model, base vs sparse
 
 @dataclass(frozen=True)
@@ -201,19 +226,24 @@ class PairResult:
                 "n_examples": self.scores.n_examples, "pair_mass": self.pair_mass.to_dict(),
                 "head_mass": self.head_mass.to_dict(), "curve": self.curve.to_dict(),
                 "minimal_pairs": self.minimal.k, "minimal_f": self.minimal.f, "minimal_reached": self.minimal.reached,
-                "minimal_heads": self.minimal.n_heads}
+                "minimal_heads": self.minimal.n_heads, "prefix_pairs": self.minimal.prefix_k}
 
 
 def analyse_pairs(model, model_name: str, ds: TaskDataset, method: PairMethod | str = PairMethod.EXACT,
                   threshold: float = 0.9, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False,
-                  rank_by: PairScores | None = None) -> PairResult:
-    """Score the pairs with ``method``, then the mass curves, the pair curve and the minimal circuit.
+                  rank_by: PairScores | None = None,
+                  minimal_rule: MinimalRule | str = MinimalRule.PREFIX) -> PairResult:
+    """Score the pairs with ``method``, then the mass curves, the pair curve and the minimal circuit
+    (chosen by ``minimal_rule``).
 
     ``rank_by``: scores already computed for ``ds`` (skips the attribution)."""
+    rule = MinimalRule.parse(minimal_rule)
     scores = rank_by if rank_by is not None else attribute_pairs(model, ds, method, batch_size, progress)
     scores = scores.with_metadata(model=model_name)
     curve = pair_curve(model, scores, ds, batch_size=batch_size)
     minimal = minimal_pair_circuit(model, scores, ds, threshold, curve, batch_size)
+    if rule is MinimalRule.MINIMIZED and minimal.reached:
+        minimal = minimize_pairs(model, scores, ds, minimal, (curve.m_full, curve.m_empty), batch_size)
     return PairResult(model_name, scores, pair_mass(scores), head_mass(scores), curve, minimal)
 
 
@@ -238,24 +268,26 @@ def pair_row(base: PairResult, sparse: PairResult) -> dict[str, Any]:
                 "base_minimal_f": base.minimal.f, "sparse_minimal_f": sparse.minimal.f,
                 "base_reached": base.minimal.reached, "sparse_reached": sparse.minimal.reached,
                 "base_minimal_heads": base.minimal.n_heads, "sparse_minimal_heads": sparse.minimal.n_heads})
+    if base.minimal.prefix_k is not None or sparse.minimal.prefix_k is not None:  # the "minimized" rule
+        row.update({"base_prefix_pairs": base.minimal.prefix_k, "sparse_prefix_pairs": sparse.minimal.prefix_k})
     return row
 
 
 __all__ = ["MASS_LEVELS", "MassCurve", "MinimalPairs", "PAPER_MASS_RATIOS", "PairCurve", "PairResult", "analyse_pairs",
-           "head_mass", "mass_curve", "mass_ratio", "minimal_pair_circuit", "pair_curve", "pair_effects", "pair_mass",
-           "pair_row", "study_pair_tokens"]
+           "head_mass", "mass_curve", "mass_ratio", "minimal_pair_circuit", "minimize_pairs", "pair_curve",
+           "pair_effects", "pair_mass", "pair_row", "study_pair_tokens"]
 
 
 def study_pair_tokens(base: str, sparse: str, tasks: Sequence[str], method: PairMethod | str, n: int, seed: int,
-                      threshold: float = 0.9, batch_size: int = DEFAULT_BATCH_SIZE,
-                      progress: bool = False) -> list[tuple[PairResult, PairResult]]:
+                      threshold: float = 0.9, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False,
+                      minimal_rule: MinimalRule | str = MinimalRule.PREFIX) -> list[tuple[PairResult, PairResult]]:
     """:func:`analyse_pairs` for every task in the base and in the sparse model (the token-level
     counterpart of :func:`circuitkit.evaluation.compare.study_pair`)."""
     models = {name: load_model(name) for name in (base, sparse)}
     out = []
     for task in tasks:
         ds = task_for_model(task, models[base]).dataset(n, seed=seed)
-        b, s = (analyse_pairs(models[name], Path(name).name, ds, method, threshold, batch_size, progress)
-                for name in (base, sparse))
+        b, s = (analyse_pairs(models[name], Path(name).name, ds, method, threshold, batch_size, progress,
+                              minimal_rule=minimal_rule) for name in (base, sparse))
         out.append((b, s))
     return out

@@ -20,6 +20,7 @@ from circuitkit.circuits.attention_pairs import PairMethod
 from circuitkit.circuits.graph import Graph
 from circuitkit.circuits.interventions import DEFAULT_BATCH_SIZE, Ablation
 from circuitkit.circuits.positions import PositionGraph, attribute_positions
+from circuitkit.circuits.selection import MinimalRule, minimize
 from circuitkit.evaluation.faithfulness import (Curve, cpr_cmd, completeness, edge_curve, head_curve,
                                                 minimal_circuit, minimality)
 from circuitkit.io import NON_NEGATIVE, POSITIVE, Range, TomlConfig
@@ -49,6 +50,10 @@ class StudyConfig(TomlConfig):
     levels: tuple[str, ...] = ("component",)
     pair_method: str = "exact"
     pair_n: int | None = None  # prompts per task at the pair level (None: n; exact pair scores cost far more)
+    # how the minimal circuit is chosen at every level (circuitkit.circuits.selection.MinimalRule): "prefix", the
+    # fewest top-scoring edges (pairs) with f >= threshold; "minimized", that prefix with every edge (pair) it does
+    # not need dropped, until each one left is needed (one more forward pass per edge tried)
+    minimal: str = "prefix"
 
     RANGES = {"ig_steps": POSITIVE, "threshold": Range(0, 1, lo_open=True), "n": POSITIVE, "seed": NON_NEGATIVE,
               "batch_size": POSITIVE, "minimality_eps": NON_NEGATIVE, "pair_n": POSITIVE}
@@ -68,6 +73,10 @@ class StudyConfig(TomlConfig):
             PairMethod.parse(self.pair_method)
         except CircuitkitError as e:
             raise CircuitkitError(f"{source}: pair_method: {e}") from None
+        try:
+            MinimalRule.parse(self.minimal)
+        except CircuitkitError as e:
+            raise CircuitkitError(f"{source}: minimal: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -88,13 +97,15 @@ class TaskResult:
     m_full: float
     m_empty: float
     position: "PositionResult | None" = None  # the position level, when the study's levels include it
+    prefix_edges: int | None = None  # with the "minimized" rule: the size of the prefix it started from
 
     @property
     def n_edges(self) -> int:
         return self.minimal.n_edges
 
     def summary(self) -> dict[str, Any]:
-        out = {"model": self.model, "task": self.task, "edges": self.n_edges, "heads": self.minimal.n_heads,
+        out = {"model": self.model, "task": self.task, "edges": self.n_edges, "prefix_edges": self.prefix_edges,
+               "heads": self.minimal.n_heads,
                "heads_minimal": self.heads_minimal, "f": self.f_minimal, "reached": self.reached,
                "cpr": self.cpr, "cmd": self.cmd, "completeness": self.completeness,
                "minimality": self.minimality, "m_full": self.m_full, "m_empty": self.m_empty,
@@ -115,6 +126,7 @@ class PositionResult:
     reached: bool
     curve: Curve
     completeness: float
+    prefix_edges: int | None = None  # with the "minimized" rule: the size of the prefix it started from
 
     @property
     def n_edges(self) -> int:
@@ -126,10 +138,21 @@ class PositionResult:
         return int(self.minimal.in_graph.flatten(1).any(1).sum())
 
     def summary(self) -> dict[str, Any]:
-        return {"edges": self.n_edges, "real_edges": self.minimal.n_real_edges, "heads": self.minimal.n_heads,
+        return {"edges": self.n_edges, "prefix_edges": self.prefix_edges, "real_edges": self.minimal.n_real_edges,
+                "heads": self.minimal.n_heads,
                 "positions": self.n_positions, "component_edges": self.minimal.component.n_edges,
                 "f": self.f_minimal, "reached": self.reached, "completeness": self.completeness,
                 "m_full": self.curve.m_full, "m_empty": self.curve.m_empty, "edge_curve": self.curve.to_dict()}
+
+
+def _minimal(model, scored: Graph | PositionGraph, ds: TaskDataset, curve: Curve, cfg: StudyConfig,
+             **kw) -> tuple[Graph | PositionGraph, float, bool, int | None]:
+    """The minimal circuit by ``cfg.minimal``: (circuit, its f, reached, the prefix's size when minimized)."""
+    minimal = minimal_circuit(model, scored, ds, cfg.threshold, curve=curve, **kw)
+    if MinimalRule.parse(cfg.minimal) is MinimalRule.PREFIX or not minimal.reached:
+        return minimal.graph, minimal.f, minimal.reached, None
+    graph = minimize(model, minimal.graph, ds, cfg.threshold, known=(curve.m_full, curve.m_empty), **kw)
+    return graph, graph.metadata["explained_effect"], True, minimal.n_edges
 
 
 def analyse_positions(model, model_name: str, ds: TaskDataset, cfg: StudyConfig = StudyConfig()) -> PositionResult:
@@ -141,11 +164,9 @@ def analyse_positions(model, model_name: str, ds: TaskDataset, cfg: StudyConfig 
     scored = attribute_positions(model, ds, cfg.method, ablation=ablation, batch_size=cfg.batch_size, **options)
     kw = dict(ablation=ablation, batch_size=cfg.batch_size)
     curve = edge_curve(model, scored, ds, **kw)
-    minimal = minimal_circuit(model, scored, ds, cfg.threshold, curve=curve, **kw)
-    circuit = minimal.graph.with_metadata(model=model_name, threshold=cfg.threshold, explained_effect=minimal.f,
-                                          reached=minimal.reached)
-    return PositionResult(scored, circuit, minimal.f, minimal.reached, curve,
-                          completeness(model, circuit, ds, **kw))
+    graph, f, reached, prefix = _minimal(model, scored, ds, curve, cfg, **kw)
+    circuit = graph.with_metadata(model=model_name, threshold=cfg.threshold, explained_effect=f, reached=reached)
+    return PositionResult(scored, circuit, f, reached, curve, completeness(model, circuit, ds, **kw), prefix)
 
 
 def analyse(model, model_name: str, ds: TaskDataset, cfg: StudyConfig = StudyConfig()) -> TaskResult:
@@ -155,22 +176,21 @@ def analyse(model, model_name: str, ds: TaskDataset, cfg: StudyConfig = StudyCon
     scored = attribution.attribute(model, ds, cfg.method, ablation=ablation, batch_size=cfg.batch_size, **options)
     kw = dict(ablation=ablation, batch_size=cfg.batch_size)
     curve = edge_curve(model, scored, ds, **kw)
-    minimal = minimal_circuit(model, scored, ds, cfg.threshold, curve=curve, **kw)
+    graph, f, reached, prefix = _minimal(model, scored, ds, curve, cfg, **kw)
     node_scores = attribution.attribute_nodes(model, ds, cfg.node_method, ablation=ablation,
                                               batch_size=cfg.batch_size)  # [n_src]
     hcurve = head_curve(model, scored, ds, node_scores, **kw)
     reach = [n for n, f in zip(hcurve.sizes, hcurve.f) if f >= cfg.threshold]
     mib = cpr_cmd(model, scored, ds, **kw)
-    circuit = minimal.graph.with_metadata(model=model_name, threshold=cfg.threshold,
-                                          explained_effect=minimal.f, reached=minimal.reached)
+    circuit = graph.with_metadata(model=model_name, threshold=cfg.threshold, explained_effect=f, reached=reached)
     position = analyse_positions(model, model_name, ds, cfg) if "position" in cfg.levels else None
     return TaskResult(
-        model=model_name, task=ds.task, scored=scored, minimal=circuit, f_minimal=minimal.f,
-        reached=minimal.reached, edge_curve=curve, head_curve=hcurve, heads_minimal=min(reach) if reach else None,
+        model=model_name, task=ds.task, scored=scored, minimal=circuit, f_minimal=f,
+        reached=reached, edge_curve=curve, head_curve=hcurve, heads_minimal=min(reach) if reach else None,
         cpr=mib.cpr, cmd=mib.cmd, completeness=completeness(model, circuit, ds, **kw),
         minimality=minimality(model, circuit, ds, cfg.minimality_eps, max_edges=cfg.minimality_max_edges,
                               seed=cfg.seed, **kw),
-        m_full=curve.m_full, m_empty=curve.m_empty, position=position)
+        m_full=curve.m_full, m_empty=curve.m_empty, position=position, prefix_edges=prefix)
 
 
 def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
