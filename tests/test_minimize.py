@@ -116,6 +116,8 @@ def test_eliminate_applies_the_closure_and_checks_its_input():
     assert mask.tolist() == [False, False, True, False, True]
     with pytest.raises(CircuitkitError, match="reaches it"):
         eliminate(member, order, lambda ms: [0.0] * len(ms), 0.9, 0.5)
+    with pytest.raises(CircuitkitError, match="nan: the full and the fully ablated model score the same"):
+        eliminate(member, order, lambda ms: [0.0] * len(ms), 0.9, float("nan"))  # nan < target is False
     with pytest.raises(CircuitkitError, match="member of the circuit"):
         eliminate(torch.tensor([True, False]), torch.tensor([[0], [1]]), lambda ms: [1.0] * len(ms), 0.9, 1.0)
     with pytest.raises(CircuitkitError, match="minimal-circuit rule 'shortest'.*prefix, minimized"):

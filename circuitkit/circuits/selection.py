@@ -189,6 +189,9 @@ def eliminate(member: torch.Tensor,  # any shape, bool: the circuit
     taken, so the result is the one-at-a-time search's exactly, with fewer forward passes where most
     removals fail.
     """
+    if math.isnan(f_start):
+        raise CircuitkitError("the circuit's explained effect is nan: the full and the fully ablated model score the "
+                              "same on these prompts, so there is no effect to keep; check the corrupted prompts")
     if f_start < target:
         raise CircuitkitError(f"the circuit explains f = {f_start:.4f} < the target {target}; elimination starts "
                               "from a circuit that reaches it (a greedy / minimal prefix)")
@@ -235,7 +238,8 @@ def minimize(model, circuit: Graph, ds: TaskDataset, target: float = 0.9, *, abs
     if not 0.0 < target <= 1.0:
         raise CircuitkitError(f"target must be a fraction in (0, 1], got {target}")
     if known is None:
-        full, empty = circuit.with_in_graph(circuit.real_mask), circuit.with_in_graph(torch.zeros_like(circuit.in_graph))
+        full = circuit.with_in_graph(circuit.real_mask)
+        empty = circuit.with_in_graph(torch.zeros_like(circuit.in_graph))
         m = metric_with_graphs(model, [full, empty], ds, ablation, batch_size).mean(1)  # [2]
         known = (float(m[0]), float(m[1]))
     m_full, m_empty = known

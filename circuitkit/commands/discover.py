@@ -48,7 +48,8 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.edges is not None and args.edges < 0:
         raise CircuitkitError("--edges must be a non-negative number of edges")
     if args.minimize and args.target is None:
-        raise CircuitkitError("--minimize needs --target, the explained effect the circuit must keep (e.g. --target 0.9)")
+        raise CircuitkitError("--minimize needs --target, the explained effect the circuit must keep "
+                              "(e.g. --target 0.9)")
     options = method_options(args)
     model_name = Path(str(args.model)).name
     level = Level.parse(args.level)
@@ -63,7 +64,8 @@ def run_cli(args: argparse.Namespace) -> int:
         print(warning, file=sys.stderr)
     circuit, summary = discover(model, ds, method=args.method, edges=args.edges, threshold_value=args.threshold,
                                 target=args.target, ablation=args.ablation, batch_size=args.batch_size,
-                                prune=not args.no_prune, minimize=args.minimize, progress=not args.no_progress, level=level, **options)
+                                prune=not args.no_prune, minimize=args.minimize, progress=not args.no_progress,
+                                level=level, **options)
     summary = {"model": str(args.model), "seed": args.seed, **summary}
     paths = write_discovery(out, circuit.with_metadata(model=str(args.model), seed=args.seed), summary, model_name)
     print(json.dumps({k: summary[k] for k in ("edges", "heads", "m_full", "m_empty", "m_circuit",
