@@ -29,7 +29,7 @@ import json
 import random
 import sys
 import sysconfig
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -348,6 +348,21 @@ class TextCorpus:
     train_stream: torch.Tensor | None = None  # [n_tokens], code corpora only
     bos_id: int | None = None
     manifest: dict[str, Any] | None = field(default=None, repr=False)
+    repeat_fraction: float = 0.0  # of each training batch: windows that repeat a stretch of the stream
+    repeat_min: int = 8  # the shortest repeated stretch (tokens)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.repeat_fraction <= 1.0:
+            raise CircuitkitError(f"corpus_repeat_fraction must be in [0, 1], got {self.repeat_fraction}")
+        if self.repeat_fraction > 0:
+            body = self.seq_len - (self.bos_id is not None)
+            if self.train_stream is None:
+                raise CircuitkitError("corpus_repeat_fraction needs a corpus kept as one stream (a code corpus, "
+                                      "stdlib[:FOLDER]); other text is cut into fixed rows")
+            if not 1 <= self.repeat_min <= body // 2:
+                raise CircuitkitError(f"corpus_repeat_min must be between 1 and half a window ({body // 2} tokens at "
+                                      f"corpus_seq_len {self.seq_len}), got {self.repeat_min}; a window must hold "
+                                      "the stretch twice")
 
     @property
     def seq_len(self) -> int:
@@ -389,6 +404,10 @@ class TextCorpus:
         return cls(train=chunk_tokens(train, seq_len, bos_id), heldout=chunk_tokens(held, seq_len, bos_id),
                    source=source, train_stream=train, bos_id=bos_id, manifest=corpus.manifest())
 
+    def with_repeats(self, fraction: float, min_period: int = 8) -> "TextCorpus":
+        """This corpus with ``fraction`` of each training batch drawn as repeated stretches (:meth:`sample`)."""
+        return replace(self, repeat_fraction=float(fraction), repeat_min=int(min_period))
+
     def rows(self, split: str, n: int | None = None) -> torch.Tensor:  # [min(n, rows), seq_len]
         """``n`` rows of ``split`` ("train" or "heldout") spread evenly over it (all rows when ``n`` is
         None or at least their number): the first rows would all come from the first files."""
@@ -399,11 +418,25 @@ class TextCorpus:
             return t
         return t[torch.linspace(0, t.shape[0] - 1, n).round().long()]
 
+    def constraint_rows(self, n: int, seed: int = 12345) -> torch.Tensor:  # [n, seq_len]
+        """Rows of the training distribution, fixed: ``n`` train rows spread evenly over the train split,
+        the first ``round(repeat_fraction · n)`` of them replaced by repeat windows drawn with ``seed``."""
+        rows = self.rows("train", n).clone()
+        n_rep = min(round(self.repeat_fraction * n), rows.shape[0])
+        if n_rep:
+            body_start = int(self.bos_id is not None)
+            rows[:n_rep, body_start:] = self.repeat_windows(n_rep, torch.Generator().manual_seed(seed))
+        return rows
+
     def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` training sequences [n, seq_len] and their loss mask (every position).
 
         Fixed rows drawn with replacement; for a code corpus, windows at uniformly random
-        offsets of the train stream (after BOS when the corpus has one).
+        offsets of the train stream (after BOS when the corpus has one). With ``repeat_fraction``
+        the first ``round(repeat_fraction · n)`` windows instead hold one stretch of the stream
+        written again and again: a period ``p`` drawn uniformly from ``[repeat_min, body // 2]``,
+        token ``i`` of the body is ``stream[start + i mod p]`` (:meth:`repeat_windows`). Real code,
+        repeated: the data from which a model learns to copy what came before (induction).
         """
         if self.train_stream is None:
             idx = torch.randint(self.train.shape[0], (n,), generator=generator)
@@ -412,6 +445,16 @@ class TextCorpus:
             body = self.seq_len - (self.bos_id is not None)
             start = torch.randint(self.train_stream.numel() - body + 1, (n,), generator=generator)
             tokens = self.train_stream[start[:, None] + torch.arange(body)]  # [n, body]
+            n_rep = round(self.repeat_fraction * n)
+            if n_rep:  # drawn only then, so a run without repeats draws what it always drew
+                tokens[:n_rep] = self.repeat_windows(n_rep, generator)
             if self.bos_id is not None:
                 tokens = torch.cat([torch.full((n, 1), self.bos_id, dtype=torch.long), tokens], dim=1)
         return tokens, torch.ones_like(tokens, dtype=torch.bool)
+
+    def repeat_windows(self, n: int, generator: torch.Generator) -> torch.Tensor:  # -> [n, body]
+        """``n`` window bodies, each a stretch of the train stream repeated with a random period."""
+        body = self.seq_len - (self.bos_id is not None)
+        period = torch.randint(self.repeat_min, body // 2 + 1, (n,), generator=generator)  # [n]
+        start = torch.randint(self.train_stream.numel() - body // 2 + 1, (n,), generator=generator)  # [n]
+        return self.train_stream[start[:, None] + torch.arange(body)[None] % period[:, None]]

@@ -39,6 +39,7 @@ ZOO_DIR = Path(__file__).parent / "zoo"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "card.json"
 SPARSITY_FILE = "sparsity.json"
+LOCAL_MODELS_DIR = "models"  # where the zoo configs write (out = "models/NAME"), relative to the working folder
 TOKENIZER_FILE = "tokenizer.json"  # a tokenizer trained here (circuitkit.corpus), saved beside the weights
 
 # Named toy architectures. All are pre-LN GPT-style with learned positions.
@@ -312,6 +313,11 @@ def _load_pretrained(name: str, device: str | torch.device) -> HookedTransformer
         model = HookedTransformer.from_pretrained(name, device=device)
     except (OSError, ValueError, EnvironmentError) as e:
         msg = str(e).splitlines()[0][:300]
+        local = Path(LOCAL_MODELS_DIR) / name
+        if (local / CARD_FILE).exists():  # trained by a zoo config (out = "models/NAME") but not shipped
+            raise CircuitkitError(f"{name!r} is not a zoo name or a pretrained model, but {local} holds a model of "
+                                  f"that name (where the zoo configs write): give its path, {str(local)!r}, or ship "
+                                  f"it into the zoo with --out circuitkit/zoo/{name}") from None
         hub = os.environ.get("HF_HOME", "~/.cache/huggingface")
         raise CircuitkitError(
             f"could not load pretrained model {name!r}: {msg}\n"

@@ -41,8 +41,8 @@ from circuitkit import CircuitkitError
 from circuitkit.corpus import TextCorpus, bigram_ce, code_corpus, is_code_corpus, read_documents, train_tokenizer
 from circuitkit.io import (FRACTION, NON_NEGATIVE, POSITIVE, Range, TomlConfig, check_writable_dir, read_json, torch_save, write_json,
                            write_text)
-from circuitkit.models import (CARD_FILE, build_model, load_local_tokenizer, save_model, save_tokenizer,
-                               set_local_tokenizer, toy_config)
+from circuitkit.models import (CARD_FILE, SPARSITY_FILE, TOKENIZER_FILE, build_model, load_card, load_local_tokenizer,
+                               load_model, resolve_path, save_model, save_tokenizer, set_local_tokenizer, toy_config)
 from circuitkit.tasks import Task, get_task
 from circuitkit.tasks.vocab import VOCAB, is_toy
 
@@ -66,6 +66,9 @@ class TrainConfig(TomlConfig):
     corpus_heldout_fraction: float = 0.05  # of the files (code corpus) or of the rows (other text)
     corpus_seed: int = 0  # the train/held-out split of the files
     corpus_max_tokens: int | None = None  # cap on the train stream (tests)
+    corpus_repeat_fraction: float = 0.0  # of each batch: a stretch of code repeated (TextCorpus.sample)
+    corpus_repeat_min: int = 8  # its shortest period (tokens)
+    init_from: str | None = None  # a language model trained here to continue (its weights and tokenizer)
     tokenizer_vocab: int = 4096  # byte-level BPE trained on the train split
     arch: str | dict[str, Any] = "toy-4l"
     seed: int = 0
@@ -83,11 +86,15 @@ class TrainConfig(TomlConfig):
     REQUIRED = frozenset({"name", "out", "run_dir"})
     RANGES = {"corpus_seq_len": POSITIVE, "corpus_heldout_fraction": Range(0, 1, lo_open=True, hi_open=True),
               "corpus_seed": NON_NEGATIVE, "corpus_max_tokens": POSITIVE, "tokenizer_vocab": POSITIVE,
+              "corpus_repeat_fraction": FRACTION, "corpus_repeat_min": POSITIVE,
               "seed": NON_NEGATIVE, "steps": POSITIVE, "batch_size": POSITIVE, "lr": POSITIVE,
               "weight_decay": NON_NEGATIVE, "warmup": NON_NEGATIVE, "min_lr_fraction": FRACTION,
               "grad_clip": POSITIVE, "checkpoint_every": POSITIVE, "eval_every": POSITIVE, "eval_n": POSITIVE}
 
     def check(self, source: str) -> None:
+        if not self.corpus and (self.init_from or self.corpus_repeat_fraction):
+            raise CircuitkitError(f"{source}: init_from and corpus_repeat_fraction apply to a language model (give "
+                                  "corpus = \"stdlib\"); a toy model trains from scratch on [tasks]")
         if self.corpus:
             if self.tasks or self.task_options:
                 raise CircuitkitError(f"{source}: give either [tasks] (a toy model) or corpus (a language model), "
@@ -219,7 +226,8 @@ class TrainingData:
 
     def __init__(self, model: HookedTransformer, tasks: dict[str, float], task_options: dict[str, dict[str, Any]],
                  corpus: str | None = None, *, seq_len: int = 128, heldout_fraction: float = 0.05,
-                 text_field: str = "text", max_tokens: int | None = None, seed: int = 0) -> None:
+                 text_field: str = "text", max_tokens: int | None = None, seed: int = 0,
+                 repeat_fraction: float = 0.0, repeat_min: int = 8) -> None:
         self.weights_by_task = dict(tasks)
         self.corpus: TextCorpus | None = None
         self.tasks: dict[str, Task] = {}
@@ -228,10 +236,15 @@ class TrainingData:
                                                  heldout_fraction=heldout_fraction, text_field=text_field,
                                                  max_tokens=max_tokens, seed=seed,
                                                  prepend_bos=bool(getattr(model.cfg, "default_prepend_bos", True)))
+            if repeat_fraction:
+                self.corpus = self.corpus.with_repeats(repeat_fraction, repeat_min)
             if seq_len > model.cfg.n_ctx:
                 raise CircuitkitError(f"corpus_seq_len {seq_len} exceeds the model's context {model.cfg.n_ctx}; "
                                       "lower corpus_seq_len or give the model a longer n_ctx")
         else:
+            if repeat_fraction:
+                raise CircuitkitError("corpus_repeat_fraction applies to a corpus run; a task mixture has no "
+                                      "stream to repeat (drop it, or give corpus)")
             self.tasks = build_tasks(tasks, task_options)
         tok = model.tokenizer
         self.pad_id = VOCAB.pad_id if is_toy(model) or tok is None else (
@@ -269,9 +282,12 @@ class TrainingData:
         :meth:`heldout`. For tasks: the held-out prompts (fresh prompts of the training
         distribution). For a corpus: ``n`` *train* rows spread evenly over the train files, because the constraint holds the
         CE of training windows, and a model that has overfit scores those well below held-out
-        text: a target from held-out CE would leave the constraint slack by the overfitting gap."""
+        text: a target from held-out CE would leave the constraint slack by the overfitting gap.
+        With repeated stretches in the batches (``repeat_fraction``) the same share of the rows are
+        repeat windows (:meth:`TextCorpus.constraint_rows`), so the target is the base's CE on what
+        the batches hold."""
         if self.corpus is not None:
-            rows = self.corpus.rows("train", n)
+            rows = self.corpus.constraint_rows(n)
             ce = corpus_ce(model, rows)
             return {"ce": ce, "per_task": {"corpus": {"ce": ce, "n": rows.shape[0]}}}
         return self.heldout(model, n)
@@ -496,6 +512,10 @@ def _new_model(cfg: TrainConfig, run_dir: Path, resume: bool) -> HookedTransform
     is a BPE tokenizer trained on the corpus's train split (kept in ``run_dir`` for resumes)."""
     if not cfg.corpus:
         return build_model(toy_config(cfg.arch, seed=cfg.seed))
+    if cfg.init_from:
+        model = _init_model(cfg)
+        save_tokenizer(model.tokenizer, run_dir / TOKENIZER_DIR)  # the run's tokenizer, as a run from scratch keeps it
+        return model
     tok_dir = run_dir / TOKENIZER_DIR
     if not (resume and tok_dir.exists()):
         if is_code_corpus(cfg.corpus):
@@ -508,6 +528,47 @@ def _new_model(cfg: TrainConfig, run_dir: Path, resume: bool) -> HookedTransform
     model = build_model(toy_config(cfg.arch, seed=cfg.seed, d_vocab=len(tok)))
     set_local_tokenizer(model, tok)
     return model
+
+
+ARCH_KEYS = ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "n_ctx")
+
+
+def _init_model(cfg: TrainConfig) -> HookedTransformer:
+    """``cfg.init_from``'s weights and tokenizer: a language model trained here, trained further. Refused,
+    with what to change, unless it is a dense model with its own tokenizer and ``cfg.arch``'s shape."""
+    path = resolve_path(cfg.init_from)
+    if path is None:
+        raise CircuitkitError(f"init_from = {cfg.init_from!r} is not a model folder or zoo name; give a language "
+                              "model trained by circuitkit train (its folder holds card.json and tokenizer.json)")
+    if (path / SPARSITY_FILE).exists():
+        raise CircuitkitError(f"init_from = {cfg.init_from!r} is a sparse model; circuitkit train continues a dense "
+                              "language model (continue a sparse one with circuitkit sparsify and its init_from)")
+    model = load_model(path)
+    if load_card(path).get("tokenizer") != TOKENIZER_FILE:
+        raise CircuitkitError(f"init_from = {cfg.init_from!r} has no tokenizer of its own ({TOKENIZER_FILE}); "
+                              "circuitkit train continues a language model trained here on a corpus")
+    want = toy_config(cfg.arch, d_vocab=model.cfg.d_vocab)
+    diff = [f"{k} {getattr(model.cfg, k)} (config: {getattr(want, k)})" for k in ARCH_KEYS
+            if getattr(model.cfg, k) != getattr(want, k)]
+    if diff:
+        raise CircuitkitError(f"init_from = {cfg.init_from!r} does not have this config's arch: {', '.join(diff)}; "
+                              "set arch to the model's shape")
+    model.train()
+    return model
+
+
+def check_same_corpus(model: HookedTransformer, data: TrainingData) -> None:
+    """A language model trained here is trained further (``init_from``) or post-trained (``circuitkit
+    sparsify``) on the corpus it was trained on: the held-out files must be the ones its card names,
+    never files it trained on."""
+    trained_on = getattr(model, "circuitkit_card", {}).get("corpus", {})
+    want = trained_on.get("hash") if isinstance(trained_on, dict) else None
+    have = data.corpus.manifest["hash"] if data.corpus is not None and data.corpus.manifest else None
+    if want and have and want != have:
+        raise CircuitkitError(f"the corpus built here (hash {have[:12]}) is not the one the base model was trained on "
+                              f"(hash {want[:12]}, its card's corpus entry): another Python version or changed files, "
+                              "or another corpus_seed / corpus_heldout_fraction. Use the same settings as the base "
+                              "model's train_config, on a machine with the same standard library")
 
 
 def _check_corpus(data: TrainingData, run_dir: Path, resume: bool) -> None:
@@ -569,7 +630,10 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
     model = _new_model(cfg, run_dir, resume)
     data = TrainingData(model, cfg.tasks, cfg.task_options, cfg.corpus, seq_len=cfg.corpus_seq_len,
                         heldout_fraction=cfg.corpus_heldout_fraction, max_tokens=cfg.corpus_max_tokens,
-                        seed=cfg.corpus_seed)
+                        seed=cfg.corpus_seed, repeat_fraction=cfg.corpus_repeat_fraction,
+                        repeat_min=cfg.corpus_repeat_min)
+    if cfg.init_from:
+        check_same_corpus(model, data)
     _check_corpus(data, run_dir, resume)
     lm = data.corpus is not None
     opt, sched = make_optimizer(model, cfg, cfg.steps)
@@ -623,6 +687,11 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
             "command": command, "train_config": asdict(cfg)}
     if lm:
         card.update(_lm_card(cfg, model, data, step))
+        if cfg.init_from:
+            was = load_card(cfg.init_from)
+            card["init_from"] = {k: was.get(k) for k in ("name", "steps", "tokens_seen", "heldout_ce", "train_ce",
+                                                         "wall_time_s")}
+            card["tokens_seen_total"] = card["tokens_seen"] + int(was.get("tokens_seen") or 0)
     else:
         card["heldout"] = evaluate(model, data.tasks, n=cfg.eval_n, seed=12345)
     save_model(model, cfg.out, card)

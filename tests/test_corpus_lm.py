@@ -224,3 +224,119 @@ def test_zoo_lists_a_language_model_by_its_heldout_ce(capsys):
     card = load_card("code-lm")  # the shipped language model: no task accuracies, a held-out CE
     assert f"held-out CE={card['heldout_ce']:.4f}" in lines["code-lm"]
     assert "held-out accuracy=" in lines["toy-addition"]
+
+
+# ---------------------------------------------------------------- repeated stretches and continued training
+
+def _period_of(row: list[int], lo: int, hi: int) -> list[int]:
+    """Every period p in [lo, hi] with row[i] == row[i mod p] for all i."""
+    return [p for p in range(lo, hi + 1) if all(row[i] == row[i % p] for i in range(len(row)))]
+
+
+def _is_slice(part: list[int], stream: list[int]) -> bool:
+    k = len(part)
+    return any(stream[i:i + k] == part for i in range(len(stream) - k + 1))
+
+
+def test_repeat_windows_repeat_a_real_stretch_and_leave_the_rest_plain(tree, tok):
+    c = TextCorpus.from_source(f"stdlib:{tree}", tok, seq_len=24, heldout_fraction=0.2).with_repeats(0.5, 4)
+    tokens, mask = c.sample(8, torch.Generator().manual_seed(3))
+    stream = c.train_stream.tolist()
+    assert tokens.shape == (8, 24) and bool(mask.all()) and bool((tokens[:, 0] == 0).all())
+    body = 23
+    for row in tokens[:4, 1:].tolist():  # round(0.5 * 8) = 4 repeat windows first
+        periods = _period_of(row, 4, body // 2)
+        assert periods, f"a repeat window has no period in [4, {body // 2}]: {row}"
+        assert _is_slice(row[:periods[0]], stream)
+    for row in tokens[4:, 1:].tolist():  # the rest: plain windows, and (almost surely) not periodic
+        assert _is_slice(row, stream)
+    assert sum(bool(_period_of(r, 4, body // 2)) for r in tokens[4:, 1:].tolist()) <= 1
+    # without repeats the draw is the one the runs before this option made (exact resume of old runs)
+    plain = TextCorpus.from_source(f"stdlib:{tree}", tok, seq_len=24, heldout_fraction=0.2)
+    g = torch.Generator().manual_seed(3)
+    start = torch.randint(plain.train_stream.numel() - body + 1, (8,), generator=g)
+    want = plain.train_stream[start[:, None] + torch.arange(body)]
+    assert torch.equal(plain.sample(8, torch.Generator().manual_seed(3))[0][:, 1:], want)
+    # the rows that set a constraint target hold the same share of repeats, fixed by their seed
+    rows = c.constraint_rows(8)
+    assert torch.equal(rows, c.constraint_rows(8)) and torch.equal(rows[4:], c.rows("train", 8)[4:])
+    assert all(_period_of(r, 4, body // 2) for r in rows[:4, 1:].tolist())
+    assert torch.equal(plain.constraint_rows(8), plain.rows("train", 8))
+
+
+def test_repeat_options_are_checked(tree, tok, tmp_path):
+    c = TextCorpus.from_source(f"stdlib:{tree}", tok, seq_len=24, heldout_fraction=0.2)
+    with pytest.raises(CircuitkitError, match="corpus_repeat_min must be between 1 and half a window \\(11 tokens"):
+        c.with_repeats(0.5, 12)
+    with pytest.raises(CircuitkitError, match="must be in \\[0, 1\\], got 1.5"):
+        c.with_repeats(1.5)
+    rows_only = TextCorpus(train=c.train, heldout=c.heldout)
+    with pytest.raises(CircuitkitError, match="needs a corpus kept as one stream"):
+        rows_only.with_repeats(0.5)
+    with pytest.raises(CircuitkitError, match="apply to a language model"):
+        TrainConfig.from_dict(dict(name="x", out="o", run_dir="r", tasks={"addition": 1.0}, corpus_repeat_fraction=0.5))
+    with pytest.raises(CircuitkitError, match="apply to a language model"):
+        TrainConfig.from_dict(dict(name="x", out="o", run_dir="r", tasks={"addition": 1.0}, init_from="code-lm"))
+    with pytest.raises(CircuitkitError, match="corpus_repeat_fraction"):
+        lm_cfg(tmp_path, tree, corpus_repeat_fraction=2.0)
+
+
+def test_init_from_continues_a_language_model_with_its_weights_and_tokenizer(tmp_path, tree):
+    train(lm_cfg(tmp_path / "base", tree), progress=False)
+    base_dir = tmp_path / "base" / "model"
+    more = dict(init_from=str(base_dir), corpus_repeat_fraction=0.5, corpus_repeat_min=4, steps=4,
+                checkpoint_every=2, lr=1e-9, warmup=0)
+    card = train(lm_cfg(tmp_path / "c", tree, **more), progress=False)
+    # the first step's loss is the base model's CE on the first batch (drawn as the loop draws it)
+    base = load_model(base_dir)
+    data = TextCorpus.from_source(f"stdlib:{tree}", base.tokenizer, seq_len=24, heldout_fraction=0.2).with_repeats(0.5, 4)
+    tokens, _ = data.sample(4, torch.Generator().manual_seed(5 + 1))
+    first = json.loads((tmp_path / "c" / "run" / "log.jsonl").read_text().splitlines()[0])["loss"]
+    assert first == pytest.approx(corpus_ce(base, tokens), rel=1e-4)
+    cont = load_model(tmp_path / "c" / "model")
+    assert torch.equal(cont.to_tokens("def f(x):"), base.to_tokens("def f(x):"))
+    assert (tmp_path / "c" / "run" / "tokenizer" / TOKENIZER_FILE).exists()  # a checkpoint loads without the model
+    stored = load_card(tmp_path / "c" / "model")
+    assert stored["init_from"]["steps"] == 8 and stored["tokens_seen"] == 4 * 4 * 24
+    assert stored["tokens_seen_total"] == (8 + 4) * 4 * 24
+    assert stored["train_config"]["corpus_repeat_fraction"] == 0.5
+    # interrupted and resumed: the same steps
+    part = lm_cfg(tmp_path / "d", tree, **more)
+    train(part, max_steps=2, progress=False)
+    train(part, resume=True, progress=False)
+    log = lambda d: [json.loads(x)["loss"] for x in (d / "run" / "log.jsonl").read_text().splitlines()]  # noqa: E731
+    assert log(tmp_path / "d") == log(tmp_path / "c")
+
+
+def test_init_from_refuses_what_it_cannot_continue(tmp_path, tree):
+    train(lm_cfg(tmp_path / "base", tree), progress=False)
+    base_dir = str(tmp_path / "base" / "model")
+    wide = {"n_layers": 2, "d_model": 48, "n_heads": 4, "d_head": 12, "d_mlp": 64, "n_ctx": 32}
+    with pytest.raises(CircuitkitError, match="does not have this config's arch: d_model 32 \\(config: 48\\)"):
+        train(lm_cfg(tmp_path / "w", tree, init_from=base_dir, arch=wide), progress=False)
+    with pytest.raises(CircuitkitError, match="not the one the base model was trained on"):
+        train(lm_cfg(tmp_path / "h", tree, init_from=base_dir, corpus_heldout_fraction=0.4), progress=False)
+    with pytest.raises(CircuitkitError, match="is a sparse model"):
+        train(lm_cfg(tmp_path / "s", tree, init_from="toy-addition-sparse"), progress=False)
+    with pytest.raises(CircuitkitError, match="has no tokenizer of its own"):
+        train(lm_cfg(tmp_path / "t", tree, init_from="toy-addition"), progress=False)
+
+
+def test_sparsify_with_repeats_sets_its_target_on_the_batches_distribution(tmp_path, tree):
+    train(lm_cfg(tmp_path / "base", tree), progress=False)
+    raw = dict(name="s", model=str(tmp_path / "base" / "model"), out=str(tmp_path / "s"), run_dir=str(tmp_path / "sr"),
+               corpus=f"stdlib:{tree}", corpus_seq_len=24, corpus_heldout_fraction=0.2, corpus_repeat_fraction=0.5,
+               corpus_repeat_min=4, steps=2, batch_size=4, warmup=1, checkpoint_every=2, eval_every=100, eval_n=8,
+               target_n=8, measure_n=4, seed=1)
+    card = finetune(SparsifyConfig.from_dict(raw), progress=False)
+    base = load_model(tmp_path / "base" / "model")
+    c = TextCorpus.from_source(f"stdlib:{tree}", base.tokenizer, seq_len=24, heldout_fraction=0.2)
+    plain = corpus_ce(base, c.rows("train", 8))
+    mixed = corpus_ce(base, c.with_repeats(0.5, 4).constraint_rows(8))
+    assert mixed != pytest.approx(plain, rel=1e-3)  # the repeat rows change what the target is measured on
+    assert card["target_ce"] == pytest.approx(mixed * 1.05, rel=1e-5)
+    # the card's train CE is measured on the same rows as the base's, so the two compare
+    sparse = load_sparse(tmp_path / "s")
+    assert card["train_ce"] == pytest.approx(corpus_ce(sparse, c.with_repeats(0.5, 4).constraint_rows(8)), rel=1e-5)
+    # the held-out criterion stays on plain held-out windows
+    assert card["heldout_target_ce"] == pytest.approx(corpus_ce(base, c.rows("heldout", 8)) * 1.05, rel=1e-5)

@@ -490,3 +490,14 @@ def test_heldout_ce_is_the_weighted_mean_of_the_per_task_ce():
     per = evaluate(model, tasks, n=16)
     assert h["ce"] == pytest.approx((per["addition"]["ce"] + 3 * per["ioi"]["ce"]) / 4)
     assert per["addition"]["ce"] != pytest.approx(per["ioi"]["ce"])  # else the weights would not matter
+
+
+def test_a_name_found_only_under_models_says_to_give_its_path(tmp_path, monkeypatch):
+    """A zoo config writes models/NAME; naming it as if it were shipped points at the folder, not at the hub."""
+    monkeypatch.chdir(tmp_path)
+    save_model(build_model(toy_config("toy-4l", n_layers=1)), tmp_path / "models" / "my-lm")
+    with pytest.raises(CircuitkitError, match="models/my-lm holds a model of that name .*give its path, 'models/my-lm'"):
+        load_model("my-lm")
+    assert load_model("models/my-lm").cfg.n_layers == 1
+    with pytest.raises(CircuitkitError, match="could not load pretrained model 'other-lm'"):
+        load_model("other-lm")  # no such folder: the hub's message, as before

@@ -58,8 +58,9 @@ from circuitkit.sparsity.gates import GateConfig, GateMode, attach, check_layer_
 from circuitkit.sparsity.measure import measure_sparsity
 from circuitkit.sparsity.objective import Geco, GecoState, sparsity_objective
 from circuitkit.sparsity.storage import read_sparsity_file, save_sparse_model
-from circuitkit.training import (RunKind, StepLog, TrainingData, check_mixture, corpus_ce, deterministic_algorithms,
-                                 load_checkpoint, make_optimizer, prepare_run, save_checkpoint)
+from circuitkit.training import (RunKind, StepLog, TrainingData, check_mixture, check_same_corpus, corpus_ce,
+                                 deterministic_algorithms, load_checkpoint, make_optimizer, prepare_run,
+                                 save_checkpoint)
 
 CSV_FILE = "log.csv"
 DEFAULT_TOLERANCE = 0.05
@@ -86,6 +87,8 @@ class SparsifyConfig(TomlConfig):
     corpus_seed: int = 0  # the file split of a code corpus (use the base model's)
     corpus_text_field: str = "text"
     corpus_max_tokens: int | None = None
+    corpus_repeat_fraction: float = 0.0  # of each batch: a stretch of code repeated (as the base was trained)
+    corpus_repeat_min: int = 8
     # gates
     attn: bool = True
     mlp: bool = False
@@ -137,7 +140,7 @@ class SparsifyConfig(TomlConfig):
 
     REQUIRED = frozenset({"name", "model", "out", "run_dir"})
     RANGES = {"corpus_seq_len": POSITIVE, "corpus_heldout_fraction": Range(0, 1, lo_open=True, hi_open=True),
-              "corpus_seed": NON_NEGATIVE,
+              "corpus_seed": NON_NEGATIVE, "corpus_repeat_fraction": FRACTION, "corpus_repeat_min": POSITIVE,
               "corpus_max_tokens": POSITIVE, "w_attn": NON_NEGATIVE, "w_mlp": NON_NEGATIVE,
               "tolerance": NON_NEGATIVE, "heldout_tolerance": NON_NEGATIVE, "target_ce": POSITIVE,
               "max_accuracy_drop": FRACTION,
@@ -399,19 +402,6 @@ def finetune(cfg: SparsifyConfig, resume: bool = False, max_steps: int | None = 
             dist.destroy_process_group()
 
 
-def _check_same_corpus(model, data: TrainingData) -> None:
-    """A language model trained here is post-trained on the corpus it was trained on: the held-out
-    files that set the CE constraint must be the ones its card names, never files it trained on."""
-    trained_on = getattr(model, "circuitkit_card", {}).get("corpus", {})
-    want = trained_on.get("hash") if isinstance(trained_on, dict) else None
-    have = data.corpus.manifest["hash"] if data.corpus is not None and data.corpus.manifest else None
-    if want and have and want != have:
-        raise CircuitkitError(f"the corpus built here (hash {have[:12]}) is not the one the base model was trained on "
-                              f"(hash {want[:12]}, its card's corpus entry): another Python version or changed files, "
-                              "or another corpus_seed / corpus_heldout_fraction. Use the same settings as the base "
-                              "model's train_config, on a machine with the same standard library")
-
-
 def _same_model(a: str, b: str) -> bool:
     """Whether two model references (zoo names, folders or pretrained names) name the same model."""
     if a == b:
@@ -462,8 +452,9 @@ def _finetune(cfg, dd: _Dist, resume, max_steps, progress, command, device, on_b
     init_state, init = load_init_weights(cfg, model, device) if cfg.init_from and not resume else (None, None)
     data = TrainingData(model, cfg.tasks, cfg.task_options, cfg.corpus, seq_len=cfg.corpus_seq_len,
                         heldout_fraction=cfg.corpus_heldout_fraction, text_field=cfg.corpus_text_field,
-                        max_tokens=cfg.corpus_max_tokens, seed=cfg.corpus_seed)
-    _check_same_corpus(model, data)
+                        max_tokens=cfg.corpus_max_tokens, seed=cfg.corpus_seed,
+                        repeat_fraction=cfg.corpus_repeat_fraction, repeat_min=cfg.corpus_repeat_min)
+    check_same_corpus(model, data)
     step, base = 0, None
     if not resume:  # the base model's metrics (dense, before the gates) fix the target
         if dd.main:
@@ -666,7 +657,8 @@ def _final_card(cfg, model, data: TrainingData, extra, states: list[GecoState], 
     model.eval()
     with gate_mode(model, GateMode.EVAL, collect=False):
         h = data.heldout(model, cfg.eval_n)
-        train_ce = corpus_ce(model, data.corpus.rows("train", cfg.target_n)) if data.corpus is not None else None
+        # on the rows that set the base's target (base_train_ce): plain train rows, or the batches' mixture
+        train_ce = corpus_ce(model, data.corpus.constraint_rows(cfg.target_n)) if data.corpus is not None else None
     rep = measure_sparsity(model, data.measure_data(cfg.measure_n))
     base = extra["base_heldout"]
     targets = extra["targets"]
