@@ -41,7 +41,7 @@ from circuitkit import CircuitkitError
 from circuitkit.corpus import TextCorpus, bigram_ce, code_corpus, is_code_corpus, read_documents, train_tokenizer
 from circuitkit.io import (FRACTION, NON_NEGATIVE, POSITIVE, Range, TomlConfig, check_writable_dir, read_json, torch_save, write_json,
                            write_text)
-from circuitkit.models import (CARD_FILE, SPARSITY_FILE, TOKENIZER_FILE, build_model, load_card, load_local_tokenizer,
+from circuitkit.models import (CARD_FILE, SPARSITY_FILE, TOKENIZER_FILE, build_model, load_local_tokenizer,
                                load_model, resolve_path, save_model, save_tokenizer, set_local_tokenizer, toy_config)
 from circuitkit.tasks import Task, get_task
 from circuitkit.tasks.vocab import VOCAB, is_toy
@@ -544,7 +544,7 @@ def _init_model(cfg: TrainConfig) -> HookedTransformer:
         raise CircuitkitError(f"init_from = {cfg.init_from!r} is a sparse model; circuitkit train continues a dense "
                               "language model (continue a sparse one with circuitkit sparsify and its init_from)")
     model = load_model(path)
-    if load_card(path).get("tokenizer") != TOKENIZER_FILE:
+    if model.circuitkit_card.get("tokenizer") != TOKENIZER_FILE:
         raise CircuitkitError(f"init_from = {cfg.init_from!r} has no tokenizer of its own ({TOKENIZER_FILE}); "
                               "circuitkit train continues a language model trained here on a corpus")
     want = toy_config(cfg.arch, d_vocab=model.cfg.d_vocab)
@@ -688,7 +688,7 @@ def train(cfg: TrainConfig, resume: bool = False, max_steps: int | None = None, 
     if lm:
         card.update(_lm_card(cfg, model, data, step))
         if cfg.init_from:
-            was = load_card(cfg.init_from)
+            was = model.circuitkit_card  # the card init_from's model was loaded with
             card["init_from"] = {k: was.get(k) for k in ("name", "steps", "tokens_seen", "heldout_ce", "train_ce",
                                                          "wall_time_s")}
             card["tokens_seen_total"] = card["tokens_seen"] + int(was.get("tokens_seen") or 0)
