@@ -50,6 +50,8 @@ EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "idlelib", "turtledemo"
                            "__pycache__"})
 EXCLUDED_PREFIXES = ("test_", "config-")  # test modules; the build's config-3.x-<platform> folder
 MAX_FILE_BYTES = 1_000_000  # larger .py files are data, not code written by hand
+# the two parts of a batch with repeated stretches (TextCorpus.row_parts): plain windows and repeat windows
+ROW_PARTS = ("plain", "repeat")
 
 
 def stdlib_root() -> Path:
@@ -418,11 +420,21 @@ class TextCorpus:
             return t
         return t[torch.linspace(0, t.shape[0] - 1, n).round().long()]
 
+    def n_repeat(self, n: int) -> int:
+        """How many of ``n`` training rows are repeat windows: the first ``round(repeat_fraction · n)``."""
+        return round(self.repeat_fraction * n)
+
+    def row_parts(self, n: int) -> torch.Tensor:  # -> [n] long: 0 plain window, 1 repeat window (ROW_PARTS)
+        """The part each of ``n`` rows of :meth:`sample` (or :meth:`constraint_rows`) belongs to."""
+        parts = torch.zeros(n, dtype=torch.long)
+        parts[:min(self.n_repeat(n), n)] = 1
+        return parts
+
     def constraint_rows(self, n: int, seed: int = 12345) -> torch.Tensor:  # [n, seq_len]
         """Rows of the training distribution, fixed: ``n`` train rows spread evenly over the train split,
         the first ``round(repeat_fraction · n)`` of them replaced by repeat windows drawn with ``seed``."""
         rows = self.rows("train", n).clone()
-        n_rep = min(round(self.repeat_fraction * n), rows.shape[0])
+        n_rep = min(self.n_repeat(n), rows.shape[0])
         if n_rep:
             body_start = int(self.bos_id is not None)
             rows[:n_rep, body_start:] = self.repeat_windows(n_rep, torch.Generator().manual_seed(seed))
@@ -445,7 +457,7 @@ class TextCorpus:
             body = self.seq_len - (self.bos_id is not None)
             start = torch.randint(self.train_stream.numel() - body + 1, (n,), generator=generator)
             tokens = self.train_stream[start[:, None] + torch.arange(body)]  # [n, body]
-            n_rep = round(self.repeat_fraction * n)
+            n_rep = self.n_repeat(n)
             if n_rep:  # drawn only then, so a run without repeats draws what it always drew
                 tokens[:n_rep] = self.repeat_windows(n_rep, generator)
             if self.bos_id is not None:

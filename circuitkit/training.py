@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from circuitkit import CircuitkitError
-from circuitkit.corpus import TextCorpus, bigram_ce, code_corpus, is_code_corpus, read_documents, train_tokenizer
+from circuitkit.corpus import ROW_PARTS, TextCorpus, bigram_ce, code_corpus, is_code_corpus, read_documents, train_tokenizer
 from circuitkit.io import (FRACTION, NON_NEGATIVE, POSITIVE, Range, TomlConfig, check_writable_dir, read_json, torch_save, write_json,
                            write_text)
 from circuitkit.models import (CARD_FILE, SPARSITY_FILE, TOKENIZER_FILE, build_model, load_local_tokenizer,
@@ -227,8 +227,16 @@ class TrainingData:
     def __init__(self, model: HookedTransformer, tasks: dict[str, float], task_options: dict[str, dict[str, Any]],
                  corpus: str | None = None, *, seq_len: int = 128, heldout_fraction: float = 0.05,
                  text_field: str = "text", max_tokens: int | None = None, seed: int = 0,
-                 repeat_fraction: float = 0.0, repeat_min: int = 8) -> None:
+                 repeat_fraction: float = 0.0, repeat_min: int = 8, split_parts: bool = False) -> None:
         self.weights_by_task = dict(tasks)
+        # a corpus batch with repeat windows as two "tasks", plain and repeat (ROW_PARTS), so that sparse
+        # post-training can hold one CE constraint on each part (per_task_constraints)
+        self.split_parts = bool(split_parts)
+        if self.split_parts and not (corpus and 0 < repeat_fraction < 1):
+            raise CircuitkitError("per_task_constraints on a corpus run holds one constraint on each part of the "
+                                  "batches (plain windows and repeat windows); it needs 0 < corpus_repeat_fraction "
+                                  f"< 1, got {repeat_fraction}. With one part there is one constraint: drop "
+                                  "per_task_constraints")
         self.corpus: TextCorpus | None = None
         self.tasks: dict[str, Task] = {}
         if corpus:
@@ -252,11 +260,16 @@ class TrainingData:
 
     @property
     def names(self) -> list[str]:
-        return list(self.tasks) if self.corpus is None else ["corpus"]
+        if self.corpus is None:
+            return list(self.tasks)
+        return list(ROW_PARTS) if self.split_parts else ["corpus"]
 
     @property
     def weights(self) -> torch.Tensor:  # [n_tasks]
         if self.corpus is not None:
+            if self.split_parts:
+                f = self.corpus.repeat_fraction
+                return torch.tensor([1.0 - f, f], dtype=torch.float64)
             return torch.ones(1, dtype=torch.float64)
         return torch.tensor([float(self.weights_by_task[k]) for k in self.tasks], dtype=torch.float64)
 
@@ -265,7 +278,7 @@ class TrainingData:
         (:func:`sample_mixture`, or corpus windows)."""
         if self.corpus is not None:
             tokens, mask = self.corpus.sample(n, gen)
-            return tokens, mask, torch.zeros(n, dtype=torch.long)
+            return tokens, mask, (self.corpus.row_parts(n) if self.split_parts else torch.zeros(n, dtype=torch.long))
         return sample_mixture(self.tasks, self.weights_by_task, n, gen, pad_id=self.pad_id)
 
     def heldout(self, model: HookedTransformer, n: int) -> dict[str, Any]:
@@ -285,11 +298,16 @@ class TrainingData:
         text: a target from held-out CE would leave the constraint slack by the overfitting gap.
         With repeated stretches in the batches (``repeat_fraction``) the same share of the rows are
         repeat windows (:meth:`TextCorpus.constraint_rows`), so the target is the base's CE on what
-        the batches hold."""
+        the batches hold; ``per_task`` then has the CE of each part (``plain``, ``repeat``) on its own rows."""
         if self.corpus is not None:
             rows = self.corpus.constraint_rows(n)
             ce = corpus_ce(model, rows)
-            return {"ce": ce, "per_task": {"corpus": {"ce": ce, "n": rows.shape[0]}}}
+            if not self.corpus.repeat_fraction:
+                return {"ce": ce, "per_task": {"corpus": {"ce": ce, "n": rows.shape[0]}}}
+            parts = self.corpus.row_parts(rows.shape[0])
+            per = {name: {"ce": corpus_ce(model, rows[parts == i]), "n": int((parts == i).sum())}
+                   for i, name in enumerate(ROW_PARTS) if bool((parts == i).any())}
+            return {"ce": ce, "per_task": per}
         return self.heldout(model, n)
 
     def measure_data(self, n: int):

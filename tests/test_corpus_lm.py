@@ -340,3 +340,33 @@ def test_sparsify_with_repeats_sets_its_target_on_the_batches_distribution(tmp_p
     assert card["train_ce"] == pytest.approx(corpus_ce(sparse, c.with_repeats(0.5, 4).constraint_rows(8)), rel=1e-5)
     # the held-out criterion stays on plain held-out windows
     assert card["heldout_target_ce"] == pytest.approx(corpus_ce(base, c.rows("heldout", 8)) * 1.05, rel=1e-5)
+
+
+def test_per_part_constraints_hold_plain_and_repeat_windows_each_at_their_own_target(tmp_path, tree):
+    train(lm_cfg(tmp_path / "base", tree), progress=False)
+    raw = dict(name="s", model=str(tmp_path / "base" / "model"), out=str(tmp_path / "s"), run_dir=str(tmp_path / "sr"),
+               corpus=f"stdlib:{tree}", corpus_seq_len=24, corpus_heldout_fraction=0.2, corpus_repeat_fraction=0.5,
+               corpus_repeat_min=4, per_task_constraints=True, steps=2, batch_size=4, warmup=1, checkpoint_every=2,
+               eval_every=100, eval_n=8, target_n=8, measure_n=4, seed=1)
+    card = finetune(SparsifyConfig.from_dict(raw), progress=False)
+    base = load_model(tmp_path / "base" / "model")
+    c = TextCorpus.from_source(f"stdlib:{tree}", base.tokenizer, seq_len=24, heldout_fraction=0.2)
+    # of 8 constraint rows the first 4 are repeat windows, the last 4 the plain train rows they were
+    plain_rows, repeat_rows = c.rows("train", 8)[4:], c.with_repeats(0.5, 4).constraint_rows(8)[:4]
+    assert card["target_ce"] == pytest.approx({"plain": corpus_ce(base, plain_rows) * 1.05,
+                                               "repeat": corpus_ce(base, repeat_rows) * 1.05}, rel=1e-5)
+    assert set(card["geco"]) == {"plain", "repeat"}
+    sparse = load_sparse(tmp_path / "s")
+    assert card["train_ce_parts"] == pytest.approx({"plain": corpus_ce(sparse, plain_rows),
+                                                    "repeat": corpus_ce(sparse, repeat_rows)}, rel=1e-5)
+    assert card["base_train_ce_parts"] == pytest.approx({k: v / 1.05 for k, v in card["target_ce"].items()}, rel=1e-6)
+    # the criterion stays held-out CE on plain windows, against one target
+    assert card["meets_target"] == (card["heldout_ce"] <= card["heldout_target_ce"])
+    log = [json.loads(line) for line in (tmp_path / "sr" / "log.jsonl").read_text().splitlines()]
+    assert set(log[-1]["lam_task"]) == {"plain", "repeat"} and set(log[-1]["ce_task"]) == {"plain", "repeat"}
+    # the rows of a batch are told apart by part: repeat windows first, as TextCorpus.sample draws them
+    assert c.with_repeats(0.5, 4).row_parts(5).tolist() == [1, 1, 0, 0, 0]
+    # one part, one constraint: per-part constraints without repeats (or with nothing but repeats) are refused
+    for f in (0.0, 1.0):
+        with pytest.raises(CircuitkitError, match="per_task_constraints on a corpus run.*drop per_task_constraints"):
+            SparsifyConfig.from_dict({**raw, "corpus_repeat_fraction": f})

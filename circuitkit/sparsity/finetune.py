@@ -58,7 +58,7 @@ from circuitkit.sparsity.gates import GateConfig, GateMode, attach, check_layer_
 from circuitkit.sparsity.measure import measure_sparsity
 from circuitkit.sparsity.objective import Geco, GecoState, sparsity_objective
 from circuitkit.sparsity.storage import read_sparsity_file, save_sparse_model
-from circuitkit.training import (RunKind, StepLog, TrainingData, check_mixture, check_same_corpus, corpus_ce,
+from circuitkit.training import (RunKind, StepLog, TrainingData, check_mixture, check_same_corpus,
                                  deterministic_algorithms, load_checkpoint, make_optimizer, prepare_run,
                                  save_checkpoint)
 
@@ -107,7 +107,9 @@ class SparsifyConfig(TomlConfig):
     # its "any later year" label, so 5% of it is room to lose the years near YY.
     max_accuracy_drop: float = 0.01
     target_floor: float = 0.0  # targets are at least this (a base CE near 0 makes a relative target vanish)
-    per_task_constraints: bool = False  # one constraint (and λ) per task instead of one on the mixture CE
+    # one constraint (and λ) per task instead of one on the mixture CE; on a corpus run with repeats, one per part
+    # of the batches: plain windows and repeat windows (docs/method.md §8)
+    per_task_constraints: bool = False
     eta: float = 0.01
     ema_decay: float = 0.9
     rho_init: float = 0.0
@@ -160,6 +162,11 @@ class SparsifyConfig(TomlConfig):
             raise CircuitkitError(f"{source}: give either tasks or a corpus, not both")
         if self.tasks:
             check_mixture(self.tasks, self.task_options, source)
+        if self.corpus and self.per_task_constraints and not 0 < self.corpus_repeat_fraction < 1:
+            raise CircuitkitError(f"{source}: per_task_constraints on a corpus run holds one CE constraint on each "
+                                  "part of the batches, plain windows and repeat windows; it needs 0 < "
+                                  f"corpus_repeat_fraction < 1, got {self.corpus_repeat_fraction}. With one part "
+                                  "there is one constraint: drop per_task_constraints")
         if self.tolerance is not None and self.target_ce is not None:
             raise CircuitkitError(f"{source}: give tolerance or target_ce, not both")
         if self.final_hard_steps > self.steps:
@@ -453,7 +460,8 @@ def _finetune(cfg, dd: _Dist, resume, max_steps, progress, command, device, on_b
     data = TrainingData(model, cfg.tasks, cfg.task_options, cfg.corpus, seq_len=cfg.corpus_seq_len,
                         heldout_fraction=cfg.corpus_heldout_fraction, text_field=cfg.corpus_text_field,
                         max_tokens=cfg.corpus_max_tokens, seed=cfg.corpus_seed,
-                        repeat_fraction=cfg.corpus_repeat_fraction, repeat_min=cfg.corpus_repeat_min)
+                        repeat_fraction=cfg.corpus_repeat_fraction, repeat_min=cfg.corpus_repeat_min,
+                        split_parts=bool(cfg.corpus) and cfg.per_task_constraints)
     check_same_corpus(model, data)
     step, base = 0, None
     if not resume:  # the base model's metrics (dense, before the gates) fix the target
@@ -491,7 +499,7 @@ def _finetune(cfg, dd: _Dist, resume, max_steps, progress, command, device, on_b
         else:
             base_task, targets = [base_ce], [constraint_target(cfg, base_ce)]
         extra = {"wall_time_s": 0.0, "targets": targets, "base_ce": base_ce, "base_ce_constraints": base_task,
-                 "base_heldout": base["eval_set"]}
+                 "base_heldout": base["eval_set"], "base_target_set": base["target_set"]["per_task"]}
         if init is not None:
             extra["init_from"] = init
         states = [GecoState(rho=cfg.rho_init) for _ in targets]
@@ -657,22 +665,24 @@ def _final_card(cfg, model, data: TrainingData, extra, states: list[GecoState], 
     model.eval()
     with gate_mode(model, GateMode.EVAL, collect=False):
         h = data.heldout(model, cfg.eval_n)
-        # on the rows that set the base's target (base_train_ce): plain train rows, or the batches' mixture
-        train_ce = corpus_ce(model, data.corpus.constraint_rows(cfg.target_n)) if data.corpus is not None else None
+        # on the rows that set the base's target (base_train_ce): plain train rows, or the batches' mixture,
+        # and with repeats each part on its own rows
+        train_set = data.constraint_set(model, cfg.target_n) if data.corpus is not None else None
     rep = measure_sparsity(model, data.measure_data(cfg.measure_n))
     base = extra["base_heldout"]
     targets = extra["targets"]
-    if cfg.per_task_constraints:
+    if cfg.per_task_constraints:  # one target and one GECO state per task (per part of a corpus's batches)
         target: Any = dict(zip(data.names, targets))
-        meets = all(h["per_task"][k]["ce"] <= t for k, t in target.items())
         geco: Any = {k: {**st.to_dict(), "lam": st.lam} for k, st in zip(data.names, states)}
-    elif data.corpus is not None:  # the constraint held train-window CE; the criterion is held-out CE
-        held_target = heldout_target(cfg, base["ce"])
-        target, meets = targets[0], bool(h["ce"] <= held_target)
-        geco = {**states[0].to_dict(), "lam": states[0].lam}
     else:
-        target, meets = targets[0], bool(h["ce"] <= targets[0])
-        geco = {**states[0].to_dict(), "lam": states[0].lam}
+        target, geco = targets[0], {**states[0].to_dict(), "lam": states[0].lam}
+    if data.corpus is not None:  # the constraints held train-window CE; the criterion is held-out CE
+        held_target = heldout_target(cfg, base["ce"])
+        meets = bool(h["ce"] <= held_target)
+    elif cfg.per_task_constraints:
+        meets = all(h["per_task"][k]["ce"] <= t for k, t in target.items())
+    else:
+        meets = bool(h["ce"] <= targets[0])
     card = {
         "name": cfg.name, "base_model": cfg.model, "init_from": extra.get("init_from"), "command": command,
         "wall_time_s": round(wall, 1),
@@ -692,7 +702,11 @@ def _final_card(cfg, model, data: TrainingData, extra, states: list[GecoState], 
     if data.corpus is not None:
         card.update({"base_train_ce": extra["base_ce"], "base_heldout_ce": base["ce"], "heldout_target_ce": held_target,
                      "heldout_ce_ratio": h["ce"] / base["ce"],
-                     "train_ce": train_ce})
+                     "train_ce": train_set["ce"]})
+        if data.corpus.repeat_fraction:  # each part's train CE, beside the base's on the same rows
+            card["train_ce_parts"] = {k: v["ce"] for k, v in train_set["per_task"].items()}
+            if "base_target_set" in extra:  # (not in checkpoints written before it was stored)
+                card["base_train_ce_parts"] = {k: v["ce"] for k, v in extra["base_target_set"].items()}
     if data.corpus is None:
         card["accuracy_delta"] = {k: h["per_task"][k]["accuracy"] - base["per_task"][k]["accuracy"]
                                   for k in h["per_task"]}
