@@ -24,7 +24,8 @@ from circuitkit.evaluation.compare import (check_pair, overlap_table, pair_table
                                            write_table)
 from circuitkit.evaluation.pairs import PAPER_MASS_RATIOS, pair_row, study_pair_tokens
 from circuitkit.evaluation.study import StudyConfig, TaskResult
-from circuitkit.io import POSITIVE, TomlConfig, check_fields, check_keys, check_writable_dir, write_text
+from circuitkit.io import (POSITIVE, TomlConfig, check_fields, check_keys, check_writable_dir, write_json,
+                           write_text)
 from circuitkit.models import ZOO_DIR
 from circuitkit.sparsity.finetune import SparsifyConfig, finetune
 from circuitkit.tasks import TOY_TASKS
@@ -165,9 +166,14 @@ def run(cfg: RunConfig, progress: bool = True) -> Path:
             ptable.insert(2, "n_prompts", study.n)
             position_tables.append(ptable)
         if "pairs" in study.levels:  # the token level: attention pairs (docs/method.md §10)
-            token_panels += [(f"{b.model}: {b.scores.task}", b, s) for b, s in study_pair_tokens(
-                pair.base, pair.sparse, pair.tasks, study.pair_method, study.pair_n or study.n, study.seed,
-                study.threshold, study.batch_size, progress, minimal_rule=study.minimal)]
+            for b, s in study_pair_tokens(pair.base, pair.sparse, pair.tasks, study.pair_method,
+                                          study.pair_n or study.n, study.seed, study.threshold, study.batch_size,
+                                          progress, minimal_rule=study.minimal):
+                token_panels.append((f"{b.model}: {b.scores.task}", b, s))
+                for r in (b, s):  # the scores (to rank by again without rescoring) and the curves, per model
+                    stem = out / "pairs" / f"{r.model}__{r.scores.task}"
+                    r.scores.save(stem.with_suffix(".safetensors"))
+                    write_json(stem.with_suffix(".json"), r.to_dict())
     main_table = pd.concat(tables, ignore_index=True)
     token_table = pd.DataFrame([pair_row(b, s) for _, b, s in token_panels]) if token_panels else None
     if token_table is not None:
@@ -276,5 +282,7 @@ def report(cfg: RunConfig, table, overlaps, figs: list[Path], out: Path, wall: f
             linked.append(f"![{src.stem}]({dst.relative_to(out).as_posix()})")
     if linked:
         lines += ["## Sparse post-training", "", *linked, ""]
-    lines += ["Circuits: `circuits/<model>__<task>.json`; per-task summaries with the curves: `summaries/`.", ""]
+    lines += ["Circuits: `circuits/<model>__<task>.json`; per-task summaries with the curves: `summaries/`."
+              + (" Attention-pair scores (`PairScores.load`) and the pair-level curves: "
+                 "`pairs/<model>__<task>.{safetensors,json}`." if token_table is not None else ""), ""]
     return "\n".join(lines)

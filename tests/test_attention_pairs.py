@@ -262,6 +262,17 @@ def test_study_with_the_token_levels_writes_their_tables(tmp_path):
     row = pd.read_csv(out / "token_pairs.csv").iloc[0]
     assert (row["task"], row["method"], row["n_prompts"]) == ("addition", "gradient", 4)  # pair_n, not n
     assert row["minimal_pair_ratio"] == pytest.approx(row["base_minimal_pairs"] / row["sparse_minimal_pairs"])
+    # each model's pair scores and curves are saved: the minimal pair circuit re-verified from the file
+    pair_ds = get_task("addition").dataset(4, seed=0)
+    for role in ("base", "sparse"):
+        scores = PairScores.load(out / "pairs" / f"{role}__addition.safetensors")
+        saved = json.loads((out / "pairs" / f"{role}__addition.json").read_text())
+        assert (scores.method, scores.n_examples, saved["minimal_pairs"]) == ("gradient", 4,
+                                                                           row[f"{role}_minimal_pairs"])
+        m = metric_with_pairs(models[role], pair_ds, scores.top_k_mask(saved["minimal_pairs"])).mean()
+        c = saved["curve"]
+        assert float((m - c["m_empty"]) / (c["m_full"] - c["m_empty"])) == pytest.approx(row[f"{role}_minimal_f"],
+                                                                                         abs=1e-4)
     pos = pd.read_csv(out / "token_positions.csv").iloc[0]
     ds = get_task("addition").dataset(6, seed=0)
     for role in ("base", "sparse"):
