@@ -172,7 +172,7 @@ def run(cfg: RunConfig, progress: bool = True) -> Path:
                 token_panels.append((f"{b.model}: {b.scores.task}", b, s))
                 for r in (b, s):  # the scores (to rank by again without rescoring) and the curves, per model
                     stem = out / "pairs" / f"{r.model}__{r.scores.task}"
-                    r.scores.save(stem.with_suffix(".safetensors"))
+                    r.scores.with_metadata(seed=study.seed).save(stem.with_suffix(".safetensors"))
                     write_json(stem.with_suffix(".json"), r.to_dict())
     main_table = pd.concat(tables, ignore_index=True)
     token_table = pd.DataFrame([pair_row(b, s) for _, b, s in token_panels]) if token_panels else None

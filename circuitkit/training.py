@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from circuitkit import CircuitkitError
-from circuitkit.corpus import ROW_PARTS, TextCorpus, bigram_ce, code_corpus, is_code_corpus, read_documents, train_tokenizer
+from circuitkit.corpus import (ROW_PARTS, TextCorpus, bigram_ce, code_corpus, is_code_corpus, read_documents,
+                               train_tokenizer)
 from circuitkit.io import (FRACTION, NON_NEGATIVE, POSITIVE, Range, TomlConfig, check_writable_dir, read_json, torch_save, write_json,
                            write_text)
 from circuitkit.models import (CARD_FILE, SPARSITY_FILE, TOKENIZER_FILE, build_model, load_local_tokenizer,

@@ -208,6 +208,26 @@ def test_pairs_command_writes_and_refuses_to_overwrite(tmp_path, capsys):
     assert main(["pairs", "--model", "toy-addition", "--task", "addition", "--n", "0", "--out", str(out)]) == 2
 
 
+def test_pairs_command_ranks_by_scores_it_is_given(tmp_path, capsys):
+    """--scores skips the attribution: the minimal circuit is the one the scores' own run finds, and scores of
+    another dataset (prompt count, seed) are refused with what to pass."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    common = ["pairs", "--model", "toy-addition-sparse", "--task", "addition", "--n", "6", "--seed", "3", "--minimal",
+              "--no-progress"]
+    assert main(common + ["--method", "gradient", "--out", str(first)]) == 0
+    assert main(common + ["--scores", str(first / "pairs.safetensors"), "--out", str(second)]) == 0
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (first, second))
+    assert b["attribution_seconds"] is None and b["method"] == "gradient"
+    assert (b["minimal_pairs"], b["minimal_f"], b["top_pairs"]) == (a["minimal_pairs"], a["minimal_f"], a["top_pairs"])
+    saved = [PairScores.load(d / "pairs.safetensors").scores for d in (first, second)]
+    assert torch.equal(*saved)
+    capsys.readouterr()
+    for wrong in (["--n", "5"], ["--seed", "4"]):
+        argv = [*common, "--scores", str(first / "pairs.safetensors"), "--out", str(tmp_path / "c"), *wrong]
+        assert main(argv) == 2
+        assert "--n 6 --seed 3" in capsys.readouterr().err
+
+
 def test_token_figures_are_written(tmp_path):
     from circuitkit.evaluation.pairs import MinimalPairs, PairCurve, PairResult
     from circuitkit.plotting import pair_mass_figure, token_circuit_figure

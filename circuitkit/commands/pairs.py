@@ -16,13 +16,14 @@ import time
 from pathlib import Path
 
 from circuitkit import CircuitkitError
-from circuitkit.circuits.attention_pairs import PairMethod, attribute_pairs
+from circuitkit.circuits.attention_pairs import PairMethod, PairScores, attribute_pairs
 from circuitkit.circuits.discover import untrained_task_warning
 from circuitkit.commands.options import add_batch_size_flag, add_progress_flag, positive
 from circuitkit.evaluation.pairs import head_mass, minimal_pair_circuit, minimize_pairs, pair_curve, pair_mass
 from circuitkit.io import check_writable_dir, write_json
 from circuitkit.sparsity import load_model
 from circuitkit.tasks import task_for_model
+from circuitkit.tasks.base import TaskDataset
 
 SCORES_FILE, SUMMARY_FILE = "pairs.safetensors", "summary.json"
 
@@ -43,10 +44,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minimize", action="store_true",
                         help="with --minimal: then drop every pair the circuit does not need, until each pair left is "
                              "needed (one forward pass per pair tried)")
+    parser.add_argument("--scores", default=None,
+                        help="rank by pair scores already computed for this model and task (a pairs.safetensors of "
+                             "circuitkit pairs, or pairs/<model>__<task>.safetensors of a study) instead of scoring "
+                             "again; --n and --seed must be the ones they were computed with")
     parser.add_argument("--top", type=int, default=20, help="best pairs listed in summary.json (default 20)")
     parser.add_argument("--out", default=None, help="output folder (default pairs/<model>-<task>-<method>)")
     parser.add_argument("--force", action="store_true", help="replace pairs.safetensors / summary.json in --out")
     add_progress_flag(parser)
+
+
+def given_scores(path: str, ds: TaskDataset, seed: int) -> PairScores:
+    """Pair scores from a file, checked to be for ``ds``: its task, prompt length, number of prompts and seed."""
+    scores = PairScores.load(path)
+    have = (scores.task, scores.spec.seq_len, scores.n_examples, scores.metadata.get("seed", seed))
+    want = (ds.task, ds.seq_len, len(ds), seed)
+    if have != want:
+        raise CircuitkitError(f"{path} holds pair scores of task {have[0]!r} ({have[1]} tokens) on {have[2]} prompts "
+                              f"with seed {have[3]}, not {want[0]!r} ({want[1]} tokens) on {want[2]} with seed "
+                              f"{want[3]}: pass --task {have[0]} --n {have[2]} --seed {have[3]}, or score again "
+                              "without --scores")
+    return scores
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -70,14 +88,18 @@ def run_cli(args: argparse.Namespace) -> int:
     if warning:
         print(warning, file=sys.stderr)
     t0 = time.perf_counter()
-    scores = attribute_pairs(model, ds, args.method, args.batch_size, progress=not args.no_progress)
-    seconds = time.perf_counter() - t0
+    if args.scores:
+        scores = given_scores(args.scores, ds, args.seed)
+        seconds = None
+    else:
+        scores = attribute_pairs(model, ds, args.method, args.batch_size, progress=not args.no_progress)
+        seconds = round(time.perf_counter() - t0, 3)
     scores = scores.with_metadata(model=str(args.model), seed=args.seed)
     summary = {"model": str(args.model), "task": ds.task, "method": scores.method, "n_examples": len(ds),
                "seed": args.seed, "metric": ds.metric.value, "m_full": scores.m_full,
                "causal_pairs": scores.spec.n_pairs, "nonzero_pairs": int((scores.scores != 0).sum()),
                "pair_mass": pair_mass(scores).to_dict(), "head_mass": head_mass(scores).to_dict(),
-               "attribution_seconds": round(seconds, 3), "top_pairs": scores.top_pairs(args.top)}
+               "attribution_seconds": seconds, "top_pairs": scores.top_pairs(args.top)}
     if args.minimal:
         curve = pair_curve(model, scores, ds, batch_size=args.batch_size)
         minimal = minimal_pair_circuit(model, scores, ds, args.threshold, curve, args.batch_size)
