@@ -14,6 +14,8 @@ import argparse
 import json
 from pathlib import Path
 
+from circuitkit.io import write_text
+
 
 def load(folder: str) -> dict:
     path = Path(folder) / "summary.json"
@@ -48,10 +50,9 @@ def main() -> None:
             f"| {s['minimal_f']:.3f} | {s['minimal_heads']} | {pm['k_at_80']} / {pm['k_at_90']} "
             f"| {ratio(b_prefix, prefix)} | {ratio(base['minimal_pairs'], s['minimal_pairs']) if minimized else '–'} "
             f"| {ratio(bpm['k_at_80'], pm['k_at_80'])} / {ratio(bpm['k_at_90'], pm['k_at_90'])} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    print("\n".join(lines))
+    if args.out:  # atomically, as every file circuitkit writes
+        write_text(args.out, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

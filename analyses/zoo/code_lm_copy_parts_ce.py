@@ -18,7 +18,7 @@ import tomllib
 from pathlib import Path
 
 from circuitkit.corpus import ROW_PARTS, TextCorpus
-from circuitkit.io import read_json
+from circuitkit.io import read_json, write_text
 from circuitkit.models import resolve_path
 from circuitkit.sparsity import load_model
 from circuitkit.training import corpus_ce
@@ -51,10 +51,9 @@ def main() -> None:
         cell = lambda k: f"{ce[k]:.4f}" + ("" if ce is ref else f" ({ce[k] / ref[k]:.4f} ×)")  # noqa: E731
         lines.append(f"| {name} | {'' if kept is None else f'{100 * kept:.2f}%'} | {cell('plain')} | "
                      f"{cell('repeat')} | {cell('heldout')} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    print("\n".join(lines))
+    if args.out:  # atomically, as every file circuitkit writes
+        write_text(args.out, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
