@@ -306,8 +306,12 @@ class TrainingData:
             if not self.corpus.repeat_fraction:
                 return {"ce": ce, "per_task": {"corpus": {"ce": ce, "n": rows.shape[0]}}}
             parts = self.corpus.row_parts(rows.shape[0])
+            empty = [name for i, name in enumerate(ROW_PARTS) if not bool((parts == i).any())]
+            if empty and self.split_parts:
+                raise CircuitkitError(f"{n} constraint rows hold no {empty[0]} windows at corpus_repeat_fraction "
+                                      f"{self.corpus.repeat_fraction}, so that part has no CE target; raise target_n")
             per = {name: {"ce": corpus_ce(model, rows[parts == i]), "n": int((parts == i).sum())}
-                   for i, name in enumerate(ROW_PARTS) if bool((parts == i).any())}
+                   for i, name in enumerate(ROW_PARTS) if name not in empty}
             return {"ce": ce, "per_task": per}
         return self.heldout(model, n)
 

@@ -370,3 +370,7 @@ def test_per_part_constraints_hold_plain_and_repeat_windows_each_at_their_own_ta
     for f in (0.0, 1.0):
         with pytest.raises(CircuitkitError, match="per_task_constraints on a corpus run.*drop per_task_constraints"):
             SparsifyConfig.from_dict({**raw, "corpus_repeat_fraction": f})
+    # a part with no constraint rows has no target: said before any training, not as a KeyError
+    few = {**raw, "target_n": 1, "out": str(tmp_path / "s1"), "run_dir": str(tmp_path / "sr1")}
+    with pytest.raises(CircuitkitError, match="1 constraint rows hold no repeat windows.*raise target_n"):
+        finetune(SparsifyConfig.from_dict(few), progress=False)
