@@ -226,6 +226,10 @@ def test_pairs_command_ranks_by_scores_it_is_given(tmp_path, capsys):
         argv = [*common, "--scores", str(first / "pairs.safetensors"), "--out", str(tmp_path / "c"), *wrong]
         assert main(argv) == 2
         assert "--n 6 --seed 3" in capsys.readouterr().err
+    # scores of one method are not reported as another's
+    argv = [*common, "--scores", str(first / "pairs.safetensors"), "--method", "exact", "--out", str(tmp_path / "d")]
+    assert main(argv) == 2
+    assert "holds gradient scores; drop --method" in capsys.readouterr().err
 
 
 def test_token_figures_are_written(tmp_path):

@@ -32,8 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="zoo name, checkpoint folder, or pretrained name (gpt2)")
     parser.add_argument("--task", required=True, help="task name, e.g. addition, ioi, greater-than")
     methods = [m.value for m in PairMethod]
-    parser.add_argument("--method", default=PairMethod.EXACT.value, choices=methods,
-                        help="; ".join(m.summary for m in PairMethod) + f" (default {PairMethod.EXACT.value})")
+    parser.add_argument("--method", default=None, choices=methods,
+                        help="; ".join(m.summary for m in PairMethod) + f" (default {PairMethod.EXACT.value}; with "
+                        "--scores, the method they were computed with)")
     parser.add_argument("--n", type=int, default=64, help="number of task examples (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed (default 0)")
     add_batch_size_flag(parser)
@@ -54,9 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_progress_flag(parser)
 
 
-def given_scores(path: str, ds: TaskDataset, seed: int) -> PairScores:
-    """Pair scores from a file, checked to be for ``ds``: its task, prompt length, number of prompts and seed."""
-    scores = PairScores.load(path)
+def given_scores(scores: PairScores, path: str, ds: TaskDataset, seed: int) -> PairScores:
+    """``scores`` (read from ``path``), checked to be for ``ds``: its task, prompt length, number of prompts and seed."""
     have = (scores.task, scores.spec.seq_len, scores.n_examples, scores.metadata.get("seed", seed))
     want = (ds.task, ds.seq_len, len(ds), seed)
     if have != want:
@@ -75,8 +75,13 @@ def run_cli(args: argparse.Namespace) -> int:
         raise CircuitkitError(f"--threshold must be in (0, 1], got {args.threshold}")
     if args.minimize and not args.minimal:
         raise CircuitkitError("--minimize minimizes the minimal pair circuit: add --minimal")
+    given = PairScores.load(args.scores) if args.scores else None  # a bad file is refused before the model loads
+    if given is not None and args.method is not None and args.method != given.method:
+        raise CircuitkitError(f"--method {args.method}, but {args.scores} holds {given.method} scores; drop --method "
+                              "(the scores' method is used) or score again without --scores")
+    method = given.method if given is not None else (args.method or PairMethod.EXACT.value)
     model_name = Path(str(args.model)).name
-    out = Path(args.out) if args.out else Path("pairs") / f"{model_name}-{args.task}-{args.method}"
+    out = Path(args.out) if args.out else Path("pairs") / f"{model_name}-{args.task}-{method}"
     check_writable_dir(out, "the output folder (--out)")  # before the computation, not after it
     existing = [p for p in (out / SCORES_FILE, out / SUMMARY_FILE) if p.exists()]
     if existing and not args.force:
@@ -88,11 +93,11 @@ def run_cli(args: argparse.Namespace) -> int:
     if warning:
         print(warning, file=sys.stderr)
     t0 = time.perf_counter()
-    if args.scores:
-        scores = given_scores(args.scores, ds, args.seed)
+    if given is not None:
+        scores = given_scores(given, args.scores, ds, args.seed)
         seconds = None
     else:
-        scores = attribute_pairs(model, ds, args.method, args.batch_size, progress=not args.no_progress)
+        scores = attribute_pairs(model, ds, method, args.batch_size, progress=not args.no_progress)
         seconds = round(time.perf_counter() - t0, 3)
     scores = scores.with_metadata(model=str(args.model), seed=args.seed)
     summary = {"model": str(args.model), "task": ds.task, "method": scores.method, "n_examples": len(ds),
