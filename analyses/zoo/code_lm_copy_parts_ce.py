@@ -18,8 +18,7 @@ import tomllib
 from pathlib import Path
 
 from circuitkit.corpus import ROW_PARTS, TextCorpus
-from circuitkit.io import read_json, write_text
-from circuitkit.models import resolve_path
+from circuitkit.io import write_text
 from circuitkit.sparsity import load_model
 from circuitkit.training import corpus_ce
 
@@ -33,18 +32,20 @@ def main() -> None:
     ap.add_argument("--out", help="also write the table to this markdown file")
     args = ap.parse_args()
     fc = tomllib.loads(Path(REFERENCE_RUN).read_text())
-    rows = []
+    rows, corpora = [], {}  # the corpus, tokenized once per distinct tokenizer (these models share one)
     for name in args.models:
         model = load_model(name)
-        card = read_json(Path(resolve_path(name)) / "card.json")
-        c = TextCorpus.from_source(fc["corpus"], model.tokenizer, seq_len=fc["corpus_seq_len"],
-                                   heldout_fraction=fc["corpus_heldout_fraction"], seed=fc["corpus_seed"])
-        c = c.with_repeats(fc["corpus_repeat_fraction"], fc["corpus_repeat_min"])
+        key = model.tokenizer.backend_tokenizer.to_str()
+        if key not in corpora:
+            c = TextCorpus.from_source(fc["corpus"], model.tokenizer, seq_len=fc["corpus_seq_len"],
+                                       heldout_fraction=fc["corpus_heldout_fraction"], seed=fc["corpus_seed"])
+            corpora[key] = c.with_repeats(fc["corpus_repeat_fraction"], fc["corpus_repeat_min"])
+        c = corpora[key]
         cons = c.constraint_rows(args.n)
         parts = c.row_parts(cons.shape[0])
         ce = {part: corpus_ce(model, cons[parts == i]) for i, part in enumerate(ROW_PARTS)}
         ce["heldout"] = corpus_ce(model, c.rows("heldout", args.n))
-        rows.append((Path(name).name, card.get("kept_edges"), ce))
+        rows.append((Path(name).name, model.circuitkit_card.get("kept_edges"), ce))
     ref = rows[0][2]
     lines = ["| model | kept edges | plain train rows | repeat windows | held-out |", "|---|---|---|---|---|"]
     for name, kept, ce in rows:
