@@ -12,7 +12,8 @@ from circuitkit.tasks import Metric, TaskDataset, get_task, task_names
 from circuitkit.tasks import addition, docstring, greater_than, induction, ioi
 from circuitkit.tasks.vocab import DOC_ARGS, INDUCTION_SYMBOLS, NAMES, VOCAB, YEARS
 
-TOY = {"addition": 12, "induction": 16, "ioi": 15, "greater-than": 13, "docstring": 20}
+TOY = {"addition": 12, "induction": 16, "ioi": 15, "greater-than": 13, "docstring": 20,
+       "max": 8, "progression": 5, "recall": 10}
 N = 64
 
 
@@ -95,6 +96,8 @@ def test_train_batch_mask_points_at_the_answer(name, datasets):
         assert all(year_value(t) > year_value(y) for t, y in zip(target.tolist(), start))
     elif name == "docstring":
         assert torch.equal(target, prompt[:, 8])
+    else:  # max, progression, recall: the answer computed from the prompt's words
+        assert [_answer_by_hand(name, words(p)) for p in prompt.tolist()] == words(target.tolist())
 
 
 def test_addition_train_batch_masks_the_five_sum_digits():
@@ -384,3 +387,57 @@ def test_scored_from_scores_the_tail_of_the_logits_like_the_whole():
     assert ds.scored_from(0) is ds
     with pytest.raises(CircuitkitError, match="would drop answer position"):
         ds.scored_from(first + 1)
+
+
+# ------------------------------------------------------------------ the three tasks of the "more tasks" lever
+
+def _answer_by_hand(name: str, w: list[str]) -> str:
+    """The answer of a max / progression / recall prompt, read from its words alone."""
+    if name == "max":
+        assert w[-1] == "=" and len(set(w[1:-1])) == 6
+        return str(max(int(d) for d in w[1:-1]))
+    if name == "progression":
+        terms = [int(t) for t in w[1:]]
+        step = terms[1] - terms[0]
+        assert step in (1, 2, 3) and all(b - a == step for a, b in zip(terms, terms[1:]))
+        return f"{terms[-1] + step:02d}"
+    if name == "recall":
+        keys, values = w[1:-1:2], w[2:-1:2]
+        assert len(set(keys)) == len(keys) == 4 and set(keys) <= set(NAMES) and w[-1] in keys
+        return values[keys.index(w[-1])]
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", ["max", "progression", "recall"])
+def test_more_tasks_answers_and_corruptions_by_hand(name, datasets):
+    """The clean answer is the prompt's answer computed by hand; the distractor is the corrupted prompt's answer,
+    never the clean one; clean and corrupted prompts differ where the task says they do."""
+    ds = datasets[name]
+    clean, corrupt = [words(r) for r in ds.clean.tolist()], [words(r) for r in ds.corrupt.tolist()]
+    assert [_answer_by_hand(name, w) for w in clean] == words(ds.correct[:, 0].tolist())
+    assert words(ds.distractors[:, 0, 0].tolist()) == [
+        # the corrupted max prompt repeats its smallest digit, so only its largest is read
+        str(max(int(d) for d in w[1:-1])) if name == "max" else _answer_by_hand(name, w) for w in corrupt]
+    assert (ds.correct[:, 0] != ds.distractors[:, 0, 0]).all()
+    changed = (ds.clean != ds.corrupt)  # [n, pos]
+    if name == "max":  # one digit changed: the largest, to the smallest
+        assert changed.sum(1).eq(1).all()
+        pos = changed.float().argmax(1)
+        assert torch.equal(pos, ds.labels["max_pos"])
+        assert [w[p] for w, p in zip(clean, pos.tolist())] == words(ds.correct[:, 0].tolist())
+    elif name == "progression":  # the same first term, another step
+        assert not changed[:, :2].any() and changed[:, 2:].all()
+    else:  # recall: only the query differs
+        assert not changed[:, :-1].any() and changed[:, -1].all()
+
+
+def test_more_tasks_cover_their_answer_range():
+    """Every digit 5..9 is some prompt's max; every step and many starts occur; every recall slot is queried."""
+    m = get_task("max").dataset(2000, seed=0)
+    assert set(words(m.correct[:, 0].tolist())) == {"5", "6", "7", "8", "9"}
+    p = get_task("progression").dataset(2000, seed=0)
+    assert set(p.labels["step"].tolist()) == {1, 2, 3}
+    starts = {int(w) for w in words(p.clean[:, 1].tolist())}
+    assert min(starts) == 0 and max(starts) >= 85
+    r = get_task("recall").dataset(2000, seed=0)
+    assert set(r.labels["slot"].tolist()) == {0, 1, 2, 3}

@@ -14,7 +14,7 @@ from circuitkit import CircuitkitError
 from circuitkit.circuits.graph import GraphSpec
 from circuitkit.models import TOY_CONFIGS, build_model, load_model, save_model, toy_config
 from circuitkit.sparsity.finetune import SparsifyConfig, finetune
-from circuitkit.tasks import TOY_TASKS, get_task
+from circuitkit.tasks import EXTRA_TOY_TASKS, TOY_TASKS, get_task
 from circuitkit.training import TrainConfig, train
 
 
@@ -36,13 +36,15 @@ def test_6l8h_architecture_and_graph_size():
     assert spec.n_real_edges == edges_by_counting(6, 8) == 3628
     assert GraphSpec.from_config(toy_config("toy-4l")).n_real_edges == edges_by_counting(4, 4) == 479
     # every toy prompt fits the context
-    for name in TOY_TASKS:
+    for name in TOY_TASKS + EXTRA_TOY_TASKS:
         assert get_task(name).dataset(4, seed=0).clean.shape[1] <= fields["n_ctx"]
 
 
 def test_6l8h_trains_and_sparsifies_a_few_steps(tmp_path):
+    """On the eight toy tasks, as toy-multitask-6l-more: one CE constraint per task, prompts of lengths 5 to 20."""
+    tasks = TOY_TASKS + EXTRA_TOY_TASKS
     cfg = TrainConfig.from_dict(dict(name="t6", out=str(tmp_path / "base"), run_dir=str(tmp_path / "run"),
-                                     tasks={t: 1.0 for t in TOY_TASKS}, arch="toy-6l8h", steps=3, batch_size=20,
+                                     tasks={t: 1.0 for t in tasks}, arch="toy-6l8h", steps=3, batch_size=20,
                                      checkpoint_every=3, eval_every=3, eval_n=20, warmup=1))
     card = train(cfg, progress=False)
     model = load_model(tmp_path / "base")
@@ -50,12 +52,12 @@ def test_6l8h_trains_and_sparsifies_a_few_steps(tmp_path):
     fresh = build_model(toy_config("toy-6l8h", seed=0))
     assert not torch.equal(model.W_Q, fresh.W_Q)  # the steps changed the weights
     scfg = SparsifyConfig.from_dict(dict(name="t6s", model=str(tmp_path / "base"), out=str(tmp_path / "sparse"),
-                                         run_dir=str(tmp_path / "srun"), tasks={t: 1.0 for t in TOY_TASKS},
+                                         run_dir=str(tmp_path / "srun"), tasks={t: 1.0 for t in tasks},
                                          per_task_constraints=True, steps=2, batch_size=20, eval_n=10,
                                          target_n=10, measure_n=10, bias_gate=1.0))
     scard = finetune(scfg, progress=False)
     assert len(scard["kept_edges_layer"]) == 6 and len(scard["kept_edges_head"][0]) == 8
-    assert set(scard["target_ce"]) == set(TOY_TASKS)
+    assert set(scard["target_ce"]) == set(tasks) and set(card["tasks"]) == set(tasks)
 
 
 def _pair(tmp_path, arch, tag):

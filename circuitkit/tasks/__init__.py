@@ -1,12 +1,17 @@
 """Tasks by name: ``get_task("addition", carry="double").dataset(100, seed=0)``.
 
 Toy tasks (one shared word-level vocabulary, :mod:`circuitkit.tasks.vocab`): ``addition``,
-``induction``, ``ioi``, ``greater-than``, ``docstring``. Natural-language variants for
+``induction``, ``ioi``, ``greater-than``, ``docstring``, and ``max``, ``progression``, ``recall``
+(added for the "more tasks" lever of the 6-layer zoo). Natural-language variants for
 pretrained models take the model's tokenizer (:mod:`circuitkit.tasks.nl`): ``ioi-nl``,
 ``greater-than-nl``, ``docstring-nl``, ``induction-nl``. Code tasks for language models
 trained on code (:mod:`circuitkit.tasks.code`) take the tokenizer too: ``code-induction``,
 ``code-args``, ``code-kwargs``, ``code-return``. :func:`task_for_model` picks the right one
 for a model.
+
+To add a toy task: one file here, registered with ``@register_task("name")`` and imported below. A task whose
+answer is the one token after the prompt subclasses :class:`SingleAnswerTask` and only draws its examples
+(``recall.py`` is a short example); any other subclasses :class:`Task`.
 """
 
 from __future__ import annotations
@@ -14,14 +19,18 @@ from __future__ import annotations
 from typing import Any
 
 from circuitkit import CircuitkitError
-from circuitkit.tasks.base import Metric, Task, TaskDataset, check_n, get_task, register_task, task_names
-from circuitkit.tasks import addition, code, docstring, greater_than, induction, ioi, nl  # noqa: F401  (registers)
+from circuitkit.tasks.base import (Draw, Metric, SingleAnswerTask, Task, TaskDataset, check_n, get_task, register_task,
+                                   task_names)
+from circuitkit.tasks import addition, code, docstring, greater_than, induction, ioi, max_digit, nl, progression, recall  # noqa: F401  (registers)
 from circuitkit.tasks.code import is_code_task
 from circuitkit.tasks.vocab import is_toy
 
 NL_SUFFIX = "-nl"
 # The five shipped toy tasks, in the order the study reports them.
 TOY_TASKS = ("addition", "induction", "ioi", "greater-than", "docstring")
+# Three more toy tasks, added so that heads have more distinct work (the "more tasks" lever,
+# toy-multitask-6l-more); the study reports them after the five.
+EXTRA_TOY_TASKS = ("max", "progression", "recall")
 
 
 def toy_task_names() -> list[str]:
@@ -77,5 +86,5 @@ def _code_task_for_model(name: str, model: Any, **options) -> Task:
     return get_task(name, tokenizer=model.tokenizer, **options)
 
 
-__all__ = ["Metric", "Task", "TaskDataset", "check_n", "code_task_names", "get_task", "is_toy", "register_task", "task_for_model",
+__all__ = ["Draw", "EXTRA_TOY_TASKS", "Metric", "SingleAnswerTask", "Task", "TaskDataset", "check_n", "code_task_names", "get_task", "is_toy", "register_task", "task_for_model",
            "task_names", "toy_task_names"]

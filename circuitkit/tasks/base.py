@@ -201,6 +201,49 @@ class Task(ABC):
         """
 
 
+@dataclass(frozen=True)
+class Draw:
+    """What a :class:`SingleAnswerTask` draws for ``n`` examples: prompts, answer and distractor tokens, labels."""
+
+    clean: torch.Tensor  # [n, pos]
+    corrupt: torch.Tensor  # [n, pos]
+    answer: torch.Tensor  # [n]: the token that should follow the clean prompt
+    distractor: torch.Tensor  # [n] or [n, n_dis]: the competing tokens (the corrupted prompt's answer, the subject, ...)
+    labels: dict[str, torch.Tensor] = field(default_factory=dict)  # per-example extras, [n, ...]
+
+
+class SingleAnswerTask(Task):
+    """A task whose answer is the one token after the prompt's last position, scored by logit difference.
+
+    A subclass draws examples (:meth:`draw`) and names its positions; the dataset and the training rows (the prompt
+    with its answer appended, the loss on the last prompt position) are built here, the same way for every such task.
+    """
+
+    answer_pos: ClassVar[int]  # the prompt's last position, where the answer is read
+    position_labels: ClassVar[tuple[str, ...] | None] = None
+
+    @abstractmethod
+    def draw(self, n: int, generator: torch.Generator) -> Draw:
+        """``n`` examples, all randomness from ``generator``."""
+
+    def dataset(self, n: int, seed: int = 0) -> TaskDataset:
+        check_n(n)
+        d = self.draw(n, torch.Generator().manual_seed(seed))
+        distractors = d.distractor.reshape(n, 1, -1)  # [n, 1 answer, n_dis]
+        return TaskDataset(task=self.name, clean=d.clean, corrupt=d.corrupt,
+                           answer_pos=torch.full((n, 1), self.answer_pos, dtype=torch.long),
+                           correct=d.answer[:, None], distractors=distractors, metric=self.metric,
+                           labels=dict(d.labels), position_labels=self.position_labels)
+
+    def train_batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        check_n(n)
+        d = self.draw(n, generator)
+        tokens = torch.cat([d.clean, d.answer[:, None]], dim=1)  # [n, pos + 1]
+        loss_mask = torch.zeros_like(tokens, dtype=torch.bool)
+        loss_mask[:, self.answer_pos] = True
+        return tokens, loss_mask
+
+
 def check_n(n: int, what: str = "n") -> int:
     if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
         raise CircuitkitError(f"{what} must be a positive number of examples, got {n!r}")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from circuitkit.tasks.base import Metric, Task, TaskDataset, check_n, register_task
+from circuitkit.tasks.base import Draw, SingleAnswerTask, register_task
 from circuitkit.tasks.sampling import sample_distinct, sample_from
 from circuitkit.tasks.vocab import DOC_ARGS, DOC_DESC, DOC_FUNCS, VOCAB
 
@@ -55,32 +55,17 @@ def encode(func: torch.Tensor, args: torch.Tensor, desc: torch.Tensor) -> torch.
 
 
 @register_task("docstring")
-class Docstring(Task):
+class Docstring(SingleAnswerTask):
     name = "docstring"
-    metric = Metric.LOGIT_DIFF
+    answer_pos = ANSWER_POS
+    position_labels = POSITION_LABELS
 
-    def _sample(self, n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    def draw(self, n: int, generator: torch.Generator) -> Draw:
+        g = generator
         arg_idx = sample_distinct(n, 3, len(ARG_IDS), g)  # [n, 3]
         func = sample_from(FUNC_IDS, n, g)
         desc = DESC_IDS[torch.randint(len(DESC_IDS), (n, N_DESC), generator=g)]  # [n, 3]
         args = ARG_IDS[arg_idx]
         fresh = ARG_IDS[sample_distinct(n, 3, len(ARG_IDS), g, exclude=arg_idx)]  # [n, 3], none of A, B, C
-        return dict(clean=encode(func, args, desc), corrupt=encode(func, fresh, desc), args=args)
-
-    def dataset(self, n: int, seed: int = 0) -> TaskDataset:
-        check_n(n)
-        g = torch.Generator().manual_seed(seed)
-        p = self._sample(n, g)
-        args = p["args"]
-        return TaskDataset(task=self.name, clean=p["clean"], corrupt=p["corrupt"],
-                           answer_pos=torch.full((n, 1), ANSWER_POS, dtype=torch.long),
-                           correct=args[:, 2:3], distractors=args[:, None, :2], metric=self.metric,
-                           labels={"args": args}, position_labels=POSITION_LABELS)
-
-    def train_batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        check_n(n)
-        p = self._sample(n, generator)
-        tokens = torch.cat([p["clean"], p["args"][:, 2:3]], dim=1)  # [n, 21]
-        loss_mask = torch.zeros_like(tokens, dtype=torch.bool)
-        loss_mask[:, ANSWER_POS] = True
-        return tokens, loss_mask
+        return Draw(clean=encode(func, args, desc), corrupt=encode(func, fresh, desc), answer=args[:, 2],
+                    distractor=args[:, :2], labels={"args": args})

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from circuitkit import CircuitkitError
-from circuitkit.tasks.base import Metric, Task, TaskDataset, check_n, register_task
+from circuitkit.tasks.base import Draw, SingleAnswerTask, register_task
 from circuitkit.tasks.sampling import sample_distinct, sample_from
 from circuitkit.tasks.vocab import IOI_OBJECTS, IOI_PLACES, NAMES, VOCAB
 
@@ -48,16 +48,17 @@ def encode(n1: torch.Tensor, n2: torch.Tensor, s: torch.Tensor, place: torch.Ten
 
 
 @register_task("ioi")
-class IOI(Task):
+class IOI(SingleAnswerTask):
     name = "ioi"
-    metric = Metric.LOGIT_DIFF
+    answer_pos = ANSWER_POS
+    position_labels = POSITION_LABELS
 
     def __init__(self, order: str | None = None) -> None:
         if order is not None and order not in ORDERS:
             raise CircuitkitError(f"order must be one of {ORDERS} or None (both, half each at random), got {order!r}")
         self.order = order
 
-    def _sample(self, n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    def draw(self, n: int, g: torch.Generator) -> Draw:
         names = sample_distinct(n, 2, len(NAME_IDS), g)  # [n, 2]: IO, S (indices into NAMES)
         io, s = NAME_IDS[names[:, 0]], NAME_IDS[names[:, 1]]
         if self.order is None:
@@ -70,22 +71,4 @@ class IOI(Task):
         clean = encode(n1, n2, s, place, obj)  # [n, 15]
         abc = NAME_IDS[sample_distinct(n, 3, len(NAME_IDS), g, exclude=names)]  # [n, 3]
         corrupt = encode(abc[:, 0], abc[:, 1], abc[:, 2], place, obj)  # [n, 15]
-        return dict(clean=clean, corrupt=corrupt, io=io, s=s, order=order)
-
-    def dataset(self, n: int, seed: int = 0) -> TaskDataset:
-        check_n(n)
-        g = torch.Generator().manual_seed(seed)
-        p = self._sample(n, g)
-        return TaskDataset(task=self.name, clean=p["clean"], corrupt=p["corrupt"],
-                           answer_pos=torch.full((n, 1), ANSWER_POS, dtype=torch.long),
-                           correct=p["io"][:, None], distractors=p["s"][:, None, None], metric=self.metric,
-                           labels={"order": p["order"], "io": p["io"], "s": p["s"]},
-                           position_labels=POSITION_LABELS)
-
-    def train_batch(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        check_n(n)
-        p = self._sample(n, generator)
-        tokens = torch.cat([p["clean"], p["io"][:, None]], dim=1)  # [n, 16]
-        loss_mask = torch.zeros_like(tokens, dtype=torch.bool)
-        loss_mask[:, ANSWER_POS] = True
-        return tokens, loss_mask
+        return Draw(clean=clean, corrupt=corrupt, answer=io, distractor=s, labels={"order": order, "io": io, "s": s})
