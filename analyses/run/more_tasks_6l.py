@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from circuitkit.io import write_text
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 FIVE = ["addition", "induction", "ioi", "greater-than", "docstring"]
@@ -50,15 +52,14 @@ def pair_rows(label: str, base: str, tasks: list[str], prefix: pd.DataFrame, min
     for task in tasks:
         p = prefix.loc[task]
         if minimized is None:  # the prefix columns only; the minimized ones empty
-            m = pd.Series({c: float("nan") for c in ("base_edges", "sparse_edges", "edge_ratio", "base_heads",
-                                                      "sparse_heads", "head_ratio", "base_f", "sparse_f",
-                                                      "base_completeness", "sparse_completeness")})
+            m = pd.Series(float("nan"), index=p.index)
         else:
             m = minimized.loc[task]
-        if minimized is not None and (int(m.base_prefix_edges), int(m.sparse_prefix_edges)) != (int(p.base_edges), int(p.sparse_edges)):
-            raise SystemExit(f"{label} / {task}: the minimized study's prefixes ({int(m.base_prefix_edges)}, "
-                             f"{int(m.sparse_prefix_edges)}) are not the prefix study's circuits ({int(p.base_edges)}, "
-                             f"{int(p.sparse_edges)}): the two studies were not made with the same settings")
+            if (int(m.base_prefix_edges), int(m.sparse_prefix_edges)) != (int(p.base_edges), int(p.sparse_edges)):
+                raise SystemExit(f"{label} / {task}: the minimized study's prefixes ({int(m.base_prefix_edges)}, "
+                                 f"{int(m.sparse_prefix_edges)}) are not the prefix study's circuits "
+                                 f"({int(p.base_edges)}, {int(p.sparse_edges)}): the two studies were not made with "
+                                 "the same settings")
         out.append({
             "pair": label, "task": task, "kept_edges": check["kept_edges"],
             "kept_edges_task": check["kept_edges_task"][task], "open_heads": open_heads,
@@ -77,6 +78,7 @@ def pair_rows(label: str, base: str, tasks: list[str], prefix: pd.DataFrame, min
 def markdown(df: pd.DataFrame) -> str:
     lines = ["| pair | task | kept edges (task's) | accuracy base → sparse | edges, prefix | ratio | heads | ratio "
              "| edges, minimized | ratio | heads | ratio |", "|" + "---|" * 12]
+
     def n(x) -> str:  # an edge or head count, or "–" where the minimized study was not run
         return "–" if pd.isna(x) else f"{int(x):,}"
 
@@ -124,9 +126,10 @@ def main(argv: list[str] | None = None) -> int:
                          f"{args.sparse} --n 2000").read_text()))
     df = pd.DataFrame(five + eight)
     name = f"6l_more{suffix}_compare"
+    table = markdown(df)
     df.to_csv(HERE / f"{name}.csv", index=False)
-    (HERE / f"{name}.md").write_text(markdown(df))
-    print(markdown(df))
+    write_text(HERE / f"{name}.md", table)  # atomically, as every file circuitkit writes
+    print(table)
     return 0
 
 

@@ -21,7 +21,8 @@ from typing import Any
 from circuitkit import CircuitkitError
 from circuitkit.tasks.base import (Draw, Metric, SingleAnswerTask, Task, TaskDataset, check_n, get_task, register_task,
                                    task_names)
-from circuitkit.tasks import addition, code, docstring, greater_than, induction, ioi, max_digit, nl, progression, recall  # noqa: F401  (registers)
+from circuitkit.tasks import (addition, code, docstring, greater_than, induction, ioi, max_digit, nl,  # noqa: F401
+                              progression, recall)  # (importing registers them)
 from circuitkit.tasks.code import is_code_task
 from circuitkit.tasks.vocab import is_toy
 

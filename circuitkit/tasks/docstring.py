@@ -60,8 +60,7 @@ class Docstring(SingleAnswerTask):
     answer_pos = ANSWER_POS
     position_labels = POSITION_LABELS
 
-    def draw(self, n: int, generator: torch.Generator) -> Draw:
-        g = generator
+    def draw(self, n: int, g: torch.Generator) -> Draw:
         arg_idx = sample_distinct(n, 3, len(ARG_IDS), g)  # [n, 3]
         func = sample_from(FUNC_IDS, n, g)
         desc = DESC_IDS[torch.randint(len(DESC_IDS), (n, N_DESC), generator=g)]  # [n, 3]
