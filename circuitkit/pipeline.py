@@ -20,12 +20,11 @@ import pandas as pd
 
 from circuitkit import CircuitkitError, plotting
 from circuitkit.circuits.selection import MinimalRule
-from circuitkit.evaluation.compare import (check_pair, overlap_table, pair_table, position_table, study_pair,
-                                           write_table)
+from circuitkit.evaluation.compare import (check_pair, check_results_folder, overlap_table, pair_table,
+                                           position_table, study_pair, write_table)
 from circuitkit.evaluation.pairs import PAPER_MASS_RATIOS, pair_row, study_pair_tokens
 from circuitkit.evaluation.study import StudyConfig, TaskResult
-from circuitkit.io import (POSITIVE, TomlConfig, check_fields, check_keys, check_writable_dir, write_json,
-                           write_text)
+from circuitkit.io import POSITIVE, TomlConfig, check_fields, check_keys, write_json, write_text
 from circuitkit.models import ZOO_DIR
 from circuitkit.sparsity.finetune import SparsifyConfig, finetune
 from circuitkit.tasks import TOY_TASKS
@@ -136,10 +135,13 @@ def retrain(cfg: RunConfig, progress: bool = True) -> None:
                   force=True)
 
 
-def run(cfg: RunConfig, progress: bool = True) -> Path:
-    """Run the study; return the results folder."""
+def run(cfg: RunConfig, progress: bool = True, resume: bool = False, force: bool = False) -> Path:
+    """Run the study; return the results folder. A folder that already holds a study is refused unless
+    ``resume`` (each (model, task) result saved there under the same settings, model weights and prompts is
+    reused; at the attention-pair level, the saved pair scores, from which the curves and the minimal pair
+    circuit are computed again) or ``force`` (everything computed again)."""
     t0 = time.time()
-    out = check_writable_dir(cfg.out, "the results folder (out)")
+    out = check_results_folder(cfg.out, resume, force)
     for pair in cfg.pairs:  # before any work: the models of each pair must share one graph
         check_pair(pair.base, pair.sparse)
     out.mkdir(parents=True, exist_ok=True)
@@ -149,7 +151,7 @@ def run(cfg: RunConfig, progress: bool = True) -> Path:
     tables, position_tables = [], []
     for pair in cfg.pairs:
         study = cfg.study if pair.n is None else replace(cfg.study, n=pair.n)
-        base, sparse = study_pair(pair.base, pair.sparse, pair.tasks, study, out, progress=progress)
+        base, sparse = study_pair(pair.base, pair.sparse, pair.tasks, study, out, progress=progress, reuse=resume)
         results[Path(pair.base).name], results[Path(pair.sparse).name] = base, sparse
         table = pair_table(base, sparse)
         spec = base[0].scored.spec
@@ -168,7 +170,8 @@ def run(cfg: RunConfig, progress: bool = True) -> Path:
         if "pairs" in study.levels:  # the token level: attention pairs (docs/method.md §10)
             for b, s in study_pair_tokens(pair.base, pair.sparse, pair.tasks, study.pair_method,
                                           study.pair_n or study.n, study.seed, study.threshold, study.batch_size,
-                                          progress, minimal_rule=study.minimal):
+                                          progress, minimal_rule=study.minimal,
+                                          reuse_from=out / "pairs" if resume else None):
                 token_panels.append((f"{b.model}: {b.scores.task}", b, s))
                 for r in (b, s):  # the scores (to rank by again without rescoring) and the curves, per model
                     stem = out / "pairs" / f"{r.model}__{r.scores.task}"

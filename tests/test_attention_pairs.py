@@ -210,7 +210,7 @@ def test_pairs_command_writes_and_refuses_to_overwrite(tmp_path, capsys):
 
 def test_pairs_command_ranks_by_scores_it_is_given(tmp_path, capsys):
     """--scores skips the attribution: the minimal circuit is the one the scores' own run finds, and scores of
-    another dataset (prompt count, seed) are refused with what to pass."""
+    another dataset (prompt count, seed) or of another model are refused with what to pass."""
     first, second = tmp_path / "a", tmp_path / "b"
     common = ["pairs", "--model", "toy-addition-sparse", "--task", "addition", "--n", "6", "--seed", "3", "--minimal",
               "--no-progress"]
@@ -230,6 +230,12 @@ def test_pairs_command_ranks_by_scores_it_is_given(tmp_path, capsys):
     argv = [*common, "--scores", str(first / "pairs.safetensors"), "--method", "exact", "--out", str(tmp_path / "d")]
     assert main(argv) == 2
     assert "holds gradient scores; drop --method" in capsys.readouterr().err
+    # scores of another model (same task, prompts and seed) rank only the model they were computed on
+    argv = [*common, "--scores", str(first / "pairs.safetensors"), "--out", str(tmp_path / "e")]
+    argv[argv.index("toy-addition-sparse")] = "toy-addition"
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "holds pair scores of another model (toy-addition-sparse" in err and not (tmp_path / "e").exists()
 
 
 def test_token_figures_are_written(tmp_path):

@@ -292,3 +292,101 @@ def test_run_config_errors(tmp_path):
         RunConfig.from_dict({"study": {"metod": "eap"}})
     with pytest.raises(CircuitkitError, match="does not exist"):
         RunConfig.from_toml(tmp_path / "nope.toml")
+
+
+def test_fingerprints_tell_prompts_and_models_apart():
+    """The keys --resume trusts: the same prompts hash alike; one changed token, another seed, another task differ;
+    a model's fingerprint follows its weights and its gates."""
+    from circuitkit.sparsity import GateConfig, attach, detach, model_fingerprint
+
+    a, b = get_task("ioi").dataset(8, seed=0), get_task("ioi").dataset(8, seed=0)
+    assert a.fingerprint() == b.fingerprint()
+    assert get_task("ioi").dataset(8, seed=1).fingerprint() != a.fingerprint()
+    d = a.distractors.clone()
+    d[3, 0, 0] += 1
+    from dataclasses import replace
+    assert replace(a, distractors=d).fingerprint() != a.fingerprint()
+    assert replace(a, task="other").fingerprint() != a.fingerprint()
+    m = build_model(toy_config("toy-2l", seed=1))
+    plain = model_fingerprint(m)
+    assert model_fingerprint(build_model(toy_config("toy-2l", seed=1))) == plain
+    attach(m, GateConfig(bias_gate=3.0))
+    gated = model_fingerprint(m)
+    detach(m)
+    attach(m, GateConfig(bias_gate=2.0))
+    assert len({plain, gated, model_fingerprint(m)}) == 3
+    detach(m)
+    with torch.no_grad():
+        m.W_U[0, 0] += 1e-3
+    assert model_fingerprint(m) != plain
+
+
+def test_run_refuses_a_used_folder_and_resumes_from_saved_results(tmp_path, monkeypatch, capsys):
+    """A second run into a results folder is refused unless it says --resume or --force. --resume reads back every
+    result saved under the same key (no analysis runs) and writes the same tables; a result whose file is gone, or
+    that was made with another setting or other weights, is computed again, and gives the same numbers when
+    nothing changed (same config and seed, same circuit)."""
+    import circuitkit.evaluation.compare as compare_mod
+    import circuitkit.evaluation.pairs as pairs_mod
+    from circuitkit.cli import main as cli_main
+    from circuitkit.pipeline import RunConfig, run
+
+    for name, seed in (("base", 1), ("sparse", 2)):
+        save_model(build_model(toy_config("toy-2l", seed=seed)), tmp_path / name, {"name": name})
+    raw = {"out": str(tmp_path / "results"), "figures": False,
+           "study": {"method": "eap", "n": 12, "batch_size": 64, "levels": ["component", "position", "pairs"],
+                     "pair_method": "gradient", "pair_n": 4},
+           "pairs": [{"base": str(tmp_path / "base"), "sparse": str(tmp_path / "sparse"), "tasks": ["ioi"]}]}
+    cfg = RunConfig.from_dict(raw)
+    out = run(cfg, progress=False)
+    tables = ("base_vs_sparse.csv", "token_positions.csv", "token_pairs.csv", "token_levels.csv")
+    first = {t: (out / t).read_text() for t in tables}
+
+    with pytest.raises(CircuitkitError, match="already holds a finished study.*--resume.*--force"):
+        run(cfg, progress=False)
+    with pytest.raises(CircuitkitError, match="pass one"):
+        run(cfg, progress=False, resume=True, force=True)
+
+    calls, scored = [], []
+    real, real_pairs = compare_mod.analyse, pairs_mod.attribute_pairs
+
+    def counted(model, label, ds, study):
+        calls.append((label, ds.task))
+        return real(model, label, ds, study)
+
+    def counted_pairs(model, ds, *a, **kw):
+        scored.append(ds.task)
+        return real_pairs(model, ds, *a, **kw)
+
+    monkeypatch.setattr(compare_mod, "analyse", counted)
+    monkeypatch.setattr(pairs_mod, "attribute_pairs", counted_pairs)
+    run(cfg, progress=False, resume=True)
+    assert calls == [] and scored == [] and {t: (out / t).read_text() for t in tables} == first
+
+    (out / "circuits" / "sparse__ioi__position.json").unlink()  # a damaged result: computed again, the rest reused
+    (out / "run.json").unlink()  # a stopped study: refused without --resume too
+    with pytest.raises(CircuitkitError, match="already holds 2 saved results"):
+        run(cfg, progress=False)
+    run(cfg, progress=False, resume=True)
+    assert calls == [("sparse", "ioi")] and {t: (out / t).read_text() for t in tables} == first
+
+    calls.clear()
+    save_model(build_model(toy_config("toy-2l", seed=3)), tmp_path / "sparse", {"name": "sparse"})  # new weights
+    run(cfg, progress=False, resume=True)
+    assert calls == [("sparse", "ioi")] and scored == ["ioi"]  # the sparse model's, not the base's
+
+    calls.clear()
+    scored.clear()
+    # another threshold: no saved circuit applies; the saved pair scores do (they do not depend on it)
+    (tmp_path / "c.toml").write_text(
+        f'out = "{out.as_posix()}"\nfigures = false\n[study]\nmethod = "eap"\nn = 12\nbatch_size = 64\n'
+        'levels = ["component", "position", "pairs"]\npair_method = "gradient"\npair_n = 4\nthreshold = 0.8\n'
+        '[[pairs]]\n'
+        f'base = "{(tmp_path / "base").as_posix()}"\nsparse = "{(tmp_path / "sparse").as_posix()}"\n'
+        'tasks = ["ioi"]\n')
+    assert cli_main(["run", "--config", str(tmp_path / "c.toml"), "--no-progress"]) == 2
+    assert "--resume" in capsys.readouterr().err and calls == []
+    assert cli_main(["run", "--config", str(tmp_path / "c.toml"), "--no-progress", "--resume"]) == 0
+    assert calls == [("base", "ioi"), ("sparse", "ioi")]
+    assert scored == []
+    assert json.loads((out / "summaries" / "base__ioi.json").read_text())["key"]["settings"]["threshold"] == 0.8

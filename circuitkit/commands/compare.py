@@ -7,10 +7,9 @@ import argparse
 from circuitkit import CircuitkitError
 from circuitkit.circuits.attribution import get_method
 from circuitkit.commands.options import (add_ablation_flag, add_batch_size_flag, add_method_flags, add_progress_flag,
-                                         method_options, positive)
-from circuitkit.evaluation.compare import pair_table, study_pair, write_table
+                                         add_resume_flags, method_options, positive)
+from circuitkit.evaluation.compare import check_results_folder, pair_table, study_pair, write_table
 from circuitkit.evaluation.study import StudyConfig
-from circuitkit.io import check_writable_dir
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,6 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_batch_size_flag(p)
     p.add_argument("--out", default="results/compare",
                    help="results folder: base_vs_sparse.{csv,md}, circuits/, summaries/ (default results/compare)")
+    add_resume_flags(p)
     add_progress_flag(p)
 
 
@@ -44,8 +44,9 @@ def run_cli(args: argparse.Namespace) -> int:
     if not tasks:
         raise CircuitkitError(f"--tasks {args.tasks!r} names no task; give a comma-separated list, e.g. "
                               "--tasks ioi,docstring")
-    out = check_writable_dir(args.out, "the output folder (--out)")
-    base, sparse = study_pair(args.base, args.sparse, tasks, cfg, out, progress=not args.no_progress)
+    out = check_results_folder(args.out, args.resume, args.force, "the output folder (--out)")
+    base, sparse = study_pair(args.base, args.sparse, tasks, cfg, out, progress=not args.no_progress,
+                              reuse=args.resume)
     table = pair_table(base, sparse)
     write_table(table, out / "base_vs_sparse")
     print(table.to_markdown(index=False, floatfmt=".3g"))

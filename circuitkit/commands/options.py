@@ -64,6 +64,18 @@ def add_progress_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def add_resume_flags(p: argparse.ArgumentParser, pair_level: bool = False) -> None:
+    """--resume / --force for a command that saves one result per (model, task) into its results folder
+    (circuitkit.evaluation.compare.check_results_folder refuses a used folder without one of them)."""
+    p.add_argument("--resume", action="store_true",
+                   help="the results folder holds results (finished or stopped): reuse each one saved there under the "
+                        "same settings, model weights and prompts, compute the rest"
+                        + (" (at the attention-pair level: the saved pair scores; its curves and minimal circuit are "
+                           "computed again from them)" if pair_level else ""))
+    p.add_argument("--force", action="store_true",
+                   help="the results folder holds results: compute everything again and write over them")
+
+
 def positive(args: argparse.Namespace, *names: str) -> None:
     """Refuse a zero or negative count before any work starts."""
     for n in names:

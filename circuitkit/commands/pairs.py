@@ -19,7 +19,8 @@ from circuitkit import CircuitkitError
 from circuitkit.circuits.attention_pairs import PairMethod, PairScores, attribute_pairs
 from circuitkit.circuits.discover import untrained_task_warning
 from circuitkit.commands.options import add_batch_size_flag, add_progress_flag, positive
-from circuitkit.evaluation.pairs import head_mass, minimal_pair_circuit, minimize_pairs, pair_curve, pair_mass
+from circuitkit.evaluation.pairs import (head_mass, minimal_pair_circuit, minimize_pairs, pair_curve, pair_key,
+                                        pair_mass)
 from circuitkit.io import check_writable_dir, write_json
 from circuitkit.sparsity import load_model
 from circuitkit.tasks import task_for_model
@@ -55,8 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_progress_flag(parser)
 
 
-def given_scores(scores: PairScores, path: str, ds: TaskDataset, seed: int) -> PairScores:
-    """``scores`` (read from ``path``), checked to be for ``ds``: its task, prompt length, number of prompts and seed."""
+def given_scores(scores: PairScores, path: str, ds: TaskDataset, seed: int, key: dict | None = None) -> PairScores:
+    """``scores`` (read from ``path``), checked to be for ``ds``: its task, prompt length, number of prompts and seed;
+    and, when the file carries the key it was made under (:func:`~circuitkit.evaluation.pairs.pair_key`, files of
+    this version on), for this model's weights and gates and these very prompts."""
     have = (scores.task, scores.spec.seq_len, scores.n_examples, scores.metadata.get("seed", seed))
     want = (ds.task, ds.seq_len, len(ds), seed)
     if have != want:
@@ -64,6 +67,15 @@ def given_scores(scores: PairScores, path: str, ds: TaskDataset, seed: int) -> P
                               f"with seed {have[3]}, not {want[0]!r} ({want[1]} tokens) on {want[2]} with seed "
                               f"{want[3]}: pass --task {have[0]} --n {have[2]} --seed {have[3]}, or score again "
                               "without --scores")
+    saved = scores.metadata.get("key")
+    if key is not None and isinstance(saved, dict):
+        if saved.get("model") != key["model"]:
+            raise CircuitkitError(f"{path} holds pair scores of another model ({scores.metadata.get('model', '?')}, "
+                                  f"fingerprint {saved.get('model')}; this one's is {key['model']}): scores rank only "
+                                  "the model they were computed on; pass that --model, or score again without --scores")
+        if saved.get("dataset") != key["dataset"]:
+            raise CircuitkitError(f"{path} holds pair scores of other prompts of task {ds.task!r} (the task's prompts "
+                                  "changed since they were scored); score again without --scores")
     return scores
 
 
@@ -93,13 +105,14 @@ def run_cli(args: argparse.Namespace) -> int:
     if warning:
         print(warning, file=sys.stderr)
     t0 = time.perf_counter()
+    key = pair_key(model, ds, method)
     if given is not None:
-        scores = given_scores(given, args.scores, ds, args.seed)
+        scores = given_scores(given, args.scores, ds, args.seed, key)
         seconds = None
     else:
         scores = attribute_pairs(model, ds, method, args.batch_size, progress=not args.no_progress)
         seconds = round(time.perf_counter() - t0, 3)
-    scores = scores.with_metadata(model=str(args.model), seed=args.seed)
+    scores = scores.with_metadata(model=str(args.model), seed=args.seed, key=key)
     summary = {"model": str(args.model), "task": ds.task, "method": scores.method, "n_examples": len(ds),
                "seed": args.seed, "metric": ds.metric.value, "m_full": scores.m_full,
                "causal_pairs": scores.spec.n_pairs, "nonzero_pairs": int((scores.scores != 0).sum()),

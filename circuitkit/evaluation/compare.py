@@ -4,13 +4,17 @@ Owns the columns of the paper's headline table (minimal-circuit edges and heads 
 ratios, CPR/CMD, completeness, minimality, base/sparse overlap), those of the position-level
 table (:data:`POSITION_COLUMNS`, when the study's levels include it) and the one loop that
 analyses a base and a sparse model task by task (:func:`study_pair`), which both
-``circuitkit compare`` and ``circuitkit run`` use. Tables are pandas DataFrames, written as
-CSV and markdown; the flags are in :mod:`circuitkit.commands.compare`.
+``circuitkit compare`` and ``circuitkit run`` use, with the results folder it writes into: one
+result per (model, task) saved as soon as it is done (:func:`save_result`), read back by ``--resume``
+when its key still holds (:func:`load_result`), and a used folder refused without ``--resume`` or
+``--force`` (:func:`check_results_folder`). Tables are pandas DataFrames, written as CSV and
+markdown; the flags are in :mod:`circuitkit.commands.compare`.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from pathlib import Path
 from typing import Sequence
@@ -19,8 +23,10 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from circuitkit import CircuitkitError
-from circuitkit.evaluation.study import StudyConfig, TaskResult, analyse, jaccard
-from circuitkit.io import write_json, write_text
+from circuitkit.circuits.graph import Graph
+from circuitkit.circuits.positions import PositionGraph
+from circuitkit.evaluation.study import StudyConfig, TaskResult, analyse, jaccard, result_key
+from circuitkit.io import check_writable_dir, read_json, write_json, write_text
 from circuitkit.models import load_card
 from circuitkit.sparsity import load_model
 from circuitkit.tasks import task_for_model
@@ -155,6 +161,9 @@ def write_table(df: pd.DataFrame, path_stem: Path) -> None:
 
 
 def save_result(r: TaskResult, folder: Path) -> None:
+    """``circuits/<model>__<task>.json`` (and ``__position.json``), then ``summaries/<model>__<task>.json``: the
+    summary, which carries the result's key, is written last, so a run stopped in between leaves no summary
+    that points at a missing or older circuit."""
     stem = f"{r.model}__{r.task}"
     r.minimal.save(folder / "circuits" / f"{stem}.json")
     if r.position is not None:
@@ -162,14 +171,56 @@ def save_result(r: TaskResult, folder: Path) -> None:
     write_json(folder / "summaries" / f"{stem}.json", r.summary())
 
 
+def check_results_folder(out: str | Path, resume: bool = False, force: bool = False,
+                         what: str = "the results folder (out)") -> Path:
+    """The results folder, refused when it already holds a study (a finished one's ``run.json``, or the saved
+    results of a stopped one) unless ``resume`` (reuse what was saved under the same key, compute the rest) or
+    ``force`` (compute everything again and write over it) says what to do with it."""
+    path = check_writable_dir(out, what)
+    if resume and force:
+        raise CircuitkitError("--resume reuses the saved results and --force computes them all again; pass one")
+    saved = sorted((path / "summaries").glob("*.json")) if (path / "summaries").is_dir() else []
+    if not (resume or force) and ((path / "run.json").exists() or saved):
+        held = "a finished study (run.json)" if (path / "run.json").exists() else f"{len(saved)} saved results"
+        raise CircuitkitError(f"{path} already holds {held}; pass --resume to reuse every circuit saved there under "
+                              "the same settings, weights and prompts and compute the rest, --force to compute "
+                              "everything again and write over it, or --out to write elsewhere (in Python: "
+                              "resume=True or force=True)")
+    return path
+
+
+def load_result(folder: Path, model: str, task: str, key: dict) -> TaskResult | None:
+    """The result :func:`save_result` wrote for (``model``, ``task``) into ``folder`` if it was made under ``key``
+    (:func:`~circuitkit.evaluation.study.result_key`); None when there is none, it was made under another key, or
+    its files do not load (it is then computed again and written over)."""
+    stem = f"{model}__{task}"
+    path = folder / "summaries" / f"{stem}.json"
+    if not path.is_file():
+        return None
+    try:
+        summary = read_json(path)
+        if not isinstance(summary, dict) or summary.get("key") != json.loads(json.dumps(key)):
+            return None
+        minimal = Graph.load(folder / "circuits" / f"{stem}.json")
+        position = (PositionGraph.load(folder / "circuits" / f"{stem}__position.json")
+                    if "position" in summary else None)
+        r = TaskResult.from_saved(summary, minimal, position)
+    except (CircuitkitError, KeyError, TypeError, ValueError):
+        return None
+    return r if (r.model, r.task) == (model, task) else None
+
+
 def study_pair(base: str, sparse: str, tasks: Sequence[str], cfg: StudyConfig, out: Path | None = None,
-               progress: bool = False) -> tuple[list[TaskResult], list[TaskResult]]:
+               progress: bool = False, reuse: bool = False) -> tuple[list[TaskResult], list[TaskResult]]:
     """:func:`~circuitkit.evaluation.study.analyse` every task in the base and in the sparse model.
 
     Both models are loaded first; each result is saved into ``out`` (``circuits/`` and
-    ``summaries/``, see :func:`save_result`) as soon as it is done. Returns the base and the
-    sparse results, in the order of ``tasks``.
+    ``summaries/``, see :func:`save_result`) as soon as it is done. With ``reuse``, a result already
+    saved in ``out`` under the same key (same settings, weights and prompts; :func:`load_result`) is
+    read instead of computed. Returns the base and the sparse results, in the order of ``tasks``.
     """
+    if reuse and out is None:
+        raise CircuitkitError("reuse needs the folder the results were saved in (out)")
     models = {role: load_model(name) for role, name in (("base", base), ("sparse", sparse))}
     check_comparable(models["base"].cfg, models["sparse"].cfg, base, sparse)
     for task in tasks:  # an unknown task is an error before either analysis runs
@@ -183,13 +234,17 @@ def study_pair(base: str, sparse: str, tasks: Sequence[str], cfg: StudyConfig, o
                 bar.set_postfix_str(f"{label} / {task}")
                 t = time.time()
                 ds = task_for_model(task, model).dataset(cfg.n, seed=cfg.seed)
-                r = analyse(model, label, ds, cfg)
-                if out is not None:
-                    save_result(r, out)
+                r = load_result(out, label, task, result_key(model, ds, cfg)) if reuse else None
+                saved = r is not None
+                if r is None:
+                    r = analyse(model, label, ds, cfg)
+                    if out is not None:
+                        save_result(r, out)
                 results[role].append(r)
                 bar.update(1)
                 if progress:
                     at = "" if r.position is None else f" position_edges={r.position.n_edges}"
+                    when = "saved, reused" if saved else f"{time.time() - t:.1f}s"
                     bar.write(f"  {label:24s} {task:13s} edges={r.n_edges:4d} heads={r.minimal.n_heads:2d} "
-                              f"f={r.f_minimal:.3f} completeness={r.completeness:.3f}{at} ({time.time() - t:.1f}s)")
+                              f"f={r.f_minimal:.3f} completeness={r.completeness:.3f}{at} ({when})")
     return results["base"], results["sparse"]

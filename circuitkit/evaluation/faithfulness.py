@@ -40,6 +40,12 @@ class Curve:
         return {"unit": self.unit, "sizes": list(self.sizes), "kept": list(self.kept), "f": list(self.f),
                 "m_full": self.m_full, "m_empty": self.m_empty}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Curve":
+        """The curve :meth:`to_dict` wrote (a study's saved summary)."""
+        return cls(str(d["unit"]), tuple(int(x) for x in d["sizes"]), tuple(int(x) for x in d["kept"]),
+                   tuple(float(x) for x in d["f"]), float(d["m_full"]), float(d["m_empty"]))
+
 
 def _evaluate(model, graphs: Sequence[Graph], ds: TaskDataset, ablation, batch_size,
               known: tuple[float, float] | None = None) -> tuple[float, float, list[float]]:

@@ -20,7 +20,7 @@ compares a base model with its sparse one (docs/method.md §10):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,7 +30,7 @@ from circuitkit import CircuitkitError
 from circuitkit.circuits.attention_pairs import PairMethod, PairScores, attribute_pairs, metric_with_pairs
 from circuitkit.circuits.interventions import DEFAULT_BATCH_SIZE, explained_effect
 from circuitkit.circuits.selection import MinimalRule, bisect_top_n, eliminate, log_sizes
-from circuitkit.sparsity import load_model
+from circuitkit.sparsity import load_model, model_fingerprint
 from circuitkit.tasks import task_for_model
 from circuitkit.tasks.base import TaskDataset
 
@@ -278,16 +278,44 @@ __all__ = ["MASS_LEVELS", "MassCurve", "MinimalPairs", "PAPER_MASS_RATIOS", "Pai
            "pair_effects", "pair_mass", "pair_row", "study_pair_tokens"]
 
 
+def pair_key(model, ds: TaskDataset, method: PairMethod | str) -> dict[str, Any]:
+    """What a model's pair scores on ``ds`` depend on, as plain JSON data: the method, the model's fingerprint
+    (weights and gates) and the prompts' (the component level's counterpart is
+    :func:`circuitkit.evaluation.study.result_key`)."""
+    return {"method": PairMethod.parse(method).value, "model": model_fingerprint(model), "dataset": ds.fingerprint()}
+
+
+def saved_scores(path: Path, key: dict[str, Any]) -> PairScores | None:
+    """The pair scores saved at ``path`` when they were made under ``key`` (:func:`pair_key`), else None (none
+    saved, another key, or a file that does not load)."""
+    if not path.is_file():
+        return None
+    try:
+        scores = PairScores.load(path)
+    except CircuitkitError:
+        return None
+    return scores if scores.metadata.get("key") == key else None
+
+
 def study_pair_tokens(base: str, sparse: str, tasks: Sequence[str], method: PairMethod | str, n: int, seed: int,
                       threshold: float = 0.9, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False,
-                      minimal_rule: MinimalRule | str = MinimalRule.PREFIX) -> list[tuple[PairResult, PairResult]]:
+                      minimal_rule: MinimalRule | str = MinimalRule.PREFIX,
+                      reuse_from: Path | None = None) -> list[tuple[PairResult, PairResult]]:
     """:func:`analyse_pairs` for every task in the base and in the sparse model (the token-level
-    counterpart of :func:`circuitkit.evaluation.compare.study_pair`)."""
+    counterpart of :func:`circuitkit.evaluation.compare.study_pair`). Each result's scores carry their
+    :func:`pair_key` in their metadata; with ``reuse_from``, scores saved there as
+    ``<model>__<task>.safetensors`` under the same key are ranked by instead of scored again (the curves
+    and the minimal circuit are computed from them)."""
     models = {name: load_model(name) for name in (base, sparse)}
     out = []
     for task in tasks:
         ds = task_for_model(task, models[base]).dataset(n, seed=seed)
-        b, s = (analyse_pairs(models[name], Path(name).name, ds, method, threshold, batch_size, progress,
-                              minimal_rule=minimal_rule) for name in (base, sparse))
-        out.append((b, s))
+        both = []
+        for name in (base, sparse):
+            label, key = Path(name).name, pair_key(models[name], ds, method)
+            saved = None if reuse_from is None else saved_scores(reuse_from / f"{label}__{ds.task}.safetensors", key)
+            r = analyse_pairs(models[name], label, ds, method, threshold, batch_size, progress, rank_by=saved,
+                              minimal_rule=minimal_rule)
+            both.append(replace(r, scores=r.scores.with_metadata(key=key)))
+        out.append((both[0], both[1]))
     return out

@@ -4,7 +4,9 @@
 repeat for every (model, task); :class:`TaskResult` holds everything the tables and the
 figures need, and is written to disk as plain JSON. With ``"position"`` among the study's
 levels it also holds the position-level minimal circuit (:class:`PositionResult`, every edge at
-every token position, :mod:`circuitkit.circuits.positions`).
+every token position, :mod:`circuitkit.circuits.positions`). Each result carries the key it was
+made under (:func:`result_key`: the settings, the model's fingerprint, the prompts' fingerprint), so
+that a saved result is reused (:meth:`TaskResult.from_saved`) only where it would be computed again.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from circuitkit.circuits.selection import MinimalRule, minimize
 from circuitkit.evaluation.faithfulness import (Curve, cpr_cmd, completeness, edge_curve, head_curve,
                                                 minimal_circuit, minimality)
 from circuitkit.io import NON_NEGATIVE, POSITIVE, Range, TomlConfig
+from circuitkit.sparsity import model_fingerprint
 from circuitkit.tasks.base import TaskDataset
 
 
@@ -58,6 +61,10 @@ class StudyConfig(TomlConfig):
     RANGES = {"ig_steps": POSITIVE, "threshold": Range(0, 1, lo_open=True), "n": POSITIVE, "seed": NON_NEGATIVE,
               "batch_size": POSITIVE, "minimality_eps": NON_NEGATIVE, "pair_n": POSITIVE}
     LEVELS = ("component", "position", "pairs")
+    # what analyse() reads: a saved result is reused only when these agree (pair_method and pair_n belong to the pair
+    # level, which circuitkit.evaluation.pairs runs apart)
+    RESULT_FIELDS = ("method", "ig_steps", "ablation", "threshold", "n", "seed", "batch_size", "minimality_eps",
+                     "minimality_max_edges", "node_method", "minimal")
 
     def check(self, source: str) -> None:
         levels = tuple(self.levels)
@@ -98,10 +105,36 @@ class TaskResult:
     m_empty: float
     position: "PositionResult | None" = None  # the position level, when the study's levels include it
     prefix_edges: int | None = None  # with the "minimized" rule: the size of the prefix it started from
+    key: dict[str, Any] | None = None  # what it was made under (result_key); None: not known
 
     @property
     def n_edges(self) -> int:
         return self.minimal.n_edges
+
+    @classmethod
+    def from_saved(cls, summary: dict[str, Any], minimal: Graph,
+                   position_minimal: PositionGraph | None = None) -> "TaskResult":
+        """The result :meth:`summary` and the saved circuit files describe. The circuit files hold every real edge
+        with its score, so ``scored`` is the minimal circuit with every real edge in it; its metadata are the
+        circuit's (the attribution's, plus how the circuit was selected)."""
+        if ("position" in summary) != (position_minimal is not None):
+            raise CircuitkitError("a saved result with a position level needs its position circuit, and only then")
+        position = None
+        if position_minimal is not None:
+            p = summary["position"]
+            position = PositionResult(position_minimal.with_in_graph(position_minimal.real_mask), position_minimal,
+                                      float(p["f"]), bool(p["reached"]), Curve.from_dict(p["edge_curve"]),
+                                      float(p["completeness"]), p["prefix_edges"])
+        if minimal.n_edges != summary["edges"]:
+            raise CircuitkitError(f"the saved circuit has {minimal.n_edges} edges but its summary says "
+                                  f"{summary['edges']}; the files are from different runs")
+        return cls(model=summary["model"], task=summary["task"], scored=minimal.with_in_graph(minimal.real_mask),
+                   minimal=minimal, f_minimal=float(summary["f"]), reached=bool(summary["reached"]),
+                   edge_curve=Curve.from_dict(summary["edge_curve"]), head_curve=Curve.from_dict(summary["head_curve"]),
+                   heads_minimal=summary["heads_minimal"], cpr=float(summary["cpr"]), cmd=float(summary["cmd"]),
+                   completeness=float(summary["completeness"]), minimality=float(summary["minimality"]),
+                   m_full=float(summary["m_full"]), m_empty=float(summary["m_empty"]), position=position,
+                   prefix_edges=summary["prefix_edges"], key=summary.get("key"))
 
     def summary(self) -> dict[str, Any]:
         out = {"model": self.model, "task": self.task, "edges": self.n_edges, "prefix_edges": self.prefix_edges,
@@ -112,7 +145,19 @@ class TaskResult:
                "edge_curve": self.edge_curve.to_dict(), "head_curve": self.head_curve.to_dict()}
         if self.position is not None:
             out["position"] = self.position.summary()
+        if self.key is not None:
+            out["key"] = self.key
         return out
+
+
+def result_key(model, ds: TaskDataset, cfg: StudyConfig) -> dict[str, Any]:
+    """What :func:`analyse` of ``model`` on ``ds`` under ``cfg`` depends on, as plain JSON data: the settings it
+    reads, whether the position level is on, the model's fingerprint (weights and gates,
+    :func:`circuitkit.sparsity.model_fingerprint`) and the prompts' (:meth:`TaskDataset.fingerprint`). It does
+    not cover circuitkit's own code: after changing a method, recompute rather than reuse."""
+    settings = {k: getattr(cfg, k) for k in StudyConfig.RESULT_FIELDS}
+    return {"settings": settings, "position": "position" in cfg.levels, "model": model_fingerprint(model),
+            "dataset": ds.fingerprint()}
 
 
 @dataclass(frozen=True)
@@ -190,7 +235,8 @@ def analyse(model, model_name: str, ds: TaskDataset, cfg: StudyConfig = StudyCon
         cpr=mib.cpr, cmd=mib.cmd, completeness=completeness(model, circuit, ds, **kw),
         minimality=minimality(model, circuit, ds, cfg.minimality_eps, max_edges=cfg.minimality_max_edges,
                               seed=cfg.seed, **kw),
-        m_full=curve.m_full, m_empty=curve.m_empty, position=position, prefix_edges=prefix)
+        m_full=curve.m_full, m_empty=curve.m_empty, position=position, prefix_edges=prefix,
+        key=result_key(model, ds, cfg))
 
 
 def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:

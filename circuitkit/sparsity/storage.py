@@ -10,6 +10,8 @@ the model layer, so that ``circuitkit.models`` never imports ``circuitkit.sparsi
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,21 @@ _KEYS = {"format", "gates", "mode", "families"}
 def sparsity_dict(config: GateConfig, mode: GateMode = GateMode.EVAL) -> dict[str, Any]:
     return {"format": SPARSITY_FORMAT, "gates": config.to_dict(), "mode": GateMode.parse(mode).value,
             "families": config.families}
+
+
+def model_fingerprint(model: HookedTransformer) -> str:
+    """16 hex digits of sha256 over the weights (every state-dict tensor, by name) and, when gates are attached,
+    their settings and mode: two models with the same fingerprint compute the same function. ``circuitkit run
+    --resume`` reuses a saved circuit only for the model it was found on."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    gates = get_gates(model)
+    if gates is not None:
+        h.update(json.dumps(sparsity_dict(gates.config, gates.mode), sort_keys=True).encode())
+    return h.hexdigest()[:16]
 
 
 def read_sparsity_file(path: str | os.PathLike) -> tuple[GateConfig, GateMode]:
