@@ -390,3 +390,26 @@ def test_run_refuses_a_used_folder_and_resumes_from_saved_results(tmp_path, monk
     assert calls == [("base", "ioi"), ("sparse", "ioi")]
     assert scored == []
     assert json.loads((out / "summaries" / "base__ioi.json").read_text())["key"]["settings"]["threshold"] == 0.8
+
+
+def test_compare_command_resumes_too(tmp_path, monkeypatch, capsys):
+    """circuitkit compare shares the results folder's rules: a second run is refused, --resume reads the saved
+    results back (no analysis) into the same table, --force computes them again."""
+    import circuitkit.evaluation.compare as compare_mod
+    from circuitkit.cli import main as cli_main
+
+    for name, seed in (("base", 1), ("sparse", 2)):
+        save_model(build_model(toy_config("toy-2l", seed=seed)), tmp_path / name, {"name": name})
+    argv = ["compare", "--base", str(tmp_path / "base"), "--sparse", str(tmp_path / "sparse"), "--tasks", "ioi",
+            "--method", "eap", "--n", "12", "--out", str(tmp_path / "cmp"), "--no-progress"]
+    assert cli_main(argv) == 0
+    table = (tmp_path / "cmp" / "base_vs_sparse.csv").read_text()
+    capsys.readouterr()
+    assert cli_main(argv) == 2 and "already holds 2 saved results" in capsys.readouterr().err
+    calls = []
+    real = compare_mod.analyse
+    monkeypatch.setattr(compare_mod, "analyse", lambda m, label, ds, cfg: calls.append(label) or real(m, label, ds, cfg))
+    assert cli_main(argv + ["--resume"]) == 0 and calls == []
+    assert (tmp_path / "cmp" / "base_vs_sparse.csv").read_text() == table
+    assert cli_main(argv + ["--force"]) == 0 and calls == ["base", "sparse"]
+    assert (tmp_path / "cmp" / "base_vs_sparse.csv").read_text() == table  # same config and seed, same circuits
