@@ -24,7 +24,7 @@ from circuitkit.evaluation.compare import (check_pair, check_results_folder, ove
                                            position_table, study_pair, write_table)
 from circuitkit.evaluation.pairs import PAPER_MASS_RATIOS, pair_row, study_pair_tokens
 from circuitkit.evaluation.study import StudyConfig, TaskResult
-from circuitkit.io import POSITIVE, TomlConfig, check_fields, check_keys, write_json, write_text
+from circuitkit.io import POSITIVE, TomlConfig, check_fields, check_keys, write_text
 from circuitkit.models import ZOO_DIR
 from circuitkit.sparsity.finetune import SparsifyConfig, finetune
 from circuitkit.tasks import TOY_TASKS
@@ -170,13 +170,9 @@ def run(cfg: RunConfig, progress: bool = True, resume: bool = False, force: bool
         if "pairs" in study.levels:  # the token level: attention pairs (docs/method.md §10)
             for b, s in study_pair_tokens(pair.base, pair.sparse, pair.tasks, study.pair_method,
                                           study.pair_n or study.n, study.seed, study.threshold, study.batch_size,
-                                          progress, minimal_rule=study.minimal,
-                                          reuse_from=out / "pairs" if resume else None):
+                                          progress, minimal_rule=study.minimal, folder=out / "pairs",
+                                          reuse=resume):
                 token_panels.append((f"{b.model}: {b.scores.task}", b, s))
-                for r in (b, s):  # the scores (to rank by again without rescoring) and the curves, per model
-                    stem = out / "pairs" / f"{r.model}__{r.scores.task}"
-                    r.scores.with_metadata(seed=study.seed).save(stem.with_suffix(".safetensors"))
-                    write_json(stem.with_suffix(".json"), r.to_dict())
     main_table = pd.concat(tables, ignore_index=True)
     token_table = pd.DataFrame([pair_row(b, s) for _, b, s in token_panels]) if token_panels else None
     if token_table is not None:

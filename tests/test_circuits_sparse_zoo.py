@@ -1,7 +1,5 @@
 """Discovery on a shipped sparse model: circuits respect the gates."""
 
-from pathlib import Path
-
 import pytest
 import torch
 

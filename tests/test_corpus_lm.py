@@ -286,7 +286,7 @@ def test_init_from_continues_a_language_model_with_its_weights_and_tokenizer(tmp
     base_dir = tmp_path / "base" / "model"
     more = dict(init_from=str(base_dir), corpus_repeat_fraction=0.5, corpus_repeat_min=4, steps=4,
                 checkpoint_every=2, lr=1e-9, warmup=0)
-    card = train(lm_cfg(tmp_path / "c", tree, **more), progress=False)
+    train(lm_cfg(tmp_path / "c", tree, **more), progress=False)
     # the first step's loss is the base model's CE on the first batch (drawn as the loop draws it)
     base = load_model(base_dir)
     data = TextCorpus.from_source(f"stdlib:{tree}", base.tokenizer, seq_len=24, heldout_fraction=0.2).with_repeats(0.5, 4)

@@ -411,7 +411,7 @@ class _GradientPass:
             g = self._stacked(grads)  # [r*b, pos, 3 * n_heads, d_head]
             if norm is not None:
                 g = g / self.ln_stats[layer, "scale"].unsqueeze(-1)  # σ: [r*b, pos, 1]
-            n, r = g.shape[2], self.repeats
+            r = self.repeats
             g_sum = (g.reshape(r, -1, *g.shape[1:]).sum(0) if r > 1 else g) * self.weight  # [b, pos, 3nh, d_head]
             acc = self.head_acc.get(layer)
             if acc is None:

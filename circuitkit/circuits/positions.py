@@ -33,9 +33,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from circuitkit import CircuitkitError
-from circuitkit.circuits.attribution import (  # POSITION_METHODS is re-exported here too
-    POSITION, POSITION_METHODS, _check_finite, exact_position_patching, get_method,
-)
+from circuitkit.circuits.attribution import POSITION, _check_finite, exact_position_patching, get_method
 from circuitkit.circuits.graph import QKV, Edge, Graph, GraphSpec, JsonFile, Node, _plain, settle_tensors
 from circuitkit.circuits.interventions import DEFAULT_BATCH_SIZE, Ablation, check_dataset
 from circuitkit.tasks.base import TaskDataset

@@ -30,6 +30,7 @@ from circuitkit import CircuitkitError
 from circuitkit.circuits.attention_pairs import PairMethod, PairScores, attribute_pairs, metric_with_pairs
 from circuitkit.circuits.interventions import DEFAULT_BATCH_SIZE, explained_effect
 from circuitkit.circuits.selection import MinimalRule, bisect_top_n, eliminate, log_sizes
+from circuitkit.io import write_json
 from circuitkit.sparsity import load_model, model_fingerprint
 from circuitkit.tasks import task_for_model
 from circuitkit.tasks.base import TaskDataset
@@ -275,7 +276,8 @@ def pair_row(base: PairResult, sparse: PairResult) -> dict[str, Any]:
 
 __all__ = ["MASS_LEVELS", "MassCurve", "MinimalPairs", "PAPER_MASS_RATIOS", "PairCurve", "PairResult", "analyse_pairs",
            "head_mass", "mass_curve", "mass_ratio", "minimal_pair_circuit", "minimize_pairs", "pair_curve",
-           "pair_effects", "pair_mass", "pair_row", "study_pair_tokens"]
+           "pair_effects", "pair_key", "pair_mass", "pair_row", "save_pair_result", "saved_scores",
+           "study_pair_tokens"]
 
 
 def pair_key(model, ds: TaskDataset, method: PairMethod | str) -> dict[str, Any]:
@@ -297,15 +299,25 @@ def saved_scores(path: Path, key: dict[str, Any]) -> PairScores | None:
     return scores if scores.metadata.get("key") == key else None
 
 
+def save_pair_result(r: PairResult, folder: Path, seed: int) -> None:
+    """``<model>__<task>.safetensors`` (the scores, with the seed and key in their metadata, to rank by again without
+    scoring: ``circuitkit pairs --scores``, ``--resume``) and ``<model>__<task>.json`` (the curves) in ``folder``."""
+    stem = folder / f"{r.model}__{r.scores.task}"
+    r.scores.with_metadata(seed=seed).save(stem.with_suffix(".safetensors"))
+    write_json(stem.with_suffix(".json"), r.to_dict())
+
+
 def study_pair_tokens(base: str, sparse: str, tasks: Sequence[str], method: PairMethod | str, n: int, seed: int,
                       threshold: float = 0.9, batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = False,
-                      minimal_rule: MinimalRule | str = MinimalRule.PREFIX,
-                      reuse_from: Path | None = None) -> list[tuple[PairResult, PairResult]]:
+                      minimal_rule: MinimalRule | str = MinimalRule.PREFIX, folder: Path | None = None,
+                      reuse: bool = False) -> list[tuple[PairResult, PairResult]]:
     """:func:`analyse_pairs` for every task in the base and in the sparse model (the token-level
     counterpart of :func:`circuitkit.evaluation.compare.study_pair`). Each result's scores carry their
-    :func:`pair_key` in their metadata; with ``reuse_from``, scores saved there as
-    ``<model>__<task>.safetensors`` under the same key are ranked by instead of scored again (the curves
-    and the minimal circuit are computed from them)."""
+    :func:`pair_key` in their metadata and are saved into ``folder`` as soon as they are done
+    (:func:`save_pair_result`); with ``reuse``, scores saved there under the same key are ranked by
+    instead of scored again (the curves and the minimal circuit are computed from them)."""
+    if reuse and folder is None:
+        raise CircuitkitError("reuse needs the folder the pair scores were saved in")
     models = {name: load_model(name) for name in (base, sparse)}
     out = []
     for task in tasks:
@@ -313,9 +325,12 @@ def study_pair_tokens(base: str, sparse: str, tasks: Sequence[str], method: Pair
         both = []
         for name in (base, sparse):
             label, key = Path(name).name, pair_key(models[name], ds, method)
-            saved = None if reuse_from is None else saved_scores(reuse_from / f"{label}__{ds.task}.safetensors", key)
+            saved = saved_scores(folder / f"{label}__{ds.task}.safetensors", key) if reuse else None
             r = analyse_pairs(models[name], label, ds, method, threshold, batch_size, progress, rank_by=saved,
                               minimal_rule=minimal_rule)
-            both.append(replace(r, scores=r.scores.with_metadata(key=key)))
+            r = replace(r, scores=r.scores.with_metadata(key=key))
+            if folder is not None:
+                save_pair_result(r, folder, seed)
+            both.append(r)
         out.append((both[0], both[1]))
     return out
