@@ -234,7 +234,7 @@ def study_pair(base: str, sparse: str, tasks: Sequence[str], cfg: StudyConfig, o
                 bar.set_postfix_str(f"{label} / {task}")
                 t = time.time()
                 ds = task_for_model(task, model).dataset(cfg.n, seed=cfg.seed)
-                r = load_result(out, label, task, result_key(model, ds, cfg)) if reuse else None
+                r = load_result(out, label, ds.task, result_key(model, ds, cfg)) if reuse else None  # saved as ds.task
                 saved = r is not None
                 if r is None:
                     r = analyse(model, label, ds, cfg)
