@@ -11,6 +11,7 @@ read with errors that name the file. Config dataclasses mix in :class:`TomlConfi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -20,7 +21,7 @@ import typing
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Mapping
+from typing import Any, ClassVar, Iterable, Iterator, Mapping
 
 import torch
 
@@ -58,6 +59,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def tensor_digest(tensors: Iterable[tuple[str, torch.Tensor | None]], *context: str) -> str:
+    """16 hex digits of sha256 over ``context`` strings, then each named tensor's name, dtype, shape and bytes (a None
+    tensor is hashed as absent): the fingerprint of a dataset or a model's weights, equal only for equal values."""
+    h = hashlib.sha256()
+    for c in context:
+        h.update(c.encode())
+    for name, t in tensors:
+        if t is None:
+            h.update(f"{name}:none".encode())
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.flatten().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -350,9 +350,9 @@ def test_run_refuses_a_used_folder_and_resumes_from_saved_results(tmp_path, monk
     calls, scored = [], []
     real, real_pairs = compare_mod.analyse, pairs_mod.attribute_pairs
 
-    def counted(model, label, ds, study):
+    def counted(model, label, ds, study, **kw):
         calls.append((label, ds.task))
-        return real(model, label, ds, study)
+        return real(model, label, ds, study, **kw)
 
     def counted_pairs(model, ds, *a, **kw):
         scored.append(ds.task)
@@ -408,7 +408,8 @@ def test_compare_command_resumes_too(tmp_path, monkeypatch, capsys):
     assert cli_main(argv) == 2 and "already holds 2 saved results" in capsys.readouterr().err
     calls = []
     real = compare_mod.analyse
-    monkeypatch.setattr(compare_mod, "analyse", lambda m, label, ds, cfg: calls.append(label) or real(m, label, ds, cfg))
+    monkeypatch.setattr(compare_mod, "analyse",
+                        lambda m, label, ds, cfg, **kw: calls.append(label) or real(m, label, ds, cfg, **kw))
     assert cli_main(argv + ["--resume"]) == 0 and calls == []
     assert (tmp_path / "cmp" / "base_vs_sparse.csv").read_text() == table
     assert cli_main(argv + ["--force"]) == 0 and calls == ["base", "sparse"]

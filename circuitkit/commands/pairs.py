@@ -22,7 +22,7 @@ from circuitkit.commands.options import add_batch_size_flag, add_progress_flag, 
 from circuitkit.evaluation.pairs import (head_mass, minimal_pair_circuit, minimize_pairs, pair_curve, pair_key,
                                         pair_mass)
 from circuitkit.io import check_writable_dir, write_json
-from circuitkit.sparsity import load_model
+from circuitkit.sparsity import load_model, model_fingerprint
 from circuitkit.tasks import task_for_model
 from circuitkit.tasks.base import TaskDataset
 
@@ -105,7 +105,7 @@ def run_cli(args: argparse.Namespace) -> int:
     if warning:
         print(warning, file=sys.stderr)
     t0 = time.perf_counter()
-    key = pair_key(model, ds, method)
+    key = pair_key(model_fingerprint(model), ds, method)
     if given is not None:
         scores = given_scores(given, args.scores, ds, args.seed, key)
         seconds = None

@@ -28,7 +28,7 @@ from circuitkit.circuits.positions import PositionGraph
 from circuitkit.evaluation.study import StudyConfig, TaskResult, analyse, jaccard, result_key
 from circuitkit.io import check_writable_dir, read_json, write_json, write_text
 from circuitkit.models import load_card
-from circuitkit.sparsity import load_model
+from circuitkit.sparsity import load_model, model_fingerprint
 from circuitkit.tasks import task_for_model
 
 PAIR_COLUMNS = ["task", "base_edges", "sparse_edges", "edge_ratio", "base_heads", "sparse_heads", "head_ratio",
@@ -179,7 +179,7 @@ def check_results_folder(out: str | Path, resume: bool = False, force: bool = Fa
     path = check_writable_dir(out, what)
     if resume and force:
         raise CircuitkitError("--resume reuses the saved results and --force computes them all again; pass one")
-    saved = sorted((path / "summaries").glob("*.json")) if (path / "summaries").is_dir() else []
+    saved = list((path / "summaries").glob("*.json"))  # empty when there is no summaries folder
     if not (resume or force) and ((path / "run.json").exists() or saved):
         held = "a finished study (run.json)" if (path / "run.json").exists() else f"{len(saved)} saved results"
         raise CircuitkitError(f"{path} already holds {held}; pass --resume to reuse every circuit saved there under "
@@ -230,14 +230,16 @@ def study_pair(base: str, sparse: str, tasks: Sequence[str], cfg: StudyConfig, o
               dynamic_ncols=True) as bar:
         for role, name in (("base", base), ("sparse", sparse)):
             model, label = models[role], Path(name).name
+            model_fp = model_fingerprint(model)  # once per model: it hashes every weight
             for task in tasks:
                 bar.set_postfix_str(f"{label} / {task}")
                 t = time.time()
                 ds = task_for_model(task, model).dataset(cfg.n, seed=cfg.seed)
-                r = load_result(out, label, ds.task, result_key(model, ds, cfg)) if reuse else None  # saved as ds.task
+                key = result_key(model_fp, ds, cfg)
+                r = load_result(out, label, ds.task, key) if reuse else None  # saved under ds.task
                 saved = r is not None
                 if r is None:
-                    r = analyse(model, label, ds, cfg)
+                    r = analyse(model, label, ds, cfg, key=key)
                     if out is not None:
                         save_result(r, out)
                 results[role].append(r)

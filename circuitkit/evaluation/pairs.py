@@ -280,11 +280,11 @@ __all__ = ["MASS_LEVELS", "MassCurve", "MinimalPairs", "PAPER_MASS_RATIOS", "Pai
            "study_pair_tokens"]
 
 
-def pair_key(model, ds: TaskDataset, method: PairMethod | str) -> dict[str, Any]:
+def pair_key(model_fp: str, ds: TaskDataset, method: PairMethod | str) -> dict[str, Any]:
     """What a model's pair scores on ``ds`` depend on, as plain JSON data: the method, the model's fingerprint
-    (weights and gates) and the prompts' (the component level's counterpart is
-    :func:`circuitkit.evaluation.study.result_key`)."""
-    return {"method": PairMethod.parse(method).value, "model": model_fingerprint(model), "dataset": ds.fingerprint()}
+    ``model_fp`` (weights and gates, :func:`circuitkit.sparsity.model_fingerprint`) and the prompts' (the component
+    level's counterpart is :func:`circuitkit.evaluation.study.result_key`)."""
+    return {"method": PairMethod.parse(method).value, "model": model_fp, "dataset": ds.fingerprint()}
 
 
 def saved_scores(path: Path, key: dict[str, Any]) -> PairScores | None:
@@ -319,12 +319,13 @@ def study_pair_tokens(base: str, sparse: str, tasks: Sequence[str], method: Pair
     if reuse and folder is None:
         raise CircuitkitError("reuse needs the folder the pair scores were saved in")
     models = {name: load_model(name) for name in (base, sparse)}
+    fingerprints = {name: model_fingerprint(m) for name, m in models.items()}  # once per model
     out = []
     for task in tasks:
         ds = task_for_model(task, models[base]).dataset(n, seed=seed)
         both = []
         for name in (base, sparse):
-            label, key = Path(name).name, pair_key(models[name], ds, method)
+            label, key = Path(name).name, pair_key(fingerprints[name], ds, method)
             saved = saved_scores(folder / f"{label}__{ds.task}.safetensors", key) if reuse else None
             r = analyse_pairs(models[name], label, ds, method, threshold, batch_size, progress, rank_by=saved,
                               minimal_rule=minimal_rule)

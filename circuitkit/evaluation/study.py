@@ -150,13 +150,14 @@ class TaskResult:
         return out
 
 
-def result_key(model, ds: TaskDataset, cfg: StudyConfig) -> dict[str, Any]:
-    """What :func:`analyse` of ``model`` on ``ds`` under ``cfg`` depends on, as plain JSON data: the settings it
-    reads, whether the position level is on, the model's fingerprint (weights and gates,
-    :func:`circuitkit.sparsity.model_fingerprint`) and the prompts' (:meth:`TaskDataset.fingerprint`). It does
-    not cover circuitkit's own code: after changing a method, recompute rather than reuse."""
+def result_key(model_fp: str, ds: TaskDataset, cfg: StudyConfig) -> dict[str, Any]:
+    """What :func:`analyse` of a model on ``ds`` under ``cfg`` depends on, as plain JSON data: the settings it
+    reads, whether the position level is on, the model's fingerprint ``model_fp`` (weights and gates,
+    :func:`circuitkit.sparsity.model_fingerprint`, taken once per model by the caller) and the prompts'
+    (:meth:`TaskDataset.fingerprint`). It does not cover circuitkit's own code: after changing a method, recompute
+    rather than reuse."""
     settings = {k: getattr(cfg, k) for k in StudyConfig.RESULT_FIELDS}
-    return {"settings": settings, "position": "position" in cfg.levels, "model": model_fingerprint(model),
+    return {"settings": settings, "position": "position" in cfg.levels, "model": model_fp,
             "dataset": ds.fingerprint()}
 
 
@@ -214,8 +215,10 @@ def analyse_positions(model, model_name: str, ds: TaskDataset, cfg: StudyConfig 
     return PositionResult(scored, circuit, f, reached, curve, completeness(model, circuit, ds, **kw), prefix)
 
 
-def analyse(model, model_name: str, ds: TaskDataset, cfg: StudyConfig = StudyConfig()) -> TaskResult:
-    """Attribute with ``cfg.method``, then verify the minimal circuit at ``cfg.threshold``."""
+def analyse(model, model_name: str, ds: TaskDataset, cfg: StudyConfig = StudyConfig(),
+            key: dict[str, Any] | None = None) -> TaskResult:
+    """Attribute with ``cfg.method``, then verify the minimal circuit at ``cfg.threshold``. ``key``: the result's
+    :func:`result_key` when the caller has it (default: computed here)."""
     ablation = Ablation.parse(cfg.ablation)
     options = attribution.get_method(cfg.method).pick(steps=cfg.ig_steps)
     scored = attribution.attribute(model, ds, cfg.method, ablation=ablation, batch_size=cfg.batch_size, **options)
@@ -236,7 +239,7 @@ def analyse(model, model_name: str, ds: TaskDataset, cfg: StudyConfig = StudyCon
         minimality=minimality(model, circuit, ds, cfg.minimality_eps, max_edges=cfg.minimality_max_edges,
                               seed=cfg.seed, **kw),
         m_full=curve.m_full, m_empty=curve.m_empty, position=position, prefix_edges=prefix,
-        key=result_key(model, ds, cfg))
+        key=key or result_key(model_fingerprint(model), ds, cfg))
 
 
 def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:

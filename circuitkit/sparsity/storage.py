@@ -10,7 +10,6 @@ the model layer, so that ``circuitkit.models`` never imports ``circuitkit.sparsi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -21,7 +20,7 @@ from transformer_lens import HookedTransformer
 
 from circuitkit import CircuitkitError
 from circuitkit import models
-from circuitkit.io import read_json, write_json
+from circuitkit.io import read_json, tensor_digest, write_json
 from circuitkit.sparsity.gates import GateConfig, GateMode, Gates, attach, get_gates
 
 SPARSITY_FORMAT = 1
@@ -37,15 +36,9 @@ def model_fingerprint(model: HookedTransformer) -> str:
     """16 hex digits of sha256 over the weights (every state-dict tensor, by name) and, when gates are attached,
     their settings and mode: two models with the same fingerprint compute the same function. ``circuitkit run
     --resume`` reuses a saved circuit only for the model it was found on."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
     gates = get_gates(model)
-    if gates is not None:
-        h.update(json.dumps(sparsity_dict(gates.config, gates.mode), sort_keys=True).encode())
-    return h.hexdigest()[:16]
+    setting = "" if gates is None else json.dumps(sparsity_dict(gates.config, gates.mode), sort_keys=True)
+    return tensor_digest(sorted(model.state_dict().items()), setting)
 
 
 def read_sparsity_file(path: str | os.PathLike) -> tuple[GateConfig, GateMode]:

@@ -8,7 +8,6 @@ circuits, evaluation): downstream code never looks inside a task.
 
 from __future__ import annotations
 
-import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -17,6 +16,7 @@ from typing import Callable, ClassVar, Iterator
 import torch
 
 from circuitkit import CircuitkitError
+from circuitkit.io import tensor_digest
 
 
 class Metric(Enum):
@@ -135,19 +135,10 @@ class TaskDataset:
         """16 hex digits of sha256 over everything that decides what the metric sees: the task's name, metric and
         position labels, and every tensor (prompts, answers, answer sets, labels), by value, shape and dtype. Two
         datasets with one fingerprint are the same prompts scored the same way."""
-        h = hashlib.sha256(f"{self.task}|{self.metric.name}|{self.position_labels!r}".encode())
         tensors = {"clean": self.clean, "corrupt": self.corrupt, "answer_pos": self.answer_pos,
                    "correct": self.correct, "distractors": self.distractors, "correct_set": self.correct_set,
                    "distractor_set": self.distractor_set, **{f"labels.{k}": v for k, v in sorted(self.labels.items())}}
-        for name, t in tensors.items():
-            if t is None:
-                h.update(f"{name}:none".encode())
-                continue
-            t = t.detach().cpu().contiguous()
-            h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.flatten().view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool
-                     else t.to(torch.uint8).numpy().tobytes())
-        return h.hexdigest()[:16]
+        return tensor_digest(tensors.items(), f"{self.task}|{self.metric.name}|{self.position_labels!r}")
 
     def scored_from(self, start: int) -> "TaskDataset":
         """The same examples seen from token position ``start`` on: prompts [batch, pos - start] and
